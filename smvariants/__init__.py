@@ -1,0 +1,21 @@
+"""smvariants: softmax variants for JAX, exact, with hand-written derivatives.
+
+Normalizers map logits to probability vectors along an axis: :func:`softmax`,
+:func:`log_softmax`, :func:`sparsemax`, :func:`entmax15` and :func:`entmax` (any alpha >= 1).
+"""
+
+from smvariants._entmax import entmax
+from smvariants._entmax import entmax15
+from smvariants._softmax import log_softmax
+from smvariants._softmax import softmax
+from smvariants._sparsemax import sparsemax
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "entmax",
+    "entmax15",
+    "log_softmax",
+    "softmax",
+    "sparsemax",
+)

@@ -1,0 +1,185 @@
+"""Threshold solvers shared by the normalizers, and the one derivative rule they all use.
+
+Every variant is ``p = argmax_{p in simplex} <p, z> + H_alpha(p)`` (Tsallis entropy ``H_alpha``).
+With ``d = alpha - 1`` its solution is
+
+    p_j = [1 + d (z_j - theta)]_+^(1/d)            (-> exp(z_j - theta) as d -> 0)
+
+for the one ``theta`` with ``sum_j p_j = 1``. This "deformed exponential" parametrisation is the
+usual ``p_j = [d z_j - tau]_+^(1/d)`` with ``tau = d theta - 1``; unlike ``tau`` it stays finite and
+well conditioned as alpha -> 1, so alpha = 1 (softmax), alpha = 2 (sparsemax) and everything in
+between or beyond are one formula with no 0/0.
+
+The solvers run on rows of ``z`` shifted so that the row maximum is 0 (masked entries are ``-inf``).
+They are never differentiated: the normalizers carry ``jax.custom_jvp`` rules built from the output
+alone (:func:`simplex_jvp`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def shift_rows(z: jax.Array, axis: int) -> jax.Array:
+    """Subtracts the row maximum; rows with no finite maximum are left unshifted."""
+    if z.shape[axis] == 0:
+        return z
+    m = jnp.max(z, axis=axis, keepdims=True)
+    # An all -inf (fully masked) row stays -inf; a row with nan or +inf becomes nan.
+    return z - jnp.where(m == -jnp.inf, 0, m)
+
+
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` with 0 where ``den == 0`` (the empty rows)."""
+    return jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
+
+
+def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
+    """Jacobian-vector product of every variant: ``g * z_dot - g * sum(g z_dot) / sum(g)``.
+
+    The Jacobian of alpha-entmax is ``diag(g) - g g^T / sum(g)`` with ``g = p^(2 - alpha)`` on the
+    support and 0 off it (softmax: ``g = p``; sparsemax: the support indicator; entmax15: ``sqrt(p)``).
+    It is symmetric, so this one rule, linear in ``z_dot``, also gives the VJP by transposition.
+    """
+    gz = jnp.sum(g * z_dot, axis=axis, keepdims=True)
+    return g * z_dot - g * safe_divide(gz, jnp.sum(g, axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# sparsemax: Michelot's algorithm, exact.
+
+
+def sparsemax_threshold(z: jax.Array, axis: int) -> jax.Array:
+    """Exact sparsemax threshold ``tau`` (``p = [z - tau]_+``) of rows whose maximum is 0.
+
+    Michelot's algorithm, i.e. Newton's method from the left on the convex, piecewise-linear
+    ``f(tau) = sum_j [z_j - tau]_+ - 1``: from any lower bound, ``tau <- (sum_S z - 1) / |S|`` with
+    ``S = {j : z_j > tau}``. ``tau`` increases, ``S`` shrinks, and as soon as ``|S|`` stops
+    changing ``tau`` is the closed form on the true support, so the result is exact, not a tolerance.
+    It starts at ``tau = -1`` (a lower bound, as ``p_max <= 1``) and needs a handful of fused passes.
+    """
+    tau0 = jnp.full(jnp.sum(z, axis=axis, keepdims=True).shape, -1.0, z.dtype)
+
+    def step(tau):
+        support = z > tau
+        k = jnp.sum(support, axis=axis, keepdims=True, dtype=jnp.int32)
+        total = jnp.sum(jnp.where(support, z, 0), axis=axis, keepdims=True)
+        # max() keeps tau monotone under rounding, which bounds the loop by the row length.
+        return jnp.maximum((total - 1) / jnp.maximum(k, 1).astype(z.dtype), tau), k
+
+    def cond(state):
+        _, k, k_prev = state
+        return jnp.any(k != k_prev)
+
+    def body(state):
+        tau, k, _ = state
+        tau, k_new = step(tau)
+        return tau, k_new, k
+
+    tau, k = step(tau0)
+    tau, _, _ = lax.while_loop(cond, body, (tau, k, jnp.full_like(k, -1)))
+    return tau
+
+
+# --------------------------------------------------------------------------------------------------
+# alpha-entmax: safeguarded Newton on theta.
+
+
+def _log1p_ratio(u: jax.Array) -> jax.Array:
+    """``log1p(u) / u`` with its limit 1 at ``u = 0``."""
+    nonzero = u != 0
+    return jnp.where(nonzero, jnp.log1p(u) / jnp.where(nonzero, u, 1), 1)
+
+
+def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+    """``p = [1 + d y]_+^(1/d)`` and ``g = p^(1 - d) = p / (1 + d y)``, smooth through ``d = 0``.
+
+    ``y = -inf`` (masked) gives ``p = g = 0``. Static ``d`` of 1/2 and 1 use plain arithmetic.
+    """
+    finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
+    y = jnp.where(finite, y, 0)
+    if isinstance(d, float) and d == 0.5:
+        g = jnp.maximum(1 + 0.5 * y, 0)
+        g = jnp.where(finite, g, 0)
+        return g * g, g
+    if isinstance(d, float) and d == 1.0:
+        p = jnp.where(finite, jnp.maximum(1 + y, 0), 0)
+        return p, (p > 0).astype(p.dtype)
+    base = 1 + d * y
+    off = ~finite | (base <= 0)  # nan is not "off": it propagates
+    # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0.
+    p = jnp.where(off, 0, jnp.exp(y * _log1p_ratio(jnp.where(off, 0, d * y))))
+    g = jnp.where(off, 0, p / jnp.where(off, 1, base))
+    return p, g
+
+
+def theta_upper_bound(n: jax.Array, d: jax.Array | float) -> jax.Array:
+    """``theta`` at which the largest entry alone has mass ``1/n``: ``(1 - n^-d) / d``, -> ``log n``."""
+    log_n = jnp.log(jnp.maximum(n, 1))
+    u = d * log_n
+    nonzero = u != 0
+    # -expm1(-u) / u -> 1 as u -> 0.
+    ratio = jnp.where(nonzero, -jnp.expm1(-u) / jnp.where(nonzero, u, 1), 1)
+    return log_n * ratio
+
+
+def entmax_theta(
+    z: jax.Array, d: jax.Array | float, axis: int, max_iter: int
+) -> tuple[jax.Array, jax.Array]:
+    """``theta`` solving ``sum_j [1 + d (z_j - theta)]_+^(1/d) = 1`` for rows whose maximum is 0.
+
+    Safeguarded Newton on ``h(theta) = log sum_j p_j(theta)`` (decreasing; exactly linear for
+    softmax, so ``d = 0`` converges in one step), with ``h' = -sum g / sum p``. The root is
+    bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the largest entry
+    alone has mass 1, at the upper end less than 1 in total. A Newton step that leaves the bracket
+    is replaced by bisection. Iterates until every row's step is at the dtype's resolution or
+    ``max_iter`` passes. Returns ``theta`` and the number of iterations used.
+    """
+    dtype = z.dtype
+    eps = jnp.finfo(dtype).eps
+    live = z != -jnp.inf
+    n = jnp.sum(live, axis=axis, keepdims=True).astype(dtype)
+    lo = jnp.zeros_like(n)
+    hi = theta_upper_bound(n, d)
+    hi = jnp.broadcast_to(hi, jnp.broadcast_shapes(hi.shape, lo.shape))
+
+    def body(state):
+        theta, lo, hi, _, it = state
+        p, g = deformed_exp(z - theta, d)
+        sp = jnp.sum(p, axis=axis, keepdims=True)
+        sg = jnp.sum(g, axis=axis, keepdims=True)
+        h = jnp.log(sp)
+        lo = jnp.where(h >= 0, theta, lo)
+        hi = jnp.where(h <= 0, theta, hi)
+        newton = theta + h * safe_divide(sp, sg)
+        inside = (newton >= lo) & (newton <= hi)
+        new = jnp.where(inside, newton, 0.5 * (lo + hi))
+        # A row is done when its step is at rounding level, or it has no finite solution
+        # (nan rows and fully masked rows keep their value without holding up the batch).
+        done = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
+        done = done | (n == 0)
+        return new, lo, hi, jnp.all(done), it + 1
+
+    def cond(state):
+        *_, all_done, it = state
+        return ~all_done & (it < max_iter)
+
+    theta0 = jnp.where(n == 0, 0, lo)
+    init = (theta0, lo, hi, jnp.array(False), jnp.array(0, jnp.int32))
+    theta, _, _, _, iters = lax.while_loop(cond, body, init)
+    return theta, iters
+
+
+def entmax15_threshold(u: jax.Array, support: jax.Array, axis: int) -> jax.Array:
+    """Exact 1.5-entmax threshold ``tau`` (``p = [u - tau]_+^2``, ``u = z / 2``) on a known support.
+
+    On the support ``S`` (size ``k``) the condition ``sum_S (u_j - tau)^2 = 1`` is a quadratic with
+    the smaller root ``tau = mean_S(u) - sqrt(1/k - var_S(u))`` (Peters et al., 2019).
+    """
+    k = jnp.sum(support, axis=axis, keepdims=True).astype(u.dtype)
+    k1 = jnp.maximum(k, 1)
+    mean = jnp.sum(jnp.where(support, u, 0), axis=axis, keepdims=True) / k1
+    var = jnp.sum(jnp.where(support, (u - mean) ** 2, 0), axis=axis, keepdims=True) / k1
+    return mean - jnp.sqrt(jnp.maximum(1 / k1 - var, 0))
