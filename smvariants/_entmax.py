@@ -102,12 +102,12 @@ def _entmax_jvp(axis, max_iter, primals, tangents):
     support = p > 0
     # g = p^(2 - alpha) on the support, 0 off it.
     g = jnp.where(support, jnp.exp((1 - d) * jnp.log(jnp.where(support, p, 1))), 0)
-    p_dot = jnp.zeros_like(p)
+    terms = []
     if not isinstance(z_dot, SymbolicZero):
-        p_dot = p_dot + simplex_jvp(g, z_dot, axis)
+        terms.append(simplex_jvp(g, z_dot, axis))
     if not isinstance(alpha_dot, SymbolicZero):
-        p_dot = p_dot + _dp_dalpha(p, g, d, axis) * alpha_dot
-    return p, p_dot
+        terms.append(_dp_dalpha(p, g, d, axis) * alpha_dot)
+    return p, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
 
 
 def entmax15(

@@ -60,7 +60,10 @@ def row_parameter(
 
     The parameter is a scalar or an array broadcastable to ``shape`` with ``axis`` kept as size 1.
     """
-    if not jnp.issubdtype(jnp.result_type(value), jnp.number) or jnp.iscomplexobj(value):
+    real = not isinstance(value, (str, bytes)) and any(
+        jnp.issubdtype(jnp.result_type(value), kind) for kind in (jnp.floating, jnp.integer)
+    )
+    if not real:
         raise TypeError(f"{name}: {arg} must be a real number or array, got {value!r}.")
     row = reduced_shape(shape, axis)
     arg_shape = jnp.shape(value)
@@ -128,11 +131,11 @@ def prepare(
     check_concrete(name, "temperature", temperature, lambda v: v > 0, "> 0")
 
     x = x.astype(dtype)
+    if mask is None and isinstance(temperature, (int, float)) and temperature == 1:
+        # Nothing to fold in: -inf logits already are masked entries (the common, fastest path).
+        return x, axis, out_dtype
     live = x != -jnp.inf
     if mask is not None:
         live = live & mask
-    if isinstance(temperature, (int, float)) and temperature == 1:
-        z = x
-    else:
-        z = jnp.where(t > 0, jnp.where(live, x, 0) / t, jnp.nan)
+    z = jnp.where(t > 0, jnp.where(live, x, 0) / t, jnp.nan)
     return jnp.where(live, z, -jnp.inf), axis, out_dtype

@@ -27,8 +27,8 @@ def shift_rows(z: jax.Array, axis: int) -> jax.Array:
     if z.shape[axis] == 0:
         return z
     m = jnp.max(z, axis=axis, keepdims=True)
-    # An all -inf (fully masked) row stays -inf; a row with nan or +inf becomes nan.
-    return z - jnp.where(m == -jnp.inf, 0, m)
+    # An all -inf (fully masked) row stays -inf; a row with nan or +inf becomes all nan.
+    return z - jnp.where(m == -jnp.inf, 0, jnp.where(m == jnp.inf, jnp.nan, m))
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -1,0 +1,206 @@
+"""Argument checking, dtypes, masks and edge cases shared by every normalizer (_masking.py)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smvariants as sm
+
+NORMALIZERS = {
+    "softmax": sm.softmax,
+    "log_softmax": sm.log_softmax,
+    "sparsemax": sm.sparsemax,
+    "entmax15": sm.entmax15,
+    "entmax": sm.entmax,  # the Python-float default alpha = 1.5
+    "entmax_generic": functools.partial(sm.entmax, alpha=jnp.array(1.3)),
+}
+PROBABILITY = {k: v for k, v in NORMALIZERS.items() if k != "log_softmax"}
+
+X = np.array([[0.3, -1.2, 0.9, 0.5], [4.0, 5.0, 6.0, 5.5], [0.0, 0.0, 0.0, 0.0]], np.float32)
+
+
+@pytest.fixture(params=sorted(NORMALIZERS))
+def name(request):
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors name the function and the argument.
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_integer_or_bool_logits_raise_type_error(name, dtype):
+    with pytest.raises(TypeError, match=r"x must be a floating-point array"):
+        NORMALIZERS[name](np.ones((2, 3), dtype))
+
+
+def test_axis_out_of_range(name):
+    with pytest.raises(ValueError, match=r"axis 2 is out of range"):
+        NORMALIZERS[name](X, axis=2)
+    with pytest.raises(ValueError, match=r"axis -3 is out of range"):
+        NORMALIZERS[name](X, axis=-3)
+
+
+def test_axis_must_be_int(name):
+    with pytest.raises(TypeError, match=r"axis must be an int"):
+        NORMALIZERS[name](X, axis=(0, 1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, np.array([[1.0], [-2.0], [1.0]])])
+def test_non_positive_temperature(name, temperature):
+    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+        NORMALIZERS[name](X, temperature=temperature)
+
+
+def test_temperature_shape_must_keep_axis_as_one(name):
+    with pytest.raises(
+        ValueError, match=r"temperature must be a scalar or broadcastable to \(3, 1\)"
+    ):
+        NORMALIZERS[name](X, temperature=np.ones(3, np.float32))
+
+
+def test_mask_shape(name):
+    with pytest.raises(ValueError, match=r"where of shape \(2,\) does not broadcast"):
+        NORMALIZERS[name](X, where=np.array([True, False]))
+
+
+def test_mask_dtype(name):
+    with pytest.raises(TypeError, match=r"where must be a boolean array"):
+        NORMALIZERS[name](X, where=np.ones(X.shape, np.float32))
+
+
+@pytest.mark.parametrize("alpha", [0.5, np.array([[1.5], [0.9], [2.0]])])
+def test_alpha_below_one(alpha):
+    with pytest.raises(ValueError, match=r"entmax: alpha must be >= 1, got"):
+        sm.entmax(X, alpha=alpha)
+
+
+def test_alpha_type_and_shape():
+    with pytest.raises(TypeError, match=r"alpha must be a real number"):
+        sm.entmax(X, alpha="1.5")
+    with pytest.raises(TypeError, match=r"alpha must be a real number"):
+        sm.entmax(X, alpha=True)
+    with pytest.raises(ValueError, match=r"alpha must be a scalar or broadcastable"):
+        sm.entmax(X, alpha=np.full((4,), 1.5))
+    with pytest.raises(ValueError, match=r"max_iter must be >= 1"):
+        sm.entmax(X, alpha=1.3, max_iter=0)
+
+
+def test_traced_bad_parameters_give_nan_rows_only():
+    # Under jit the values are unknown at trace time: bad rows become nan, good rows are untouched.
+    t = np.array([[1.0], [-1.0], [2.0]], np.float32)
+    out = np.asarray(jax.jit(sm.sparsemax)(X, temperature=t))
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+    a = np.array([[1.5], [0.5], [2.0]], np.float32)
+    out = np.asarray(jax.jit(lambda a: sm.entmax(X, alpha=a))(a))
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+def test_dtype_preserved_and_half_computed_in_float32(name, dtype):
+    f = NORMALIZERS[name]
+    x = jnp.asarray(X, dtype)
+    out = f(x)
+    assert out.dtype == dtype
+    # Half precision is computed in float32 and rounded once: it matches the rounded float32 result.
+    expected = f(x.astype(jnp.float32))
+    tol = {jnp.float32: 0, jnp.float64: 1e-6}.get(dtype, float(jnp.finfo(dtype).eps))
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol
+    )
+
+
+def test_half_precision_gradients_have_input_dtype(name):
+    x = jnp.asarray(X, jnp.bfloat16)
+    g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(NORMALIZERS[name](x)), 1, 0) * x))(x)
+    assert g.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks, -inf, empty and all-masked rows, nan.
+
+
+def test_mask_equals_compressed_row(name):
+    f = NORMALIZERS[name]
+    where = np.array([True, False, True, True])
+    full = f(X, where=np.broadcast_to(where, X.shape))
+    compressed = f(X[:, where])
+    np.testing.assert_allclose(full[:, where], compressed, rtol=1e-6, atol=1e-7)
+    masked_value = -np.inf if name == "log_softmax" else 0.0
+    assert (np.asarray(full[:, ~where]) == masked_value).all()
+
+
+def test_neg_inf_is_exactly_a_mask(name):
+    f = NORMALIZERS[name]
+    x = X.copy()
+    x[:, 1] = -np.inf
+    where = np.isfinite(x)
+    np.testing.assert_array_equal(f(x), f(X, where=where))
+
+
+@pytest.mark.parametrize("name_p", sorted(PROBABILITY))
+def test_masked_entries_get_zero_gradient_even_with_temperature(name_p):
+    f = PROBABILITY[name_p]
+    where = np.array([True, False, True, True])
+    w = np.arange(4.0, dtype=np.float32)[None, :]
+
+    def loss(x, t):
+        return jnp.sum(f(x, where=where, temperature=t) * w)
+
+    x = X.copy()
+    x[:, 1] = np.nan  # a masked nan must not leak into values or gradients
+    gx, gt = jax.grad(loss, argnums=(0, 1))(x, jnp.float32(0.7))
+    assert (np.asarray(gx)[:, 1] == 0).all()
+    assert np.isfinite(gx).all() and np.isfinite(gt)
+
+
+def test_all_masked_row_is_zero_with_zero_gradient(name):
+    f = NORMALIZERS[name]
+    where = np.ones(X.shape, bool)
+    where[1] = False
+    out = f(X, where=where)
+    if name == "log_softmax":
+        assert (np.asarray(out[1]) == -np.inf).all()
+    else:
+        assert (np.asarray(out[1]) == 0).all()
+    w = np.arange(4.0, dtype=np.float32)[None, :]
+    g = jax.grad(lambda x: jnp.sum(jnp.where(where, f(x, where=where), 0) * w))(X)
+    assert (np.asarray(g[1]) == 0).all() and np.isfinite(g).all()
+    x = X.copy()
+    x[2] = -np.inf  # all -inf behaves the same
+    out = np.asarray(f(x))
+    assert np.isfinite(out[:2]).all()
+    assert (np.asarray(out[2]) == (-np.inf if name == "log_softmax" else 0)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_confined_to_its_row(name, bad):
+    f = NORMALIZERS[name]
+    x = X.copy()
+    x[1, 2] = bad
+    out = np.asarray(jax.jit(f)(x))
+    assert np.isnan(out[1]).all()
+    np.testing.assert_array_equal(out[[0, 2]], np.asarray(f(X))[[0, 2]])
+
+
+def test_length_one_and_length_zero_axes(name):
+    f = NORMALIZERS[name]
+    x = np.array([[3.0], [-1e4]], np.float32)
+    expected = 0.0 if name == "log_softmax" else 1.0
+    np.testing.assert_array_equal(f(x), np.full((2, 1), expected, np.float32))
+    empty = f(np.zeros((2, 0), np.float32))
+    assert empty.shape == (2, 0)
+    g = jax.grad(lambda x: jnp.sum(f(x)))(np.zeros((2, 0), np.float32))
+    assert g.shape == (2, 0)
+
+
+def test_scalar_input_is_an_axis_error(name):
+    with pytest.raises(ValueError, match=r"axis -1 is out of range for x with 0 dimension"):
+        NORMALIZERS[name](np.float32(1.0))
