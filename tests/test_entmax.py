@@ -1,0 +1,148 @@
+"""entmax15 and entmax (_entmax.py): closed forms, special alphas, alpha gradients, solver."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from jax.test_util import check_grads
+
+import smvariants as sm
+
+X = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.5, 1.0]])
+
+
+def test_entmax15_hand_computed():
+    # u = z / 2 = [0.5, 1, 1.5]; support of 2: tau = 1.25 - sqrt(1/2 - 1/16).
+    tau = 1.25 - np.sqrt(0.5 - 0.0625)
+    expected = [0.0, (1 - tau) ** 2, (1.5 - tau) ** 2]
+    np.testing.assert_allclose(sm.entmax15(np.array([1.0, 2.0, 3.0])), expected, atol=1e-15)
+    np.testing.assert_array_equal(sm.entmax15(np.array([0.0, 0.0])), [0.5, 0.5])
+    # A gap of at least 2 gives one-hot.
+    np.testing.assert_array_equal(sm.entmax15(np.array([0.0, 2.0])), [0.0, 1.0])
+
+
+@pytest.mark.parametrize("shape", [(64, 1000), (4, 32000)])
+def test_entmax15_float32_exact_at_scale(shape):
+    x = (np.random.default_rng(0).normal(size=shape) * 3).astype(np.float32)
+    np.testing.assert_allclose(sm.entmax15(x), reference.entmax15(x), atol=2e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 4.0])
+def test_general_alpha_float32_at_scale(alpha):
+    x = (np.random.default_rng(1).normal(size=(16, 1000)) * 3).astype(np.float32)
+    p = sm.entmax(x, alpha=jnp.float32(alpha))
+    np.testing.assert_allclose(p, reference.entmax(x, alpha=alpha), atol=2e-6)
+
+
+def test_special_alphas_agree_with_the_exact_variants():
+    x = np.random.default_rng(2).normal(size=(8, 40)) * 2
+    general = functools.partial(sm.entmax, x)
+    np.testing.assert_allclose(general(alpha=jnp.array(1.5)), sm.entmax15(x), atol=1e-13)
+    np.testing.assert_allclose(general(alpha=jnp.array(2.0)), sm.sparsemax(x), atol=1e-13)
+    np.testing.assert_allclose(general(alpha=jnp.array(1.0)), sm.softmax(x), atol=1e-13)
+    # Python-number alphas dispatch to the exact implementations.
+    np.testing.assert_array_equal(general(alpha=1.5), sm.entmax15(x))
+    np.testing.assert_array_equal(general(alpha=2), sm.sparsemax(x))
+    np.testing.assert_array_equal(general(alpha=1.0), sm.softmax(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_continuous_through_alpha_one_and_two(dtype):
+    x = (np.random.default_rng(3).normal(size=(4, 12)) * 2).astype(dtype)
+    for a0, exact in ((1.0, sm.softmax), (2.0, sm.sparsemax)):
+        for delta in (1e-7, 1e-5, 1e-3):
+            a = np.asarray(a0 + delta if a0 == 1 else a0 - delta, dtype)
+            np.testing.assert_allclose(sm.entmax(x, alpha=a), exact(x), atol=3 * delta + 1e-6)
+
+
+def test_per_row_alpha_and_vmap_over_alpha():
+    x = np.random.default_rng(4).normal(size=(3, 10))
+    alphas = np.array([[1.2], [1.6], [2.8]])
+    per_row = sm.entmax(x, alpha=alphas)
+    for i in range(3):
+        np.testing.assert_allclose(per_row[i], reference.entmax(x[i], alpha=alphas[i, 0]), atol=1e-12)
+    over_alpha = jax.vmap(lambda a: sm.entmax(x, alpha=a))(alphas[:, 0])
+    for i in range(3):
+        np.testing.assert_allclose(over_alpha[i], sm.entmax(x, alpha=alphas[i]), atol=1e-13)
+
+
+def test_sparsity_grows_with_alpha():
+    x = np.random.default_rng(5).normal(size=(1, 200))
+    sizes = [int(jnp.sum(sm.entmax(x, alpha=jnp.array(a)) > 0)) for a in (1.0, 1.2, 1.5, 2.0, 3.0)]
+    assert sizes[0] == 200 and sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# alpha gradients: closed form, stable through alpha = 1 and alpha = 2.
+
+
+@pytest.mark.parametrize("alpha", [1.0 + 1e-6, 1.001, 1.3, 1.5, 1.999, 2.0, 2.5, 4.0])
+def test_alpha_gradient_against_finite_differences(alpha):
+    a = np.array([[alpha], [alpha + 0.1]])
+    check_grads(lambda a: sm.entmax(X, alpha=a), (a,), order=1, modes=("fwd", "rev"), eps=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [1.01, 1.5, 2.5])
+def test_alpha_second_order_and_mixed(alpha):
+    a = np.array([[alpha], [alpha + 0.2]])
+    check_grads(lambda x, a: sm.entmax(x, alpha=a), (X, a), order=2, modes=("fwd", "rev"), eps=1e-4)
+
+
+def test_alpha_gradient_at_exactly_one_is_the_softmax_limit():
+    # d/dalpha at alpha = 1 is p (sum_k p_k l_k^2 - l^2) / 2 with l = log p.
+    x = X[0]
+    p = np.asarray(sm.softmax(x))
+    log_p = np.log(p)
+    expected = p * (np.sum(p * log_p**2) - log_p**2) / 2
+    tangent = jax.jvp(lambda a: sm.entmax(x, alpha=a), (1.0,), (1.0,))[1]
+    np.testing.assert_allclose(tangent, expected, atol=1e-14)
+    step = 1e-7
+    one_sided = (sm.entmax(x, alpha=jnp.array(1 + step)) - sm.entmax(x, alpha=jnp.array(1.0))) / step
+    np.testing.assert_allclose(tangent, one_sided, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.0001, 1.01, 1.5, 2.0])
+def test_alpha_gradient_float32_has_no_cancellation(alpha):
+    f64 = jax.jvp(lambda a: sm.entmax(X, alpha=a), (jnp.float64(alpha),), (1.0,))[1]
+    x32, a32 = X.astype(np.float32), jnp.float32(alpha)
+    f32 = jax.jvp(lambda a: sm.entmax(x32, alpha=a), (a32,), (jnp.float32(1),))[1]
+    np.testing.assert_allclose(f32, f64, atol=1e-6)
+
+
+def test_learnable_alpha_step():
+    """A gradient step on alpha, as in adaptively sparse attention."""
+    x = np.random.default_rng(6).normal(size=(4, 9))
+    target = np.asarray(sm.entmax(x, alpha=jnp.array(1.8)))
+
+    def loss(raw):
+        alpha = 1 + jax.nn.softplus(raw)
+        return jnp.sum((sm.entmax(x, alpha=alpha) - target) ** 2)
+
+    raw = jnp.array(0.0)  # alpha = 1.69
+    for _ in range(30):
+        raw = raw - 2.0 * jax.grad(loss)(raw)
+    assert abs(float(1 + jax.nn.softplus(raw)) - 1.8) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Solver.
+
+
+def test_max_iter_is_honoured_and_default_converges():
+    x = np.random.default_rng(7).normal(size=(4, 500)) * 5
+    exact = reference.entmax(x, alpha=1.3)
+    np.testing.assert_allclose(sm.entmax(x, alpha=1.3), exact, atol=1e-13)
+    rough = np.asarray(sm.entmax(x, alpha=1.3, max_iter=1))
+    assert np.abs(rough - exact).max() > 1e-6  # one pass is not enough: the control is real
+    np.testing.assert_allclose(rough.sum(-1), 1, atol=1e-12)  # but the output is still normalised
+
+
+def test_huge_logits_and_offsets():
+    x = np.array([[1e4, -1e4, 0.0, 1e4 - 1], [1e6, 1e6 + 0.5, 1e6 - 0.5, 1e6]])
+    for alpha in (1.25, 1.5, 2.0, 3.0):
+        np.testing.assert_allclose(
+            sm.entmax(x, alpha=jnp.array(alpha)), reference.entmax(x, alpha=alpha), atol=1e-10
+        )
