@@ -147,7 +147,7 @@ def entmax15(
       >>> import jax.numpy as jnp
       >>> import smvariants
       >>> smvariants.entmax15(jnp.array([1.0, 2.0, 3.0]))
-      Array([0.        , 0.14644662, 0.8535534 ], dtype=float32)
+      Array([0.        , 0.16928107, 0.8307189 ], dtype=float32)
 
     References:
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
@@ -214,9 +214,9 @@ def entmax(
       >>> import smvariants
       >>> x = jnp.array([1.0, 2.0, 3.0])
       >>> smvariants.entmax(x, alpha=1.25)
-      Array([0.02111406, 0.18214968, 0.79673624], dtype=float32)
+      Array([0.03445019, 0.2148495 , 0.7507003 ], dtype=float32)
       >>> smvariants.entmax(x, alpha=jnp.array([1.5]))  # array alpha: general path
-      Array([0.        , 0.14644662, 0.8535534 ], dtype=float32)
+      Array([0.        , 0.1692811 , 0.83071893], dtype=float32)
 
     References:
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models

@@ -68,7 +68,7 @@ def sparsemax(
       >>> smvariants.sparsemax(jnp.array([1.0, 2.0, 3.0]))
       Array([0., 0., 1.], dtype=float32)
       >>> smvariants.sparsemax(jnp.array([0.5, 0.1, -2.0]))
-      Array([0.7, 0.3, 0. ], dtype=float32)
+      Array([0.7       , 0.29999998, 0.        ], dtype=float32)
 
     References:
       Martins & Astudillo, `From Softmax to Sparsemax: A Sparse Model of Attention and Multi-Label

@@ -32,8 +32,8 @@ def shift_rows(z: jax.Array, axis: int) -> jax.Array:
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` with 0 where ``den == 0`` (the empty rows)."""
-    return jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
+    """``num / den`` for row sums ``den`` that are 0 only where ``num`` is 0 too (empty rows)."""
+    return num / jnp.where(den == 0, 1, den)
 
 
 def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:

@@ -63,7 +63,9 @@ def test_per_row_alpha_and_vmap_over_alpha():
     alphas = np.array([[1.2], [1.6], [2.8]])
     per_row = sm.entmax(x, alpha=alphas)
     for i in range(3):
-        np.testing.assert_allclose(per_row[i], reference.entmax(x[i], alpha=alphas[i, 0]), atol=1e-12)
+        np.testing.assert_allclose(
+            per_row[i], reference.entmax(x[i], alpha=alphas[i, 0]), atol=1e-12
+        )
     over_alpha = jax.vmap(lambda a: sm.entmax(x, alpha=a))(alphas[:, 0])
     for i in range(3):
         np.testing.assert_allclose(over_alpha[i], sm.entmax(x, alpha=alphas[i]), atol=1e-13)
@@ -100,7 +102,9 @@ def test_alpha_gradient_at_exactly_one_is_the_softmax_limit():
     tangent = jax.jvp(lambda a: sm.entmax(x, alpha=a), (1.0,), (1.0,))[1]
     np.testing.assert_allclose(tangent, expected, atol=1e-14)
     step = 1e-7
-    one_sided = (sm.entmax(x, alpha=jnp.array(1 + step)) - sm.entmax(x, alpha=jnp.array(1.0))) / step
+    one_sided = (
+        sm.entmax(x, alpha=jnp.array(1 + step)) - sm.entmax(x, alpha=jnp.array(1.0))
+    ) / step
     np.testing.assert_allclose(tangent, one_sided, atol=1e-6)
 
 

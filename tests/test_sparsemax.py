@@ -12,7 +12,9 @@ import smvariants as sm
 
 def test_hand_computed_examples():
     # [0.5, 0.1, -2]: support {0, 1}, tau = (0.6 - 1) / 2 = -0.2.
-    np.testing.assert_allclose(sm.sparsemax(np.array([0.5, 0.1, -2.0])), [0.7, 0.3, 0.0], atol=1e-15)
+    np.testing.assert_allclose(
+        sm.sparsemax(np.array([0.5, 0.1, -2.0])), [0.7, 0.3, 0.0], atol=1e-15
+    )
     # A gap of at least 1 gives one-hot.
     np.testing.assert_array_equal(sm.sparsemax(np.array([1.0, 2.0, 3.0])), [0.0, 0.0, 1.0])
     np.testing.assert_array_equal(sm.sparsemax(np.array([0.0, 0.0, 0.0, 0.0])), [0.25] * 4)
