@@ -132,7 +132,8 @@ def entmax15(
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as size 1.
+      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
+            size 1.
         Differentiable.
 
     Returns:
@@ -191,7 +192,8 @@ def entmax(
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as size 1.
+      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
+            size 1.
         Differentiable.
       max_iter: the most Newton/bisection passes the solver makes (it stops earlier once every row
         has converged to the dtype's resolution). The default reaches float64 precision.

@@ -109,14 +109,15 @@ def log_softmax(
       axis: the axis along which ``exp`` of the output sums to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries (and ``-inf`` logits)
         get ``-inf`` (the log of probability 0) and gradient 0.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as size 1.
+      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
+        size 1.
 
     Returns:
       An array of the shape and dtype of ``x``.
 
     Note:
-      A row with no unmasked entry gives all ``-inf`` with zero gradient; a row that contains ``nan``
-      gives ``nan`` in that row only.
+      A row with no unmasked entry gives all ``-inf`` with zero gradient; a row that contains
+      ``nan`` gives ``nan`` in that row only.
 
     Examples:
       >>> import jax.numpy as jnp

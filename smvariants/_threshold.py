@@ -40,7 +40,8 @@ def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
     """Jacobian-vector product of every variant: ``g * z_dot - g * sum(g z_dot) / sum(g)``.
 
     The Jacobian of alpha-entmax is ``diag(g) - g g^T / sum(g)`` with ``g = p^(2 - alpha)`` on the
-    support and 0 off it (softmax: ``g = p``; sparsemax: the support indicator; entmax15: ``sqrt(p)``).
+    support and 0 off it (softmax: ``g = p``; sparsemax: the support indicator; entmax15:
+    ``sqrt(p)``).
     It is symmetric, so this one rule, linear in ``z_dot``, also gives the VJP by transposition.
     """
     gz = jnp.sum(g * z_dot, axis=axis, keepdims=True)
@@ -57,8 +58,9 @@ def sparsemax_threshold(z: jax.Array, axis: int) -> jax.Array:
     Michelot's algorithm, i.e. Newton's method from the left on the convex, piecewise-linear
     ``f(tau) = sum_j [z_j - tau]_+ - 1``: from any lower bound, ``tau <- (sum_S z - 1) / |S|`` with
     ``S = {j : z_j > tau}``. ``tau`` increases, ``S`` shrinks, and as soon as ``|S|`` stops
-    changing ``tau`` is the closed form on the true support, so the result is exact, not a tolerance.
-    It starts at ``tau = -1`` (a lower bound, as ``p_max <= 1``) and needs a handful of fused passes.
+    changing ``tau`` is the closed form on the true support, so the result is exact, not a
+    tolerance. It starts at ``tau = -1`` (a lower bound, as ``p_max <= 1``) and needs a handful of
+    fused passes.
     """
     tau0 = jnp.full(jnp.sum(z, axis=axis, keepdims=True).shape, -1.0, z.dtype)
 
@@ -116,7 +118,7 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
 
 
 def theta_upper_bound(n: jax.Array, d: jax.Array | float) -> jax.Array:
-    """``theta`` at which the largest entry alone has mass ``1/n``: ``(1 - n^-d) / d``, -> ``log n``."""
+    """``theta`` where the top entry alone has mass ``1/n``: ``(1 - n^-d) / d`` (-> ``log n``)."""
     log_n = jnp.log(jnp.maximum(n, 1))
     u = d * log_n
     nonzero = u != 0

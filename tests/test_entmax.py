@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
 from jax.test_util import check_grads
 
 import smvariants as sm
+
+import reference
 
 X = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.5, 1.0]])
 

@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import smvariants as sm
+
+import reference
 
 # name -> (ours, reference, alpha for the KKT check).
 VARIANTS = {

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 
 import smvariants as sm
+
+import reference
 
 
 def test_hand_computed_examples():
