@@ -76,7 +76,9 @@ def row_parameter(
             f"{name}: {arg} must be a scalar or broadcastable to {row} (x's shape with axis {axis} "
             f"kept as size 1), got shape {arg_shape}."
         )
-    return jnp.asarray(value, dtype=dtype)
+    value = jnp.asarray(value, dtype=dtype)
+    # Give a non-scalar the full rank, so it never relies on implicit rank promotion.
+    return value if value.ndim == 0 else value.reshape((1,) * (len(row) - value.ndim) + value.shape)
 
 
 def check_concrete(name: str, arg: str, value: Any, ok: Any, expected: str) -> None:

@@ -16,6 +16,7 @@ from smvariants._threshold import simplex_jvp
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
+@partial(jax.jit, static_argnums=(1,))
 def _softmax(z: jax.Array, axis: int) -> jax.Array:
     e = jnp.exp(shift_rows(z, axis))
     return safe_divide(e, jnp.sum(e, axis=axis, keepdims=True))
@@ -29,6 +30,7 @@ def _softmax_jvp(axis, primals, tangents):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
+@partial(jax.jit, static_argnums=(1,))
 def _log_softmax(z: jax.Array, axis: int) -> jax.Array:
     shifted = shift_rows(z, axis)
     lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))

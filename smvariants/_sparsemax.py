@@ -16,6 +16,7 @@ from smvariants._threshold import sparsemax_threshold
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
+@partial(jax.jit, static_argnums=(1,))
 def _sparsemax(z: jax.Array, axis: int) -> jax.Array:
     z = shift_rows(z, axis)
     return jnp.maximum(z - sparsemax_threshold(z, axis), 0)

@@ -20,7 +20,7 @@ def test_entmax15_hand_computed():
     tau = 1.25 - np.sqrt(0.5 - 0.0625)
     expected = [0.0, (1 - tau) ** 2, (1.5 - tau) ** 2]
     np.testing.assert_allclose(sm.entmax15(np.array([1.0, 2.0, 3.0])), expected, atol=1e-15)
-    np.testing.assert_array_equal(sm.entmax15(np.array([0.0, 0.0])), [0.5, 0.5])
+    np.testing.assert_allclose(sm.entmax15(np.array([0.0, 0.0])), [0.5, 0.5], rtol=1e-15)
     # A gap of at least 2 gives one-hot.
     np.testing.assert_array_equal(sm.entmax15(np.array([0.0, 2.0])), [0.0, 1.0])
 
@@ -35,7 +35,9 @@ def test_entmax15_float32_exact_at_scale(shape):
 def test_general_alpha_float32_at_scale(alpha):
     x = (np.random.default_rng(1).normal(size=(16, 1000)) * 3).astype(np.float32)
     p = sm.entmax(x, alpha=jnp.float32(alpha))
-    np.testing.assert_allclose(p, reference.entmax(x, alpha=alpha), atol=2e-6)
+    # For alpha > 2 the map itself amplifies rounding: dp/dz = p^(2 - alpha) is large for small p.
+    tol = 2e-6 if alpha <= 2 else 2e-5
+    np.testing.assert_allclose(p, reference.entmax(x, alpha=alpha), atol=tol)
 
 
 def test_special_alphas_agree_with_the_exact_variants():

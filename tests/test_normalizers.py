@@ -53,11 +53,11 @@ VARIANTS = {
 }
 EXACT = {"softmax", "sparsemax", "entmax15"}
 
-settings.register_profile("smvariants", deadline=None, max_examples=40, derandomize=True)
+settings.register_profile("smvariants", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("smvariants")
 
 
-@pytest.fixture(params=sorted(VARIANTS))
+@pytest.fixture(params=sorted(VARIANTS), scope="module")
 def variant(request):
     return request.param
 
@@ -69,8 +69,8 @@ def variant(request):
 @st.composite
 def logits(draw, dtype=np.float64):
     """2-D logits with ties, large magnitudes, offsets, -inf entries and an optional mask."""
-    rows = draw(st.integers(1, 4))
-    cols = draw(st.integers(1, 9))
+    # A few fixed shapes keep JAX's compilation cache warm across examples.
+    rows, cols = draw(st.sampled_from([(1, 1), (2, 2), (3, 5), (2, 9)]))
     kind = draw(st.sampled_from(["normal", "ties", "huge", "offset"]))
     if kind == "ties":
         elements = st.sampled_from([-1.0, 0.0, 0.5, 2.0])
@@ -171,7 +171,7 @@ def test_temperature_scalar_and_per_row(variant):
 # Gradients: hand-written rules against finite differences, both modes, order 2.
 
 # Entries well away from the support boundary, so finite differences do not cross a kink.
-X_GRAD = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.5, 1.0]])
+X_GRAD = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.7, 1.0]])
 
 
 def test_check_grads_order_two(variant):
@@ -190,7 +190,8 @@ def test_jacobian_is_closed_form(variant):
     ours, _, alpha = VARIANTS[variant]
     x = X_GRAD[0]
     p = np.asarray(ours(x))
-    g = np.where(p > 0, p ** (2 - alpha), 0)
+    g = np.zeros_like(p)
+    g[p > 0] = p[p > 0] ** (2 - alpha)
     expected = np.diag(g) - np.outer(g, g) / g.sum()
     np.testing.assert_allclose(jax.jacfwd(ours)(x), expected, atol=1e-10)
     np.testing.assert_allclose(jax.jacrev(ours)(x), expected, atol=1e-10)
