@@ -62,18 +62,21 @@ def sparsemax_threshold(z: jax.Array, axis: int) -> jax.Array:
     tolerance. It starts at ``tau = -1`` (a lower bound, as ``p_max <= 1``) and needs a handful of
     fused passes.
     """
-    tau0 = jnp.full(jnp.sum(z, axis=axis, keepdims=True).shape, -1.0, z.dtype)
+    tau0 = jnp.full(z.shape[:axis] + (1,) + z.shape[axis + 1 :], -1.0, z.dtype)
 
     def step(tau):
-        support = z > tau
-        k = jnp.sum(support, axis=axis, keepdims=True, dtype=jnp.int32)
-        total = jnp.sum(jnp.where(support, z, 0), axis=axis, keepdims=True)
+        # With r = [z - tau]_+: sum_S z = sum r + |S| tau, so the update is tau + (sum r - 1) / |S|.
+        # (This form, with |S| = sum sign(r), fuses into one fast pass on XLA:CPU; a select-sum
+        # and an integer count of the same comparison are several times slower.)
+        r = jnp.maximum(z - tau, 0)
+        f = jnp.sum(r, axis=axis, keepdims=True)
+        k = jnp.sum(jnp.sign(r), axis=axis, keepdims=True)
         # max() keeps tau monotone under rounding, which bounds the loop by the row length.
-        return jnp.maximum((total - 1) / jnp.maximum(k, 1).astype(z.dtype), tau), k
+        return jnp.maximum(tau + (f - 1) / jnp.maximum(k, 1), tau), k
 
     def cond(state):
         _, k, k_prev = state
-        return jnp.any(k != k_prev)
+        return jnp.any((k != k_prev) & ~jnp.isnan(k))  # a nan row is done: its output is nan
 
     def body(state):
         tau, k, _ = state
