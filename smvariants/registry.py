@@ -91,9 +91,11 @@ def get(name: str, **params: Any) -> Variant:
         raise ValueError(
             f"variant {name!r} takes parameters {', '.join(accepted)}; got {', '.join(unknown)}."
         )
-    normalize = functools.partial(normalize, **params)
-    normalize(jnp.zeros((1, 2)))  # validates the parameters with the normalizer's own checks
-    return Variant(name, dict(params), normalize, functools.partial(loss, **params))
+    # Validate scalar parameters now with the normalizer's own checks (array ones need an x).
+    scalars = {k: v for k, v in params.items() if jnp.ndim(v) == 0}
+    normalize(jnp.zeros((1, 2)), **scalars)
+    bound = functools.partial(normalize, **params)
+    return Variant(name, dict(params), bound, functools.partial(loss, **params))
 
 
 def parse(spec: str) -> Variant:

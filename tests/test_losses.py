@@ -1,0 +1,226 @@
+"""Fenchel-Young losses (losses.py) against a float64 NumPy reference, optax, and properties."""
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import smvariants as sm
+from smvariants import losses
+
+import reference
+
+
+def tsallis_np(p, alpha):
+    p = np.asarray(p, np.float64)
+    on = p > 0
+    if alpha == 1:
+        return -np.sum(np.where(on, p * np.log(np.where(on, p, 1)), 0), -1)
+    return (1 - np.sum(np.where(on, p, 0) ** alpha, -1)) / (alpha * (alpha - 1))
+
+
+def fy_loss_np(z, y, alpha):
+    """L = <z, p - y> + H(p) - H(y), p = entmax_alpha(z), rows along the last axis, float64."""
+    z = np.asarray(z, np.float64)
+    p = reference.entmax(z, alpha)
+    zs = np.where(np.isfinite(z), z, 0)
+    return np.sum(zs * (p - y), -1) + tsallis_np(p, alpha) - tsallis_np(y, alpha)
+
+
+# name -> (our loss, our normalizer, alpha).
+LOSSES = {
+    "softmax": (losses.softmax_loss, sm.softmax, 1.0),
+    "sparsemax": (losses.sparsemax_loss, sm.sparsemax, 2.0),
+    "entmax15": (losses.entmax15_loss, sm.entmax15, 1.5),
+    "entmax_1.25": (
+        functools.partial(losses.entmax_loss, alpha=1.25),
+        functools.partial(sm.entmax, alpha=1.25),
+        1.25,
+    ),
+    "entmax_array_2.5": (
+        functools.partial(losses.entmax_loss, alpha=jnp.array(2.5)),
+        functools.partial(sm.entmax, alpha=jnp.array(2.5)),
+        2.5,
+    ),
+}
+
+settings.register_profile("losses", deadline=None, max_examples=20, derandomize=True)
+
+
+@pytest.fixture(params=sorted(LOSSES), scope="module")
+def name(request):
+    return request.param
+
+
+RNG = np.random.default_rng(0)
+Z = RNG.normal(size=(6, 5)) * 2
+Y_SOFT = RNG.dirichlet(np.ones(5), size=6)
+IDS = np.array([0, 4, 2, 2, 1, 3])
+
+
+def test_matches_float64_reference(name):
+    loss, _, alpha = LOSSES[name]
+    np.testing.assert_allclose(loss(Z, Y_SOFT), fy_loss_np(Z, Y_SOFT, alpha), atol=1e-12)
+    one_hot = np.eye(5)[IDS]
+    np.testing.assert_allclose(loss(Z, IDS), fy_loss_np(Z, one_hot, alpha), atol=1e-12)
+
+
+@settings(settings.get_profile("losses"))
+@given(
+    z=hnp.arrays(np.float64, (3, 6), elements=st.floats(-20, 20)),
+    y=hnp.arrays(np.float64, (3, 6), elements=st.floats(0, 1)),
+)
+def test_nonnegative_on_random_soft_labels(name, z, y):
+    loss, _, _ = LOSSES[name]
+    y = (y + 1e-3) / (y + 1e-3).sum(-1, keepdims=True)
+    values = np.asarray(loss(z, y))
+    assert (values >= 0).all()
+
+
+def test_zero_exactly_at_the_prediction(name):
+    loss, normalize, _ = LOSSES[name]
+    p = np.asarray(normalize(Z))
+    np.testing.assert_allclose(loss(Z, p), 0, atol=1e-12)
+    # The least likely class is never the prediction.
+    assert (np.asarray(loss(Z, np.argmin(Z, -1))) > 1e-3).all()
+
+
+def test_gradient_is_p_minus_y(name):
+    loss, normalize, _ = LOSSES[name]
+    for labels, y in ((IDS, np.eye(5)[IDS]), (Y_SOFT, Y_SOFT)):
+        g = jax.grad(lambda z, labels=labels: jnp.sum(loss(z, labels)))(Z)
+        np.testing.assert_allclose(g, normalize(Z) - y, atol=1e-12)
+    # with temperature: d/dx L(x / T) = (p - y) / T
+    g = jax.grad(lambda z: jnp.sum(loss(z, IDS, temperature=2.0)))(Z)
+    np.testing.assert_allclose(g, (normalize(Z / 2) - np.eye(5)[IDS]) / 2, atol=1e-12)
+
+
+def test_gradients_against_finite_differences(name):
+    loss, _, _ = LOSSES[name]
+    z = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.7, 1.0]])
+    check_grads(lambda z: loss(z, Y_SOFT[:2]), (z,), order=2, modes=("fwd", "rev"))
+    check_grads(lambda t: loss(z, IDS[:2], temperature=t), (np.array([[0.7], [1.3]]),), order=1)
+
+
+def test_integer_labels_equal_one_hot(name):
+    loss, _, _ = LOSSES[name]
+    np.testing.assert_allclose(loss(Z, IDS), loss(Z, np.eye(5)[IDS]), atol=1e-13)
+
+
+def test_masked_row_equals_compressed_row(name):
+    loss, _, _ = LOSSES[name]
+    keep = np.array([True, False, True, True, False])
+    y = np.zeros((6, 5))
+    y[:, keep] = RNG.dirichlet(np.ones(3), size=6)
+    full = loss(Z, y, where=np.broadcast_to(keep, Z.shape))
+    np.testing.assert_allclose(full, loss(Z[:, keep], y[:, keep]), atol=1e-12)
+    z = np.where(keep, Z, -np.inf)  # -inf logits are masked entries too
+    np.testing.assert_allclose(loss(z, y), full, atol=1e-12)
+
+
+def test_axis_and_jit_and_vmap(name):
+    loss, _, _ = LOSSES[name]
+    expected = loss(Z, IDS)
+    np.testing.assert_allclose(loss(Z.T, IDS, axis=0), expected, atol=1e-13)
+    np.testing.assert_allclose(jax.jit(loss)(Z, IDS), expected, atol=1e-13)
+    np.testing.assert_allclose(jax.vmap(loss)(Z, IDS), expected, atol=1e-13)
+
+
+def test_bfloat16_logits(name):
+    loss, _, _ = LOSSES[name]
+    z16 = jnp.asarray(Z, jnp.bfloat16)
+    out = loss(z16, IDS)
+    assert out.dtype == jnp.bfloat16
+    expected = loss(np.asarray(z16, np.float32), IDS)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=1e-2, atol=1e-2)
+    g = jax.grad(lambda z: jnp.sum(loss(z, IDS)).astype(jnp.float32))(z16)
+    assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Agreement with optax.
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+def test_softmax_loss_is_optax_cross_entropy(temperature):
+    expected = optax.softmax_cross_entropy_with_integer_labels(Z / temperature, IDS)
+    np.testing.assert_allclose(losses.softmax_loss(Z, IDS, temperature=temperature), expected)
+    # With soft labels it is the cross-entropy minus the labels' entropy (a constant).
+    ce = optax.softmax_cross_entropy(Z, Y_SOFT)
+    np.testing.assert_allclose(losses.softmax_loss(Z, Y_SOFT), ce - tsallis_np(Y_SOFT, 1.0))
+
+
+def test_sparsemax_loss_is_optax_multiclass_sparsemax_loss():
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float internally
+        expected = optax.losses.multiclass_sparsemax_loss(Z, IDS)
+    np.testing.assert_allclose(losses.sparsemax_loss(Z, IDS), expected, atol=1e-12)
+
+
+def test_entmax_loss_special_alphas():
+    for alpha, exact in ((1.0, losses.softmax_loss), (1.5, losses.entmax15_loss)):
+        np.testing.assert_allclose(losses.entmax_loss(Z, IDS, alpha=alpha), exact(Z, IDS))
+        general = losses.entmax_loss(Z, IDS, alpha=jnp.array(alpha))
+        np.testing.assert_allclose(general, exact(Z, IDS), atol=1e-12)
+    general = losses.entmax_loss(Z, IDS, alpha=jnp.array(2.0))
+    np.testing.assert_allclose(general, losses.sparsemax_loss(Z, IDS), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# alpha gradients.
+
+
+@pytest.mark.parametrize("alpha", [1.0 + 1e-6, 1.2, 1.5, 2.0, 2.7])
+def test_alpha_gradient_against_finite_differences(alpha):
+    a = np.full((6, 1), alpha) + np.linspace(0, 0.1, 6)[:, None]
+    check_grads(
+        lambda a: losses.entmax_loss(Z, Y_SOFT, alpha=a), (a,), order=1, modes=("fwd", "rev"),
+        eps=1e-7,
+    )  # fmt: skip
+
+
+def test_alpha_gradient_at_one_is_finite_and_one_sided_fd():
+    f = lambda a: jnp.sum(losses.entmax_loss(Z, IDS, alpha=a))  # noqa: E731
+    g = jax.grad(f)(jnp.float64(1.0))
+    step = 1e-7
+    np.testing.assert_allclose(
+        g, (f(jnp.float64(1 + step)) - f(jnp.float64(1.0))) / step, rtol=1e-4
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Invalid labels: an error outside jit, nan inside.
+
+
+def test_label_errors_outside_jit():
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 5\)"):
+        losses.sparsemax_loss(Z, np.array([0, 5, 1, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"integer labels must have the logits' shape"):
+        losses.sparsemax_loss(Z, np.zeros((6, 1), np.int32))
+    with pytest.raises(ValueError, match=r"probability labels must have the logits' shape"):
+        losses.sparsemax_loss(Z, np.zeros((6, 4)))
+    where = np.ones(Z.shape, bool)
+    where[0, 0] = False
+    with pytest.raises(ValueError, match=r"labels put probability on masked"):
+        losses.entmax15_loss(Z, IDS, where=where)
+    with pytest.raises(TypeError, match=r"logits must be a floating-point|x must be a floating"):
+        losses.softmax_loss(np.ones((2, 3), np.int32), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be >= 1"):
+        losses.entmax_loss(Z, IDS, alpha=0.9)
+
+
+def test_invalid_labels_inside_jit_give_nan_for_that_example_only():
+    bad_ids = np.array([0, 7, 1, 1, -1, 1])
+    out = np.asarray(jax.jit(losses.softmax_loss)(Z, bad_ids))
+    assert np.isnan(out[[1, 4]]).all() and np.isfinite(out[[0, 2, 3, 5]]).all()
+    where = np.ones(Z.shape, bool)
+    where[2, IDS[2]] = False
+    out = np.asarray(jax.jit(losses.entmax15_loss)(Z, IDS, where=where))
+    assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
