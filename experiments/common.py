@@ -1,0 +1,168 @@
+"""Helpers shared by the experiment scripts: output folders, atomic writes, features, errors.
+
+The scripts run as ``python experiments/<script>.py``; Python then puts this folder on
+``sys.path``, so they import this module as ``common``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
+    """Runs ``main`` and turns a :class:`UsageError` into a one-line message and exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def default_out_dir(prefix: str) -> pathlib.Path:
+    """``results/<prefix>-<timestamp>`` (new for every run)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return pathlib.Path("results") / f"{prefix}-{stamp}"
+
+
+def prepare_out_dir(out: pathlib.Path, markers: Iterable[str], force: bool, resume: bool = False):
+    """Creates ``out``; refuses a folder that already holds results unless forced or resuming."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = [name for name in markers if (out / name).exists()]
+    if existing and not (force or resume):
+        raise UsageError(
+            f"{out} already holds results ({', '.join(existing)}); "
+            "use --force to overwrite or --resume to continue"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    """Writes ``value`` as indented JSON, atomically (a temporary file, then a rename)."""
+    _atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """Reads a JSON file written by :func:`write_json`."""
+    return json.loads(pathlib.Path(path).read_text())
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Writes a list of flat dicts as CSV (columns in first-seen order), atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def save_figure(fig: Any, path: pathlib.Path) -> None:
+    """Saves a matplotlib figure as PNG, atomically, and closes it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads ``X`` (n, d), ``y`` (n,) and optional ``split`` (n,) from an ``.npz`` file.
+
+    ``split`` holds 0/1/2 or "train"/"val"/"test" per row. Every problem is a :class:`UsageError`
+    naming the file and what is wrong.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UsageError(f"features file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as error:  # zip, pickle and format errors all mean "not a valid .npz"
+        raise UsageError(f"features file {path} is not a readable .npz file ({error})") from None
+    missing = [key for key in ("X", "y") if key not in arrays]
+    if missing:
+        raise UsageError(f"features file {path} lacks array(s) {', '.join(missing)}")
+    x, y = arrays["X"], arrays["y"]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise UsageError(f"features file {path}: X must be a 2-D numeric array, got {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise UsageError(
+            f"features file {path}: y must have one label per row of X "
+            f"({x.shape[0]}), got shape {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+        raise UsageError(f"features file {path}: y must hold non-negative integer class ids")
+    if not np.isfinite(x).all():
+        raise UsageError(f"features file {path}: X has non-finite values")
+    out = {"X": x.astype(np.float32), "y": y.astype(np.int32)}
+    if "split" in arrays:
+        split = arrays["split"]
+        if split.shape != y.shape:
+            raise UsageError(f"features file {path}: split must have shape {y.shape}")
+        if split.dtype.kind in "US":
+            unknown = set(np.unique(split)) - set(SPLITS)
+            if unknown:
+                raise UsageError(f"features file {path}: unknown split names {sorted(unknown)}")
+            split = np.vectorize(SPLITS.get)(split)
+        out["split"] = split.astype(np.int32)
+    return out
+
+
+def progress(iterable: Iterable[Any], total: int | None = None, desc: str = ""):
+    """A tqdm progress bar on stderr (a plain iterable if tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

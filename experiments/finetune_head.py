@@ -1,0 +1,454 @@
+"""Fine-tune a classifier head with each softmax variant on frozen features and compare them.
+
+A small MLP backbone is pretrained once on a source task (scikit-learn's bundled handwritten
+digits, classes 0-5, half of the images) and cached in the output folder; its penultimate layer
+gives frozen features of the other half, where a linear head is fine-tuned for all ten classes
+once per variant and seed, with the variant's own Fenchel-Young loss and Adam. Reported per
+variant (mean and std over seeds): test accuracy, loss, expected calibration error, mean support
+size, sparsity and train step time.
+
+    python experiments/finetune_head.py                       # the default comparison
+    python experiments/finetune_head.py --quick --out /tmp/x  # a smoke run in seconds
+    python experiments/finetune_head.py --features my.npz --variants softmax,entmax:alpha=1.3
+
+``--features FILE.npz`` brings embeddings from any model (arrays ``X``, ``y``, optional ``split``
+with 0/1/2 or train/val/test). With several JAX devices, batches are sharded over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+import smvariants as sm
+from smvariants import registry
+
+LEARNED = "entmax:alpha=learned"
+DEFAULT_VARIANTS = (
+    "softmax",
+    "softmax:temperature=0.5",
+    "softmax:temperature=2",
+    "sparsemax",
+    "entmax15",
+    "entmax:alpha=1.25",
+    "entmax:alpha=1.75",
+    LEARNED,
+)
+RESULT_FILES = ("metrics.json", "summary.csv", "runs")
+
+
+@dataclasses.dataclass
+class Config:
+    """One run's settings; every CLI flag overrides the field of the same name."""
+
+    out: str = ""  # results folder; empty: results/finetune-<timestamp>
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # registry specs, plus entmax:alpha=learned
+    seeds: int = 3  # head fine-tunings per variant (seeds 0..seeds-1)
+    epochs: int = 60  # passes over the target training split per fine-tuning
+    batch_size: int = 64  # examples per step (rounded down to a multiple of the device count)
+    learning_rate: float = 0.02  # Adam step size for the head
+    backbone_epochs: int = 80  # pretraining passes over the source task
+    hidden: int = 32  # backbone feature width (the head's input)
+    features: str = ""  # .npz file with X, y (and split): skips the bundled data and backbone
+    split_seed: int = 0  # fixes the source/train/val/test split
+    force: bool = False  # overwrite results already in --out
+    resume: bool = False  # keep finished variants in --out and run the rest
+    quick: bool = False  # a smoke run: 1 seed, few epochs
+
+
+def quick_config(config: Config) -> Config:
+    """The ``--quick`` settings: the whole run in well under a minute on 2 CPU cores."""
+    return dataclasses.replace(config, seeds=1, epochs=4, backbone_epochs=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and backbone.
+
+
+def _split_target(n: int, rng: np.random.Generator) -> np.ndarray:
+    """0/1/2 (train/val/test) for ``n`` examples: 50% / 20% / 30%, fixed by ``rng``."""
+    split = np.zeros(n, np.int32)
+    order = rng.permutation(n)
+    split[order[int(0.5 * n) : int(0.7 * n)]] = 1
+    split[order[int(0.7 * n) :]] = 2
+    return split
+
+
+def _init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def _mlp_features(layers, x):
+    for layer in layers[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x
+
+
+def pretrain_backbone(x: np.ndarray, y: np.ndarray, config: Config) -> list[dict[str, Any]]:
+    """An MLP trained with softmax cross-entropy on the source task; returns its layers."""
+    num_classes = int(y.max()) + 1
+    layers = _init_mlp(
+        jax.random.key(config.split_seed), [x.shape[1], 64, config.hidden, num_classes]
+    )
+    optimizer = optax.adam(1e-2)
+    state = optimizer.init(layers)
+
+    @jax.jit
+    def step(layers, state, xb, yb):
+        def loss_fn(layers):
+            logits = _mlp_features(layers, xb) @ layers[-1]["w"] + layers[-1]["b"]
+            return jnp.mean(sm.losses.softmax_loss(logits, yb))
+
+        loss, grads = jax.value_and_grad(loss_fn)(layers)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(layers, updates), state, loss
+
+    rng = np.random.default_rng(config.split_seed)
+    for _ in common.progress(range(config.backbone_epochs), desc="backbone"):
+        for batch in np.array_split(rng.permutation(len(y)), max(1, len(y) // 64)):
+            layers, state, _ = step(layers, state, x[batch], y[batch])
+    return jax.tree.map(np.asarray, layers)
+
+
+def load_data(config: Config, out: pathlib.Path, features: dict | None) -> dict[str, Any]:
+    """Frozen features and labels with a train/val/test split, and where they came from."""
+    if features is not None:
+        data = features
+        split = data.get("split")
+        if split is None:
+            split = _split_target(len(data["y"]), np.random.default_rng(config.split_seed))
+        source = f"features file {config.features}"
+        x, y = data["X"], data["y"]
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x_all = (digits.data / 16.0).astype(np.float32)
+        y_all = digits.target.astype(np.int32)
+        rng = np.random.default_rng(config.split_seed)
+        order = rng.permutation(len(y_all))
+        source_half, target_half = order[: len(order) // 2], order[len(order) // 2 :]
+        source_idx = source_half[y_all[source_half] < 6]  # the source task: digits 0-5
+        cache = out / "backbone.npz"
+        if cache.exists():
+            with np.load(cache) as saved:
+                layers = [
+                    {"w": saved[f"w{i}"], "b": saved[f"b{i}"]} for i in range(len(saved.files) // 2)
+                ]
+        else:
+            layers = pretrain_backbone(x_all[source_idx], y_all[source_idx], config)
+            arrays = {f"{k}{i}": layer[k] for i, layer in enumerate(layers) for k in ("w", "b")}
+            tmp = out / ".backbone.tmp.npz"
+            np.savez(tmp, **arrays)
+            tmp.replace(cache)
+        x = np.asarray(_mlp_features(layers, x_all[target_half]))
+        y = y_all[target_half]
+        split = _split_target(len(y), rng)
+        source = "sklearn digits (bundled); backbone pretrained on digits 0-5"
+    parts = {}
+    for name, code in common.SPLITS.items():
+        parts[name] = (x[split == code], y[split == code])
+        if len(parts[name][1]) == 0:
+            raise common.UsageError(f"the {name} split is empty ({source})")
+    # Standardise with training statistics: the head then trains well with one learning rate.
+    mean, std = parts["train"][0].mean(0), parts["train"][0].std(0) + 1e-6
+    parts = {k: ((v[0] - mean) / std, v[1]) for k, v in parts.items()}
+    return {"parts": parts, "num_classes": int(y.max()) + 1, "source": source}
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants and training.
+
+
+def resolve_variant(spec: str) -> dict[str, Any]:
+    """A variant spec -> its normalize/loss, taking a learned alpha as an extra head parameter."""
+    if spec == LEARNED:
+        # alpha = 1 + softplus(raw) stays > 1; raw starts at softplus^-1(0.5), i.e. alpha = 1.5.
+        def alpha_of(params):
+            return 1 + jax.nn.softplus(params["alpha_raw"])
+
+        return {
+            "spec": spec,
+            "extra": {"alpha_raw": jnp.log(jnp.expm1(0.5))},
+            "normalize": lambda params, z: sm.entmax(z, alpha=alpha_of(params)),
+            "loss": lambda params, z, y: sm.losses.entmax_loss(z, y, alpha=alpha_of(params)),
+            "alpha": alpha_of,
+        }
+    try:
+        variant = registry.parse(spec)
+    except ValueError as error:
+        raise common.UsageError(f"variant {spec!r}: {error} (or {LEARNED})") from None
+    return {
+        "spec": spec,
+        "extra": {},
+        "normalize": lambda params, z: variant.normalize(z),
+        "loss": lambda params, z, y: variant.loss(z, y),
+        "alpha": None,
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by size."""
+    confidence = probs.max(-1)
+    correct = probs.argmax(-1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> list[list[float]]:
+    """Per non-empty bin: [mean confidence, accuracy, count] (for the reliability diagram)."""
+    confidence = probs.max(-1)
+    correct = probs.argmax(-1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            rows.append(
+                [float(confidence[in_bin].mean()), float(correct[in_bin].mean()), int(in_bin.sum())]
+            )
+    return rows
+
+
+def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]:
+    """Fine-tunes one linear head; returns its test metrics."""
+    (x_tr, y_tr), (x_te, y_te) = data["parts"]["train"], data["parts"]["test"]
+    num_classes = data["num_classes"]
+    key = jax.random.key(seed)
+    params = {
+        "w": jax.random.normal(key, (x_tr.shape[1], num_classes)) * 0.01,
+        "b": jnp.zeros(num_classes),
+        **variant["extra"],
+    }
+    optimizer = optax.adam(config.learning_rate)
+    opt_state = optimizer.init(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    params, opt_state = jax.device_put((params, opt_state), replicated)
+
+    @jax.jit
+    def train_step(params, opt_state, x_BxD, y_B):
+        def loss_fn(params):
+            logits_BxC = x_BxD @ params["w"] + params["b"]
+            return jnp.mean(variant["loss"](params, logits_BxC, y_B))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss}
+
+    @jax.jit
+    def eval_step(params, x_NxD, y_N):
+        logits_NxC = x_NxD @ params["w"] + params["b"]
+        return variant["normalize"](params, logits_NxC), variant["loss"](params, logits_NxC, y_N)
+
+    devices = mesh.devices.size
+    batch = max(devices, config.batch_size - config.batch_size % devices)
+    rng = np.random.default_rng(seed)
+    step_times = []
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(y_tr))
+        for start in range(0, len(order) - batch + 1, batch):
+            idx = order[start : start + batch]
+            xb, yb = jax.device_put((x_tr[idx], y_tr[idx]), sharded)
+            began = time.perf_counter()
+            params, opt_state, metrics = train_step(params, opt_state, xb, yb)
+            loss = float(metrics["loss"])  # also waits for the step
+            step_times.append(time.perf_counter() - began)
+            if not np.isfinite(loss):
+                raise common.UsageError(
+                    f"variant {variant['spec']} seed {seed}: the training loss became {loss} "
+                    f"in epoch {epoch}; try a smaller --learning-rate"
+                )
+    probs, losses = eval_step(params, x_te, y_te)
+    probs = np.asarray(probs, np.float64)
+    result = {
+        "accuracy": float(np.mean(probs.argmax(-1) == y_te)),
+        "loss": float(np.mean(losses)),
+        "ece": expected_calibration_error(probs, y_te),
+        "support_size": float(np.mean(np.sum(probs > 0, -1))),
+        "sparsity": float(np.mean(probs == 0)),
+        # The first steps include compilation; the median of the rest is the steady state.
+        "step_time_ms": float(np.median(step_times[1:] or step_times) * 1e3),
+        "support_sizes": np.sum(probs > 0, -1).tolist(),
+        "reliability": reliability(probs, y_te),
+    }
+    if variant["alpha"] is not None:
+        result["alpha"] = float(variant["alpha"](params))
+    return result
+
+
+def summarize(spec: str, runs: list[dict[str, Any]], mesh: Mesh) -> dict[str, Any]:
+    """Mean and std over seeds of every scalar metric, plus the backend and device count."""
+    record: dict[str, Any] = {"variant": spec}
+    for key in ("accuracy", "loss", "ece", "support_size", "sparsity", "step_time_ms", "alpha"):
+        if key in runs[0]:
+            values = np.array([run[key] for run in runs])
+            record[key] = float(values.mean())
+            record[f"{key}_std"] = float(values.std())
+    record["seeds"] = len(runs)
+    record["backend"] = jax.default_backend()
+    record["devices"] = int(mesh.devices.size)
+    return record
+
+
+def _run_file(out: pathlib.Path, spec: str) -> pathlib.Path:
+    safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
+    return out / "runs" / f"{safe}.json"
+
+
+def run(config: Config) -> list[dict[str, Any]]:
+    """Runs the comparison and writes ``config.out``; returns the per-variant records."""
+    if config.quick:
+        config = quick_config(config)
+    # Everything the user gave is checked before anything is written.
+    variants = [resolve_variant(spec) for spec in config.variants]
+    if not variants:
+        raise common.UsageError("no variants given")
+    features = common.load_features(config.features) if config.features else None
+    out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
+    out = common.prepare_out_dir(out, RESULT_FILES, config.force, config.resume)
+    common.write_json(out / "config.json", dataclasses.asdict(config))
+    data = load_data(config, out, features)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    records, details = [], {}
+    for variant in common.progress(variants, desc="variants"):
+        path = _run_file(out, variant["spec"])
+        if config.resume and path.exists():
+            runs = common.read_json(path)
+        else:
+            runs = [train_head(variant, data, seed, config, mesh) for seed in range(config.seeds)]
+            common.write_json(path, runs)
+        records.append(summarize(variant["spec"], runs, mesh))
+        details[variant["spec"]] = runs
+        # Written after every variant: an interrupted run keeps what it finished.
+        common.write_json(out / "metrics.json", records)
+        common.write_csv(out / "summary.csv", records)
+    plot(records, details, out)
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots and table.
+
+
+def plot(records: list[dict[str, Any]], details: dict[str, Any], out: pathlib.Path) -> None:
+    """accuracy_vs_sparsity.png, reliability.png and support_size.png."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for record in records:
+        ax.errorbar(
+            record["sparsity"], record["accuracy"], yerr=record["accuracy_std"], fmt="o", capsize=3
+        )
+        ax.annotate(record["variant"], (record["sparsity"], record["accuracy"]), fontsize=7)
+    ax.set(xlabel="sparsity (fraction of exact zeros)", ylabel="test accuracy")
+    ax.set_title("accuracy vs output sparsity")
+    common.save_figure(fig, out / "accuracy_vs_sparsity.png")
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    for spec, runs in details.items():
+        bins = np.array(runs[0]["reliability"])
+        ax.plot(bins[:, 0], bins[:, 1], "o-", ms=3, label=spec)
+    ax.set(xlabel="confidence (max probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title("reliability diagram (seed 0)")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, out / "reliability.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [runs[0]["support_sizes"] for runs in details.values()]
+    top = max(max(s) for s in sizes)
+    ax.hist(sizes, bins=np.arange(0.5, top + 1.5), label=list(details), histtype="bar")
+    ax.set(xlabel="support size (classes with p > 0)", ylabel="test examples")
+    ax.set_title("support size per variant (seed 0)")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, out / "support_size.png")
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """A markdown table of the records."""
+    lines = [
+        "| variant | accuracy | loss | ECE | support size | sparsity | step (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        alpha = f" (alpha -> {r['alpha']:.2f})" if "alpha" in r else ""
+        lines.append(
+            f"| {r['variant']}{alpha} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} "
+            f"| {r['loss']:.3f} | {r['ece']:.3f} | {r['support_size']:.2f} "
+            f"| {r['sparsity']:.3f} | {r['step_time_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    """CLI flags -> :class:`Config`."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=defaults.out, help="results folder")
+    parser.add_argument(
+        "--variants",
+        default=",".join(defaults.variants),
+        help=f"comma-separated specs ({', '.join(registry.names())}, name:key=value, {LEARNED})",
+    )
+    parser.add_argument("--seeds", type=int, default=defaults.seeds)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--features", default=defaults.features, help="X/y(/split) .npz file")
+    parser.add_argument("--split-seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--force", action="store_true", help="overwrite results in --out")
+    parser.add_argument("--resume", action="store_true", help="skip variants already finished")
+    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.epochs < 1 or args.batch_size < 1:
+        parser.error("--seeds, --epochs and --batch-size must be >= 1")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    return dataclasses.replace(
+        defaults,
+        out=args.out,
+        variants=variants,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        features=args.features,
+        split_seed=args.split_seed,
+        force=args.force,
+        resume=args.resume,
+        quick=args.quick,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parses the flags, runs, prints the table."""
+    config = parse_args(argv)
+    records = run(config)
+    print(table(records))
+    print(f"backend {records[0]['backend']}, {records[0]['devices']} device(s)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
