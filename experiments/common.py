@@ -41,16 +41,21 @@ def default_out_dir(prefix: str) -> pathlib.Path:
     return pathlib.Path("results") / f"{prefix}-{stamp}"
 
 
-def prepare_out_dir(out: pathlib.Path, markers: Iterable[str], force: bool, resume: bool = False):
-    """Creates ``out``; refuses a folder that already holds results unless forced or resuming."""
+def prepare_out_dir(
+    out: pathlib.Path, markers: Iterable[str], force: bool, resume: bool | None = None
+) -> pathlib.Path:
+    """Creates ``out``; refuses a folder that already holds results unless forced or resuming.
+
+    ``resume`` is None for a script without ``--resume``.
+    """
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     existing = [name for name in markers if (out / name).exists()]
     if existing and not (force or resume):
         raise UsageError(
-            f"{out} already holds results ({', '.join(existing)}); "
-            "use --force to overwrite or --resume to continue"
+            f"{out} already holds results ({', '.join(existing)}); use --force to overwrite"
+            + ("" if resume is None else " or --resume to continue")
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -91,6 +96,13 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def save_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
+    """Writes arrays to an ``.npz`` file, atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_figure(fig: Any, path: pathlib.Path) -> None:

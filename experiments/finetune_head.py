@@ -155,9 +155,7 @@ def load_data(config: Config, out: pathlib.Path, features: dict | None) -> dict[
         else:
             layers = pretrain_backbone(x_all[source_idx], y_all[source_idx], config)
             arrays = {f"{k}{i}": layer[k] for i, layer in enumerate(layers) for k in ("w", "b")}
-            tmp = out / ".backbone.tmp.npz"
-            np.savez(tmp, **arrays)
-            tmp.replace(cache)
+            common.save_npz(cache, **arrays)
         x = np.asarray(_mlp_features(layers, x_all[target_half]))
         y = y_all[target_half]
         split = _split_target(len(y), rng)
@@ -233,7 +231,7 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> list[list[f
 
 
 def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]:
-    """Fine-tunes one linear head; returns its test metrics."""
+    """Fine-tunes one linear head; returns its test metrics and test-set logits."""
     (x_tr, y_tr), (x_te, y_te) = data["parts"]["train"], data["parts"]["test"]
     num_classes = data["num_classes"]
     key = jax.random.key(seed)
@@ -296,7 +294,8 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
     }
     if variant["alpha"] is not None:
         result["alpha"] = float(variant["alpha"](params))
-    return result
+    logits = np.asarray(x_te @ params["w"] + params["b"], np.float32)
+    return result, logits
 
 
 def summarize(spec: str, runs: list[dict[str, Any]], mesh: Mesh) -> dict[str, Any]:
@@ -339,7 +338,15 @@ def run(config: Config) -> list[dict[str, Any]]:
         if config.resume and path.exists():
             runs = common.read_json(path)
         else:
-            runs = [train_head(variant, data, seed, config, mesh) for seed in range(config.seeds)]
+            runs = []
+            for seed in range(config.seeds):
+                result, logits = train_head(variant, data, seed, config, mesh)
+                runs.append(result)
+                if not (out / "test_logits.npz").exists():
+                    # The test-set logits of the first head, for experiments/sparsity.py --from-run.
+                    common.save_npz(
+                        out / "test_logits.npz", logits=logits, y=data["parts"]["test"][1]
+                    )
             common.write_json(path, runs)
         records.append(summarize(variant["spec"], runs, mesh))
         details[variant["spec"]] = runs
