@@ -262,7 +262,8 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
         return variant["normalize"](params, logits_NxC), variant["loss"](params, logits_NxC, y_N)
 
     devices = mesh.devices.size
-    batch = max(devices, config.batch_size - config.batch_size % devices)
+    batch = min(config.batch_size, len(y_tr))  # a small training split is one full batch
+    batch = max(devices, batch - batch % devices)
     rng = np.random.default_rng(seed)
     step_times = []
     for epoch in range(config.epochs):
