@@ -58,10 +58,10 @@ def test_writes_metrics_summary_and_plots(quick_run):
     with np.load(out / "test_logits.npz") as saved:
         assert saved["logits"].shape == (len(saved["y"]), 10)
     sparsity = ROOT / "experiments" / "sparsity.py"
+    args = ["--quick", "--from-run", str(out), "--out", str(out / "sp")]
     done = subprocess.run(
-        [sys.executable, str(sparsity), "--quick", "--from-run", str(out), "--out", str(out / "sp")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, str(sparsity), *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "test-set logits of" in done.stdout
 
