@@ -1,0 +1,311 @@
+"""Speed of every variant as ratios to jax.nn.softmax and to a memory-copy roofline, one process.
+
+    python experiments/benchmark.py --out results/bench          # the full table
+    python experiments/benchmark.py --quick --out /tmp/bench     # a smoke run in seconds
+
+For each shape and dtype it times, with ``jax.jit`` compiled once beforehand, ``block_until_ready``
+and the median of many repeats: the forward pass, and forward + backward (``jax.grad`` of
+``sum(f(x) * w)`` for a fixed random ``w``). Every time is reported as a ratio to
+``jax.nn.softmax`` (same shape, dtype and mode) measured in the same run, and to a memory-copy
+roofline: a jitted ``x * 1.0001`` that reads and writes the input once, the least any normalizer can
+do (forward: 1 read + 1 write of x; forward + backward: counted as 3 such copies: x and w read, the
+gradient written, plus the output). Peers in the same table: optax's simplex projection (vmapped
+over rows; it is sparsemax) and, when installed (``pip install -e ".[peers]"``), the PyTorch
+``entmax`` package, timed with the same method.
+
+Shared machines are noisy: run it with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456``
+(the script re-executes itself with them unless ``--no-malloc-env``) and compare ratios, not times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import smvariants as sm
+
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+SHAPES = ((4096, 32), (1024, 1000), (256, 32000), (32, 128000))
+QUICK_SHAPES = ((256, 32), (64, 1000))
+RESULT_FILES = ("benchmark.json", "benchmark.md")
+
+
+@dataclasses.dataclass
+class Config:
+    """Settings; every CLI flag overrides the field of the same name."""
+
+    out: str = ""  # results folder; empty: results/benchmark-<timestamp>
+    shapes: tuple[tuple[int, int], ...] = SHAPES  # (batch, classes)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    variants: tuple[str, ...] = ()  # empty: all (see VARIANTS)
+    repeats: int = 30  # timed calls per case (at least; fast cases get more within the budget)
+    budget_s: float = 1.0  # time per case spent on repeats beyond --repeats
+    force: bool = False  # overwrite results already in --out
+    quick: bool = False  # tiny shapes and few repeats
+
+
+def per_row_alpha(x: jax.Array, lo: float, hi: float) -> jax.Array:
+    """A (batch, 1) alpha array spread over [lo, hi] (the general, per-row path)."""
+    return jnp.linspace(lo, hi, x.shape[0], dtype=jnp.float32)[:, None]
+
+
+# name -> function of x (the benchmark's variants; "softmax (jax.nn)" is the baseline).
+VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "jax.nn.softmax": jax.nn.softmax,
+    "softmax": sm.softmax,
+    "softmax T=0.5": lambda x: sm.softmax(x, temperature=0.5),
+    "sparsemax": sm.sparsemax,
+    "entmax15": sm.entmax15,
+    "entmax a=1.25": lambda x: sm.entmax(x, alpha=1.25),
+    "entmax a=1.5 (array)": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.5, 1.5)),
+    "entmax a=1.1..1.9 per row": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.1, 1.9)),
+    "optax projection_simplex": jax.vmap(optax.projections.projection_simplex),
+}
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls, more while within ``budget_s``."""
+    times = []
+    began = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - began < budget_s and len(times) < 2000):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _jax_case(f, x, w, mode):
+    if mode == "fwd":
+        compiled = jax.jit(f).lower(x).compile()
+        return (lambda: compiled(x).block_until_ready()), compiled
+
+    def loss(x):
+        return jnp.sum(f(x).astype(jnp.float32) * w)
+
+    compiled = jax.jit(jax.grad(loss)).lower(x).compile()
+    return (lambda: compiled(x).block_until_ready()), compiled
+
+
+def _temp_bytes(compiled) -> int | None:
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def _torch_cases(shape, dtype):
+    """Name -> (fwd, fwd+bwd) closures for the PyTorch entmax package, or None if missing."""
+    try:
+        import entmax
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    x = torch.randn(*shape, dtype=tdtype) * 3
+    w = torch.randn(*shape, dtype=tdtype)
+    fns = {
+        "torch entmax.sparsemax": entmax.sparsemax,
+        "torch entmax.entmax15": entmax.entmax15,
+        "torch entmax.entmax_bisect a=1.5": lambda t: entmax.entmax_bisect(t, alpha=1.5),
+    }
+    cases = {}
+    for name, fn in fns.items():
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(x)  # every function normalises the last dimension by default
+
+        def fwd_bwd(fn=fn):
+            xx = x.detach().requires_grad_(True)
+            (fn(xx) * w).sum().backward()
+
+        cases[name] = (fwd, fwd_bwd)
+    return cases
+
+
+def measure(config: Config) -> list[dict[str, Any]]:
+    """Times every case; returns one record per (shape, dtype, variant, mode)."""
+    names = config.variants or tuple(VARIANTS)
+    cases = [(s, d, m) for s in config.shapes for d in config.dtypes for m in ("fwd", "fwd+bwd")]
+    records = []
+    for shape, dtype, mode in common.progress(cases, desc="benchmark"):
+        key_x, key_w = jax.random.split(jax.random.key(0))
+        x = (jax.random.normal(key_x, shape) * 3).astype(dtype)
+        w = jax.random.normal(key_w, shape)
+        copy = jax.jit(lambda x: x * jnp.asarray(1.0001, x.dtype)).lower(x).compile()
+        copies = 1 if mode == "fwd" else 3
+        copy_time = copies * _median_time(
+            lambda copy=copy, x=x: copy(x).block_until_ready(), config.repeats, config.budget_s
+        )
+        timed = {}
+        failed = {}
+        for name in ("jax.nn.softmax",) + tuple(n for n in names if n != "jax.nn.softmax"):
+            try:
+                run_once, compiled = _jax_case(VARIANTS[name], x, w, mode)
+            except Exception as error:  # a peer that cannot run this case is reported, not fatal
+                failed[name] = f"fails: {type(error).__name__}"
+                continue
+            run_once()  # warm-up (compilation is done; first-call allocations are not timed)
+            timed[name] = (_median_time(run_once, config.repeats, config.budget_s), compiled)
+        torch_cases = _torch_cases(shape, dtype)
+        if torch_cases is not None:
+            for name, (fwd, fwd_bwd) in torch_cases.items():
+                fn = fwd if mode == "fwd" else fwd_bwd
+                fn()
+                timed[name] = (_median_time(fn, config.repeats, config.budget_s), None)
+        base = timed["jax.nn.softmax"][0]
+        input_bytes = x.size * x.dtype.itemsize
+        for name, (seconds, compiled) in timed.items():
+            temp = _temp_bytes(compiled) if compiled is not None else None
+            records.append(
+                {
+                    "shape": list(shape),
+                    "dtype": dtype,
+                    "mode": mode,
+                    "variant": name,
+                    "time_ms": seconds * 1e3,
+                    "vs_softmax": seconds / base,
+                    "vs_copy": seconds / copy_time,
+                    "temp_vs_input": None if temp is None else temp / input_bytes,
+                }
+            )
+        if torch_cases is None:
+            failed["torch entmax"] = "not installed"
+        for name, note in failed.items():
+            records.append(
+                {"shape": list(shape), "dtype": dtype, "mode": mode, "variant": name,
+                 "time_ms": None, "vs_softmax": None, "vs_copy": None, "temp_vs_input": None,
+                 "note": note}
+            )  # fmt: skip
+    return records
+
+
+def environment() -> dict[str, Any]:
+    """Backend, device, versions and the malloc settings of this run."""
+    return {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+    }
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """A markdown table: time ratios to jax.nn.softmax and to the copy roofline."""
+    lines = [
+        "| shape | dtype | mode | variant | / jax.nn.softmax | / copy | temp / input | ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        shape = "x".join(map(str, r["shape"]))
+        if r["time_ms"] is None:
+            lines.append(f"| {shape} | {r['dtype']} | {r['mode']} | {r['variant']} | "
+                         f"{r.get('note', '')} | | | |")  # fmt: skip
+            continue
+        temp = "" if r["temp_vs_input"] is None else f"{r['temp_vs_input']:.1f}"
+        lines.append(
+            f"| {shape} | {r['dtype']} | {r['mode']} | {r['variant']} | {r['vs_softmax']:.2f} "
+            f"| {r['vs_copy']:.2f} | {temp} | {r['time_ms']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Measures and writes ``benchmark.json`` and ``benchmark.md`` into ``config.out``."""
+    if config.quick:
+        config = dataclasses.replace(config, shapes=QUICK_SHAPES, repeats=5, budget_s=0.05)
+    unknown = [n for n in config.variants if n not in VARIANTS]
+    if unknown:
+        raise common.UsageError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = pathlib.Path(config.out) if config.out else common.default_out_dir("benchmark")
+    out = common.prepare_out_dir(out, RESULT_FILES, config.force)
+    records = measure(config)
+    result = {
+        "environment": environment(),
+        "config": dataclasses.asdict(config),
+        "records": records,
+    }
+    common.write_json(out / "benchmark.json", result)
+    env = result["environment"]
+    header = (
+        f"backend {env['backend']} ({env['device']}), jax {env['jax']}, {env['cpu_count']} CPUs, "
+        f"{env['date']}; medians; ratios measured in one run.\n\n"
+    )
+    common.write_csv(out / "benchmark.csv", records)
+    (out / "benchmark.md").write_text(header + table(records) + "\n")
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
+    """CLI flags -> (:class:`Config`, whether to skip the malloc re-exec)."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=defaults.out)
+    parser.add_argument("--shapes", default="", help="e.g. 4096x32,1024x1000")
+    parser.add_argument("--dtypes", default=",".join(defaults.dtypes))
+    parser.add_argument(
+        "--variants", default="", help=f"comma-separated from: {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-malloc-env", action="store_true", help="do not set MALLOC_* and re-run"
+    )
+    args = parser.parse_args(argv)
+    try:
+        shapes = (
+            tuple(tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",") if s)
+            or defaults.shapes
+        )
+    except ValueError:
+        parser.error("--shapes takes BATCHxCLASSES,...")
+    config = dataclasses.replace(
+        defaults,
+        out=args.out,
+        shapes=shapes,
+        dtypes=tuple(d for d in args.dtypes.split(",") if d),
+        variants=tuple(v for v in args.variants.split(",") if v),
+        repeats=args.repeats,
+        force=args.force,
+        quick=args.quick,
+    )
+    return config, args.no_malloc_env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Sets the malloc environment (by re-executing), measures, prints the table."""
+    config, no_malloc_env = parse_args(argv)
+    if not no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    result = run(config)
+    print(table(result["records"]))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
