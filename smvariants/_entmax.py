@@ -112,6 +112,23 @@ def _entmax_jvp(axis, max_iter, primals, tangents):
     return p, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
 
 
+def alpha_parameter(name, alpha, shape, axis, dtype, max_iter):
+    """Checks ``alpha`` and ``max_iter``; returns the alpha array and the exact variant, if any.
+
+    The exact variant ("softmax", "entmax15" or "sparsemax") is named for a Python-number alpha of
+    1, 1.5 or 2. A traced alpha < 1 has no entmax: its rows get alpha = nan (so nan outputs)
+    rather than something silently wrong.
+    """
+    a = _masking.row_parameter(name, "alpha", alpha, shape, axis, dtype)
+    _masking.check_concrete(name, "alpha", alpha, lambda v: v >= 1, ">= 1")
+    if operator.index(max_iter) < 1:
+        raise ValueError(f"{name}: max_iter must be >= 1, got {max_iter}.")
+    exact = None
+    if isinstance(alpha, (int, float)):
+        exact = {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha)
+    return jnp.where(a >= 1, a, jnp.nan), exact
+
+
 def entmax15(
     x: ArrayLike,
     axis: int = -1,
@@ -230,14 +247,8 @@ def entmax(
       <https://arxiv.org/abs/1909.00015>`_, 2019.
     """
     z, axis, dtype = _masking.prepare("entmax", x, axis, where, temperature)
-    a = _masking.row_parameter("entmax", "alpha", alpha, z.shape, axis, z.dtype)
-    _masking.check_concrete("entmax", "alpha", alpha, lambda v: v >= 1, ">= 1")
-    if operator.index(max_iter) < 1:
-        raise ValueError(f"entmax: max_iter must be >= 1, got {max_iter}.")
-    if isinstance(alpha, (int, float)):
-        exact = {1: _softmax, 1.5: _entmax15, 2: _sparsemax}.get(alpha)
-        if exact is not None:
-            return exact(z, axis).astype(dtype)
-    # A traced alpha < 1 has no entmax: its rows become nan rather than something silently wrong.
-    a = jnp.where(a >= 1, a, jnp.nan)
+    a, exact = alpha_parameter("entmax", alpha, z.shape, axis, z.dtype, max_iter)
+    if exact is not None:
+        core = {"softmax": _softmax, "entmax15": _entmax15, "sparsemax": _sparsemax}[exact]
+        return core(z, axis).astype(dtype)
     return _entmax(z, a, axis, operator.index(max_iter)).astype(dtype)

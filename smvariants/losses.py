@@ -28,6 +28,7 @@ from jax.typing import ArrayLike
 from smvariants import _masking
 from smvariants._entmax import _entmax
 from smvariants._entmax import _entmax15
+from smvariants._entmax import alpha_parameter
 from smvariants._softmax import _softmax
 from smvariants._sparsemax import _sparsemax
 from smvariants._threshold import shift_rows
@@ -304,12 +305,6 @@ def entmax_loss(
     logits = _masking.check_float("entmax_loss", "logits", logits)
     dtype = _masking.compute_dtype(logits.dtype)
     axis_ = _masking.canonical_axis("entmax_loss", axis, logits.ndim)
-    a = _masking.row_parameter("entmax_loss", "alpha", alpha, logits.shape, axis_, dtype)
-    _masking.check_concrete("entmax_loss", "alpha", alpha, lambda v: v >= 1, ">= 1")
-    if int(max_iter) < 1:
-        raise ValueError(f"entmax_loss: max_iter must be >= 1, got {max_iter}.")
-    variant = "entmax"
-    if isinstance(alpha, (int, float)):
-        variant = {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha, "entmax")
-    a = jnp.where(a >= 1, a, jnp.nan)
+    a, exact = alpha_parameter("entmax_loss", alpha, logits.shape, axis_, dtype, max_iter)
+    variant = exact or "entmax"
     return _loss("entmax_loss", variant, logits, labels, a, axis, where, temperature, max_iter)
