@@ -18,6 +18,7 @@ from smvariants._sparsemax import _sparsemax
 from smvariants._threshold import deformed_exp
 from smvariants._threshold import entmax15_threshold
 from smvariants._threshold import entmax_theta
+from smvariants._threshold import reduced_threshold
 from smvariants._threshold import safe_divide
 from smvariants._threshold import shift_rows
 from smvariants._threshold import simplex_jvp
@@ -25,15 +26,21 @@ from smvariants._threshold import simplex_jvp
 _ENTMAX15_MAX_ITER = 64
 
 
+def _entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
+    """Exact ``tau`` of ``p = [z / 2 - tau]_+^2`` from a lower bound ``init`` (or from scratch)."""
+    # Newton finds the support; the closed form on it makes the threshold exact.
+    theta_init = None if init is None else 2 * (init + 1)  # tau = theta / 2 - 1
+    theta, _ = entmax_theta(z, 0.5, axis, _ENTMAX15_MAX_ITER, theta_init)
+    support = 2 + (z - theta) > 0
+    return jnp.where(jnp.isnan(theta), jnp.nan, entmax15_threshold(0.5 * z, support, axis))
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 @partial(jax.jit, static_argnums=(1,))
 def _entmax15(z: jax.Array, axis: int) -> jax.Array:
     z = shift_rows(z, axis)
-    # Newton finds the support; the closed form on it makes the threshold exact.
-    theta, _ = entmax_theta(z, 0.5, axis, _ENTMAX15_MAX_ITER)
-    support = 2 + (z - theta) > 0
-    u = 0.5 * z
-    return jnp.maximum(u - entmax15_threshold(u, support, axis), 0) ** 2
+    tau = reduced_threshold(z, axis, _entmax15_tau, lambda z, tau: 0.5 * z > tau)
+    return jnp.maximum(0.5 * z - tau, 0) ** 2
 
 
 @_entmax15.defjvp
@@ -88,8 +95,15 @@ def _dp_dalpha(p: jax.Array, g: jax.Array, d: jax.Array, axis: int) -> jax.Array
 @partial(jax.jit, static_argnums=(2, 3))
 def _entmax(z: jax.Array, alpha: jax.Array, axis: int, max_iter: int) -> jax.Array:
     z = shift_rows(z, axis)
+
+    def solve(z, axis, init, d):
+        return entmax_theta(z, d, axis, max_iter, init)[0]
+
+    def in_support(z, theta, d):
+        return 1 + d * (z - theta) > 0  # as in deformed_exp
+
     d = alpha - 1
-    theta, _ = entmax_theta(z, d, axis, max_iter)
+    theta = reduced_threshold(z, axis, solve, in_support, (d,))
     p, _ = deformed_exp(z - theta, d)
     # One renormalisation absorbs the solver's last rounding-level residual.
     return safe_divide(p, jnp.sum(p, axis=axis, keepdims=True))

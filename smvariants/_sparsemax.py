@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from smvariants import _masking
+from smvariants._threshold import reduced_threshold
 from smvariants._threshold import shift_rows
 from smvariants._threshold import simplex_jvp
 from smvariants._threshold import sparsemax_threshold
@@ -19,7 +20,8 @@ from smvariants._threshold import sparsemax_threshold
 @partial(jax.jit, static_argnums=(1,))
 def _sparsemax(z: jax.Array, axis: int) -> jax.Array:
     z = shift_rows(z, axis)
-    return jnp.maximum(z - sparsemax_threshold(z, axis), 0)
+    tau = reduced_threshold(z, axis, sparsemax_threshold, lambda z, tau: z > tau)
+    return jnp.maximum(z - tau, 0)
 
 
 @_sparsemax.defjvp

@@ -1,0 +1,132 @@
+"""Block-reduced thresholds (_threshold.py): exact on every branch, against the references.
+
+Rows longer than ``_threshold._DIRECT`` are solved on the two largest entries of each block and
+certified by counting the support on the full row. These tests build rows that pass the
+certificate, batches where a few rows fail it (re-solved one by one) and batches where most fail
+(re-solved together), and check every output against the float64 NumPy reference.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smvariants as sm
+from smvariants import _threshold
+
+import reference
+
+K = 2048  # > _DIRECT: reduced twice (2048 -> 256)
+
+
+def _stride(k):
+    """The stride between the entries of one block of a row of length ``k``."""
+    return k // (8 * _threshold._BLOCK) * 8
+
+
+def _entmax_array(x, axis=-1, where=None):
+    shape = list(np.shape(x))
+    shape[axis] = 1
+    return sm.entmax(x, alpha=jnp.full(shape, 1.3), axis=axis, where=where)
+
+
+VARIANTS = {
+    "sparsemax": (sm.sparsemax, reference.sparsemax),
+    "entmax15": (sm.entmax15, reference.entmax15),
+    "entmax_array_1.3": (_entmax_array, lambda x, **kw: reference.entmax(x, 1.3, **kw)),
+}
+
+
+def _collide(x, rows, value=50.0):
+    """Puts three equal support entries into one block (positions j, j + n, j + 2n) of ``rows``."""
+    x = x.copy()
+    flat, n = x.reshape(-1, x.shape[-1]), _stride(x.shape[-1])
+    for r in rows:
+        j = 7 + r % 5
+        flat[r, [j, j + n, j + 2 * n]] = value
+    return x
+
+
+def test_block_top2_is_a_submultiset_with_each_blocks_two_largest():
+    z = np.random.default_rng(0).normal(size=(3, 1000))
+    sub = np.asarray(_threshold.block_top2(jnp.asarray(z), 1))
+    n = _stride(1000)  # 56: vector-aligned
+    assert sub.shape == (3, 2 * n + 1000 - n * _threshold._BLOCK)
+    blocks = z[:, : n * _threshold._BLOCK].reshape(3, _threshold._BLOCK, n)
+    top2 = np.sort(blocks, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_array_equal(sub[:, :n], top2[:, 0])
+    np.testing.assert_array_equal(sub[:, n : 2 * n], top2[:, 1])
+    np.testing.assert_array_equal(sub[:, 2 * n :], z[:, n * _threshold._BLOCK :])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "certified",  # sparse rows: the reduction's answer holds everywhere
+        "few_rows_fail",  # 2 of 64 rows have a block with 3 support entries
+        "most_rows_fail",  # dense rows: the whole batch is re-solved
+        "all_equal",
+    ],
+)
+def test_exact_on_every_branch(name, case):
+    f, ref = VARIANTS[name]
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, K)) * 3
+    if case == "few_rows_fail":
+        x = _collide(x, rows=[5, 40])
+    elif case == "most_rows_fail":
+        x = x / 100
+    elif case == "all_equal":
+        x = np.full((64, K), 0.25)
+    p = np.asarray(f(x))
+    np.testing.assert_allclose(p, ref(x), atol=1e-12)
+    np.testing.assert_allclose(p.sum(-1), 1, atol=1e-12)
+    if case == "few_rows_fail":  # the three colliding entries share the mass
+        assert np.all(np.sum(p[[5, 40]] > 0, axis=-1) >= 3)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_float32_wide_rows(name):
+    f, ref = VARIANTS[name]
+    x = np.random.default_rng(2).normal(size=(8, 40000)).astype(np.float32) * 3
+    x = _collide(x, rows=[3])
+    np.testing.assert_allclose(np.asarray(f(x)), ref(x), atol=2e-6)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_axis_mask_inf_and_nan_rows(name):
+    f, ref = VARIANTS[name]
+    rng = np.random.default_rng(3)
+    x = _collide(rng.normal(size=(6, K)) * 3, rows=[1])
+    x[2, ::3] = -np.inf
+    x[4, 100] = np.nan
+    where = rng.random(size=(6, K)) > 0.2
+    where[5] = False  # an all-masked row
+    expected = ref(x.T, axis=0, where=where.T)
+    p = np.asarray(f(x.T, axis=0, where=where.T))
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+    assert np.all(np.isnan(p[:, 4])) and np.all(p[:, 5] == 0)
+    assert not np.any(np.isnan(np.delete(p, 4, axis=1)))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_vmap_jit_and_gradient(name):
+    f, ref = VARIANTS[name]
+    x = _collide(np.random.default_rng(4).normal(size=(2, 16, K)) * 3, rows=[0])
+    p = jax.jit(jax.vmap(f))(x)
+    np.testing.assert_allclose(p, ref(x), atol=1e-12)
+    # The derivative rule is built from the output only; the reduction is never differentiated.
+    w = np.random.default_rng(5).normal(size=x.shape)
+    grad = jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+    direct = jax.grad(lambda x: jnp.sum(f(x[..., :K]) * w))(x)
+    np.testing.assert_allclose(grad, direct, atol=1e-12)
+    assert np.all(np.asarray(grad)[np.asarray(p) == 0] == 0)
+
+
+def test_reduced_equals_direct_solve():
+    z = _threshold.shift_rows(jnp.asarray(np.random.default_rng(6).normal(size=(32, 5000))), 1)
+    z = z.at[3, 9 + _stride(5000) * jnp.arange(3)].set(0.0)  # three support entries in a block
+    direct = _threshold.sparsemax_threshold(z, 1)
+    reduced = _threshold.reduced_threshold(z, 1, _threshold.sparsemax_threshold, jnp.greater)
+    np.testing.assert_allclose(reduced, direct, atol=1e-14)
