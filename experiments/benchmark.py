@@ -113,7 +113,15 @@ def _temp_bytes(compiled) -> int | None:
         return None
 
 
-def _torch_cases(shape, dtype):
+# The PyTorch entmax package's functions (peers, timed when it is installed).
+TORCH_VARIANTS = (
+    "torch entmax.sparsemax",
+    "torch entmax.entmax15",
+    "torch entmax.entmax_bisect a=1.5",
+)
+
+
+def _torch_cases(shape, dtype, names):
     """Name -> (fwd, fwd+bwd) closures for the PyTorch entmax package, or None if missing."""
     try:
         import entmax
@@ -131,6 +139,8 @@ def _torch_cases(shape, dtype):
     }
     cases = {}
     for name, fn in fns.items():
+        if name not in names:
+            continue
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -146,7 +156,7 @@ def _torch_cases(shape, dtype):
 
 def measure(config: Config) -> list[dict[str, Any]]:
     """Times every case; returns one record per (shape, dtype, variant, mode)."""
-    names = config.variants or tuple(VARIANTS)
+    names = config.variants or tuple(VARIANTS) + TORCH_VARIANTS
     cases = [(s, d, m) for s in config.shapes for d in config.dtypes for m in ("fwd", "fwd+bwd")]
     records = []
     for shape, dtype, mode in common.progress(cases, desc="benchmark"):
@@ -160,7 +170,8 @@ def measure(config: Config) -> list[dict[str, Any]]:
         )
         timed = {}
         failed = {}
-        for name in ("jax.nn.softmax",) + tuple(n for n in names if n != "jax.nn.softmax"):
+        jax_names = [n for n in names if n in VARIANTS and n != "jax.nn.softmax"]
+        for name in ["jax.nn.softmax", *jax_names]:
             try:
                 run_once, compiled = _jax_case(VARIANTS[name], x, w, mode)
             except Exception as error:  # a peer that cannot run this case is reported, not fatal
@@ -168,7 +179,8 @@ def measure(config: Config) -> list[dict[str, Any]]:
                 continue
             run_once()  # warm-up (compilation is done; first-call allocations are not timed)
             timed[name] = (_median_time(run_once, config.repeats, config.budget_s), compiled)
-        torch_cases = _torch_cases(shape, dtype)
+        torch_names = [n for n in names if n in TORCH_VARIANTS]
+        torch_cases = _torch_cases(shape, dtype, torch_names) if torch_names else {}
         if torch_cases is not None:
             for name, (fwd, fwd_bwd) in torch_cases.items():
                 fn = fwd if mode == "fwd" else fwd_bwd
@@ -235,13 +247,50 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary(records: list[dict[str, Any]]) -> str:
+    """One markdown table per dtype: each variant's time / jax.nn.softmax, shapes as columns.
+
+    Its first row is jax.nn.softmax's own time / the copy roofline, so that every ratio below can
+    be turned into a ratio to the roofline.
+    """
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in records):
+        rows = [r for r in records if r["dtype"] == dtype]
+        columns = list(dict.fromkeys((tuple(r["shape"]), r["mode"]) for r in rows))
+        cell = {(tuple(r["shape"]), r["mode"], r["variant"]): r for r in rows}
+        head = [f"{'x'.join(map(str, shape))} {mode}" for shape, mode in columns]
+        lines = [
+            f"**{dtype}**: time / jax.nn.softmax (first row: jax.nn.softmax / memory copy)",
+            "",
+            "| variant | " + " | ".join(head) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            key = "vs_copy" if variant == "jax.nn.softmax" else "vs_softmax"
+            values = []
+            for shape, mode in columns:
+                r = cell.get((shape, mode, variant))
+                value = None if r is None else r[key]
+                values.append(r.get("note", "") if value is None and r else _ratio(value))
+            lines.append(f"| {variant} | " + " | ".join(values) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
 def run(config: Config) -> dict[str, Any]:
     """Measures and writes ``benchmark.json`` and ``benchmark.md`` into ``config.out``."""
     if config.quick:
         config = dataclasses.replace(config, shapes=QUICK_SHAPES, repeats=5, budget_s=0.05)
-    unknown = [n for n in config.variants if n not in VARIANTS]
+    known = tuple(VARIANTS) + TORCH_VARIANTS
+    unknown = [n for n in config.variants if n not in known]
     if unknown:
-        raise common.UsageError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        raise common.UsageError(f"unknown variants {unknown}; known: {', '.join(known)}")
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("benchmark")
     out = common.prepare_out_dir(out, RESULT_FILES, config.force)
     records = measure(config)
@@ -257,7 +306,9 @@ def run(config: Config) -> dict[str, Any]:
         f"{env['date']}; medians; ratios measured in one run.\n\n"
     )
     common.write_csv(out / "benchmark.csv", records)
-    (out / "benchmark.md").write_text(header + table(records) + "\n")
+    (out / "benchmark.md").write_text(
+        header + summary(records) + "\n\nAll records:\n\n" + table(records) + "\n"
+    )
     return result
 
 
@@ -269,7 +320,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument("--shapes", default="", help="e.g. 4096x32,1024x1000")
     parser.add_argument("--dtypes", default=",".join(defaults.dtypes))
     parser.add_argument(
-        "--variants", default="", help=f"comma-separated from: {', '.join(VARIANTS)}"
+        "--variants",
+        default="",
+        help=f"comma-separated from: {', '.join(tuple(VARIANTS) + TORCH_VARIANTS)}",
     )
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--force", action="store_true")
@@ -304,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     result = run(config)
-    print(table(result["records"]))
+    print(summary(result["records"]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmark.py"
 
@@ -31,9 +33,25 @@ def test_quick_run(tmp_path):
         assert r["time_ms"] > 0 and math.isfinite(r["vs_softmax"]) and r["vs_copy"] > 0
         if r["variant"] == "jax.nn.softmax":
             assert r["vs_softmax"] == 1.0
+    # --variants also selects the peers: no PyTorch rows, installed or not.
+    assert {r["variant"] for r in result["records"]} == {"jax.nn.softmax", "sparsemax", "entmax15"}
     markdown = (out / "benchmark.md").read_text()
     assert "| 64x1000 | float32 | fwd+bwd | sparsemax |" in markdown
-    assert "| 64x1000 | float32 | fwd | sparsemax |" in done.stdout
+    # The summary: one row per variant, a column per shape and mode, ratios to jax.nn.softmax.
+    header = "| variant | 256x32 fwd | 256x32 fwd+bwd | 64x1000 fwd | 64x1000 fwd+bwd |"
+    assert header in markdown and header in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| sparsemax |"))
+    ratios = [float(v) for v in row.strip("| ").split("|")[1:]]
+    expected = [
+        next(
+            r["vs_softmax"]
+            for r in timed
+            if r["variant"] == "sparsemax" and r["shape"] == shape and r["mode"] == mode
+        )
+        for shape in ([256, 32], [64, 1000])
+        for mode in ("fwd", "fwd+bwd")
+    ]
+    np.testing.assert_allclose(ratios, expected, rtol=0.01, atol=0.006)
     again = run_script(*args)
     assert again.returncode == 2 and "already holds results" in again.stderr
 
