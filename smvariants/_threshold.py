@@ -100,20 +100,23 @@ def _log1p_ratio(u: jax.Array) -> jax.Array:
     return jnp.where(nonzero, jnp.log1p(u) / jnp.where(nonzero, u, 1), 1)
 
 
+_MAX_INTEGER_POWER = 16  # static alpha = 1 + 1/n up to this n uses integer powers
+
+
 def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
     """``p = [1 + d y]_+^(1/d)`` and ``g = p^(1 - d) = p / (1 + d y)``, smooth through ``d = 0``.
 
-    ``y = -inf`` (masked) gives ``p = g = 0``. Static ``d`` of 1/2 and 1 use plain arithmetic.
+    ``y = -inf`` (masked) gives ``p = g = 0``. A static ``d = 1/n`` (alpha = 1 + 1/n: 2, 1.5,
+    4/3, 1.25, ...) uses integer powers, ``p = b^n`` and ``g = b^(n-1)`` with ``b = [1 + d y]_+``,
+    several times cheaper than the ``exp``/``log`` of the general form.
     """
     finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
     y = jnp.where(finite, y, 0)
-    if isinstance(d, float) and d == 0.5:
-        g = jnp.maximum(1 + 0.5 * y, 0)
-        g = jnp.where(finite, g, 0)
-        return g * g, g
-    if isinstance(d, float) and d == 1.0:
-        p = jnp.where(finite, jnp.maximum(1 + y, 0), 0)
-        return p, (p > 0).astype(p.dtype)
+    n = round(1 / d) if isinstance(d, float) and d > 0 else 0
+    if 1 <= n <= _MAX_INTEGER_POWER and d == 1 / n:
+        b = jnp.where(finite, jnp.maximum(1 + d * y, 0), 0)
+        g = lax.integer_pow(b, n - 1) if n > 1 else (b > 0).astype(b.dtype)
+        return (b * g if n > 1 else b), g
     base = 1 + d * y
     off = ~finite | (base <= 0)  # nan is not "off": it propagates
     # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0.
@@ -253,11 +256,44 @@ def reduced_threshold(z, axis, solve, in_support, params=()):
 
     Returns:
       ``t``, as ``solve(z, axis, None, *params)`` would give it.
+
+    Under ``vmap`` the mapped dimension joins the rows (the work is row-wise), so the choice of
+    how many rows to re-solve stays one branch for the whole batch instead of a ``select`` that
+    runs every branch.
     """
+    is_array = [isinstance(p, jax.Array) for p in params]
+
+    def with_arrays(arrays):
+        it = iter(arrays)
+        return tuple(next(it) if a else p for p, a in zip(params, is_array, strict=True))
+
+    @jax.custom_batching.custom_vmap
+    def threshold(z, *arrays):
+        return _reduced_threshold(z, axis, solve, in_support, with_arrays(arrays))
+
+    @threshold.def_vmap
+    def _batched(axis_size, in_batched, z, *arrays):
+        z_batched, *arrays_batched = in_batched
+        if not z_batched:
+            z = jnp.broadcast_to(z, (axis_size,) + z.shape)
+
+        def leading(a, batched):  # a per-row parameter with the mapped dimension in front
+            if batched:  # (B,) from a scalar, or already full rank
+                return a.reshape(a.shape + (1,) * (z.ndim - a.ndim))
+            return a if a.ndim == 0 else a[None]
+
+        arrays = [leading(a, b) for a, b in zip(arrays, arrays_batched, strict=True)]
+        return reduced_threshold(z, axis + 1, solve, in_support, with_arrays(arrays)), True
+
+    return threshold(z, *(p for p, a in zip(params, is_array, strict=True) if a))
+
+
+def _reduced_threshold(z, axis, solve, in_support, params):
+    """:func:`reduced_threshold` without the batching rule."""
     if z.shape[axis] <= _DIRECT or z.size == 0:
         return solve(z, axis, None, *params)
     sub = block_top2(z, axis)
-    t = reduced_threshold(sub, axis, solve, in_support, params)
+    t = _reduced_threshold(sub, axis, solve, in_support, params)
 
     def count(a):
         return jnp.sum(in_support(a, t, *params), axis=axis, keepdims=True, dtype=jnp.int32)

@@ -130,3 +130,13 @@ def test_reduced_equals_direct_solve():
     direct = _threshold.sparsemax_threshold(z, 1)
     reduced = _threshold.reduced_threshold(z, 1, _threshold.sparsemax_threshold, jnp.greater)
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
+
+
+def test_vmap_over_alpha_only_and_nested():
+    x = _collide(np.random.default_rng(7).normal(size=(40, K)) * 3, rows=[2])
+    alphas = np.array([1.2, 1.5, 1.8])
+    mapped = jax.vmap(lambda a: sm.entmax(x, alpha=a[None, None]))(alphas)
+    for a, p in zip(alphas, mapped, strict=True):
+        np.testing.assert_allclose(p, reference.entmax(x, a), atol=1e-12)
+    nested = jax.vmap(jax.vmap(sm.sparsemax))(x.reshape(4, 10, K))
+    np.testing.assert_allclose(nested.reshape(40, K), reference.sparsemax(x), atol=1e-12)
