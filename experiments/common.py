@@ -1,4 +1,4 @@
-"""Helpers shared by the experiment scripts: output folders, atomic writes, features, errors.
+"""Helpers shared by the experiment scripts: output folders, atomic writes, inputs, flags, errors.
 
 The scripts run as ``python experiments/<script>.py``; Python then puts this folder on
 ``sys.path``, so they import this module as ``common``.
@@ -6,14 +6,17 @@ The scripts run as ``python experiments/<script>.py``; Python then puts this fol
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import datetime
 import io
 import json
 import os
 import pathlib
+import shutil
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -61,10 +64,22 @@ def prepare_out_dir(
     return out
 
 
+def remove_outputs(out: pathlib.Path, names: Iterable[str]) -> None:
+    """Deletes the files and folders ``names`` in ``out`` that exist (a previous run's results)."""
+    for name in names:
+        path = pathlib.Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # Mode 0o666 before the umask, like open(): results are as readable as any other file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -72,7 +87,7 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -128,6 +143,45 @@ def pyplot():
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+def read_npz(path: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file.
+
+    Args:
+        path: the file.
+        kind: what it should hold ("features", "logits"), for the messages.
+
+    Returns:
+        The arrays by name.
+
+    Raises:
+        UsageError: the file is missing, or is not an ``.npz`` of plain (non-object) arrays.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UsageError(f"{kind} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception:  # zip, pickle and format errors all mean "not a valid .npz"
+        raise UsageError(f"{kind} file {path} is not a valid .npz of numeric arrays") from None
+
+
+def _split_codes(split: np.ndarray, path: pathlib.Path) -> np.ndarray:
+    """A ``split`` array of 0/1/2 or "train"/"val"/"test" -> 0/1/2 (int32)."""
+    if split.dtype.kind in "US":
+        names = split.astype(str)
+        unknown = sorted(set(names.tolist()) - set(SPLITS))
+        if unknown:
+            raise UsageError(
+                f"features file {path}: unknown split names {', '.join(unknown)} "
+                f"(known: {', '.join(SPLITS)})"
+            )
+        return np.vectorize(SPLITS.get, otypes=[np.int32])(names)
+    if not np.issubdtype(split.dtype, np.integer) or not np.isin(split, [0, 1, 2]).all():
+        raise UsageError(f"features file {path}: split must hold 0/1/2 or {', '.join(SPLITS)}")
+    return split.astype(np.int32)
+
+
 def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads ``X`` (n, d), ``y`` (n,) and optional ``split`` (n,) from an ``.npz`` file.
 
@@ -135,13 +189,7 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     naming the file and what is wrong.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise UsageError(f"features file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as error:  # zip, pickle and format errors all mean "not a valid .npz"
-        raise UsageError(f"features file {path} is not a readable .npz file ({error})") from None
+    arrays = read_npz(path, "features")
     missing = [key for key in ("X", "y") if key not in arrays]
     if missing:
         raise UsageError(f"features file {path} lacks array(s) {', '.join(missing)}")
@@ -159,16 +207,35 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise UsageError(f"features file {path}: X has non-finite values")
     out = {"X": x.astype(np.float32), "y": y.astype(np.int32)}
     if "split" in arrays:
-        split = arrays["split"]
-        if split.shape != y.shape:
+        if arrays["split"].shape != y.shape:
             raise UsageError(f"features file {path}: split must have shape {y.shape}")
-        if split.dtype.kind in "US":
-            unknown = set(np.unique(split)) - set(SPLITS)
-            if unknown:
-                raise UsageError(f"features file {path}: unknown split names {sorted(unknown)}")
-            split = np.vectorize(SPLITS.get)(split)
-        out["split"] = split.astype(np.int32)
+        out["split"] = _split_codes(arrays["split"], path)
     return out
+
+
+def comma_separated(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type``: ``"a,b"`` -> ``(cast("a"), cast("b"))``, blank items dropped."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        return tuple(cast(item.strip()) for item in text.split(",") if item.strip())
+
+    parse.__name__ = f"comma-separated {cast.__name__}"  # argparse names it in its errors
+    return parse
+
+
+def config_from_flags(defaults: Any, flags: argparse.Namespace, quick: dict[str, Any]) -> Any:
+    """A config dataclass from parsed flags: ``defaults``, ``quick`` under ``--quick``, the flags.
+
+    Args:
+        defaults: the config dataclass instance with the default settings.
+        flags: parsed flags named like the config fields; None marks a flag not given.
+        quick: the settings ``--quick`` changes; a flag the user gives wins over them.
+
+    Returns:
+        A copy of ``defaults`` with those settings.
+    """
+    given = {key: value for key, value in vars(flags).items() if value is not None}
+    return dataclasses.replace(defaults, **{**(quick if flags.quick else {}), **given})
 
 
 def progress(iterable: Iterable[Any], total: int | None = None, desc: str = ""):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import pathlib
 import time
 from collections.abc import Sequence
@@ -48,6 +50,19 @@ DEFAULT_VARIANTS = (
     LEARNED,
 )
 RESULT_FILES = ("metrics.json", "summary.csv", "runs")
+# Everything a run writes except the backbone cache: a --force run removes these first.
+OUTPUTS = (
+    *RESULT_FILES,
+    "config.json",
+    "test_logits.npz",
+    "accuracy_vs_sparsity.png",
+    "reliability.png",
+    "support_size.png",
+)
+# The --quick settings: the whole run in well under a minute on 2 CPU cores (flags given win).
+QUICK = {"seeds": 1, "epochs": 4, "backbone_epochs": 10}
+# Settings that may change on --resume; the data are compared by their fingerprint instead.
+RESUME_FREE = ("out", "force", "resume", "quick", "variants", "features")
 
 
 @dataclasses.dataclass
@@ -66,12 +81,7 @@ class Config:
     split_seed: int = 0  # fixes the source/train/val/test split
     force: bool = False  # overwrite results already in --out
     resume: bool = False  # keep finished variants in --out and run the rest
-    quick: bool = False  # a smoke run: 1 seed, few epochs
-
-
-def quick_config(config: Config) -> Config:
-    """The ``--quick`` settings: the whole run in well under a minute on 2 CPU cores."""
-    return dataclasses.replace(config, seeds=1, epochs=4, backbone_epochs=10)
+    quick: bool = False  # recorded only: parse_args applies QUICK under the flags given
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,15 +137,30 @@ def pretrain_backbone(x: np.ndarray, y: np.ndarray, config: Config) -> list[dict
     return jax.tree.map(np.asarray, layers)
 
 
-def load_data(config: Config, out: pathlib.Path, features: dict | None) -> dict[str, Any]:
-    """Frozen features and labels with a train/val/test split, and where they came from."""
+def check_splits(split: np.ndarray, source: str) -> None:
+    """Raises a :class:`common.UsageError` naming the first empty train/val/test split."""
+    for name, code in common.SPLITS.items():
+        if not np.any(split == code):
+            raise common.UsageError(f"the {name} split is empty ({source})")
+
+
+def load_raw(config: Config, features: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The target task before the backbone, checked; reads no cache and writes nothing.
+
+    Returns:
+        ``x``, ``y``, ``split`` (0/1/2 per row) and ``source`` (a description); for the bundled
+        data also ``pretrain``, the source task's (inputs, labels) for the backbone.
+    """
     if features is not None:
-        data = features
-        split = data.get("split")
+        split = features.get("split")
         if split is None:
-            split = _split_target(len(data["y"]), np.random.default_rng(config.split_seed))
-        source = f"features file {config.features}"
-        x, y = data["X"], data["y"]
+            split = _split_target(len(features["y"]), np.random.default_rng(config.split_seed))
+        raw = {
+            "x": features["X"],
+            "y": features["y"],
+            "split": split,
+            "source": f"features file {config.features}",
+        }
     else:
         from sklearn.datasets import load_digits
 
@@ -146,29 +171,71 @@ def load_data(config: Config, out: pathlib.Path, features: dict | None) -> dict[
         order = rng.permutation(len(y_all))
         source_half, target_half = order[: len(order) // 2], order[len(order) // 2 :]
         source_idx = source_half[y_all[source_half] < 6]  # the source task: digits 0-5
-        cache = out / "backbone.npz"
-        if cache.exists():
-            with np.load(cache) as saved:
-                layers = [
-                    {"w": saved[f"w{i}"], "b": saved[f"b{i}"]} for i in range(len(saved.files) // 2)
-                ]
-        else:
-            layers = pretrain_backbone(x_all[source_idx], y_all[source_idx], config)
-            arrays = {f"{k}{i}": layer[k] for i, layer in enumerate(layers) for k in ("w", "b")}
-            common.save_npz(cache, **arrays)
-        x = np.asarray(_mlp_features(layers, x_all[target_half]))
-        y = y_all[target_half]
-        split = _split_target(len(y), rng)
-        source = "sklearn digits (bundled); backbone pretrained on digits 0-5"
-    parts = {}
-    for name, code in common.SPLITS.items():
-        parts[name] = (x[split == code], y[split == code])
-        if len(parts[name][1]) == 0:
-            raise common.UsageError(f"the {name} split is empty ({source})")
+        raw = {
+            "x": x_all[target_half],
+            "y": y_all[target_half],
+            "split": _split_target(len(target_half), rng),
+            "source": "sklearn digits (bundled); backbone pretrained on digits 0-5",
+            "pretrain": (x_all[source_idx], y_all[source_idx]),
+        }
+    check_splits(raw["split"], raw["source"])
+    return raw
+
+
+def fingerprint(*arrays: np.ndarray, **settings: Any) -> str:
+    """16 hex digits of a SHA-256 over the arrays (dtype, shape, contents) and the settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def backbone_file(config: Config, pretrain: tuple[np.ndarray, np.ndarray]) -> str:
+    """The backbone cache's file name, keyed on everything the pretrained backbone depends on."""
+    key = fingerprint(
+        *pretrain,
+        split_seed=config.split_seed,
+        hidden=config.hidden,
+        backbone_epochs=config.backbone_epochs,
+    )
+    return f"backbone-{key}.npz"
+
+
+def load_backbone(
+    config: Config, pretrain: tuple[np.ndarray, np.ndarray], cache: pathlib.Path
+) -> list[dict[str, Any]]:
+    """The backbone's layers from ``cache``, or pretrained on ``pretrain`` and saved there."""
+    if cache.exists():
+        with np.load(cache) as saved:
+            return [
+                {"w": saved[f"w{i}"], "b": saved[f"b{i}"]} for i in range(len(saved.files) // 2)
+            ]
+    layers = pretrain_backbone(*pretrain, config)
+    common.save_npz(cache, **{f"{k}{i}": layer[k] for i, layer in enumerate(layers) for k in "wb"})
+    return layers
+
+
+def load_data(config: Config, raw: dict[str, Any], cache: pathlib.Path | None) -> dict[str, Any]:
+    """Frozen features in standardised train/val/test parts.
+
+    Args:
+        config: the run's settings.
+        raw: from :func:`load_raw`.
+        cache: the backbone cache (see :func:`backbone_file`), for the bundled data; else None.
+    """
+    x = raw["x"]
+    if cache is not None:
+        x = np.asarray(_mlp_features(load_backbone(config, raw["pretrain"], cache), x))
+    split = raw["split"]
+    parts = {
+        name: (x[split == code], raw["y"][split == code]) for name, code in common.SPLITS.items()
+    }
     # Standardise with training statistics: the head then trains well with one learning rate.
     mean, std = parts["train"][0].mean(0), parts["train"][0].std(0) + 1e-6
     parts = {k: ((v[0] - mean) / std, v[1]) for k, v in parts.items()}
-    return {"parts": parts, "num_classes": int(y.max()) + 1, "source": source}
+    return {"parts": parts, "num_classes": int(raw["y"].max()) + 1, "source": raw["source"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +333,7 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
     batch = max(devices, batch - batch % devices)
     rng = np.random.default_rng(seed)
     step_times = []
-    for epoch in range(config.epochs):
+    for epoch in common.progress(range(config.epochs), desc=f"{variant['spec']} seed {seed}"):
         order = rng.permutation(len(y_tr))
         for start in range(0, len(order) - batch + 1, batch):
             idx = order[start : start + batch]
@@ -318,19 +385,48 @@ def _run_file(out: pathlib.Path, spec: str) -> pathlib.Path:
     return out / "runs" / f"{safe}.json"
 
 
+def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings (but RESUME_FREE) that differ between a saved config.json and this run's."""
+    keys = sorted((set(saved) | set(current)) - set(RESUME_FREE))
+    return [
+        f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def stale_outputs(out: pathlib.Path, cache: pathlib.Path | None) -> list[str]:
+    """What a previous run left in ``out``: its OUTPUTS and every backbone cache but ``cache``."""
+    caches = [path.name for path in out.glob("backbone-*.npz") if path != cache]
+    return [*OUTPUTS, *caches]
+
+
 def run(config: Config) -> list[dict[str, Any]]:
     """Runs the comparison and writes ``config.out``; returns the per-variant records."""
-    if config.quick:
-        config = quick_config(config)
     # Everything the user gave is checked before anything is written.
     variants = [resolve_variant(spec) for spec in config.variants]
     if not variants:
         raise common.UsageError("no variants given")
     features = common.load_features(config.features) if config.features else None
+    raw = load_raw(config, features)
+    record = {
+        **dataclasses.asdict(config),
+        "data_fingerprint": fingerprint(raw["x"], raw["y"], raw["split"]),
+    }
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
+    if config.resume and (out / "config.json").is_file():
+        changed = resume_mismatch(common.read_json(out / "config.json"), record)
+        if changed:
+            raise common.UsageError(
+                f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
+                "use the same flags, or --force to start over"
+            )
     out = common.prepare_out_dir(out, RESULT_FILES, config.force, config.resume)
-    common.write_json(out / "config.json", dataclasses.asdict(config))
-    data = load_data(config, out, features)
+    cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
+    if config.force:
+        common.remove_outputs(out, stale_outputs(out, cache))
+    common.write_json(out / "config.json", record)
+    data = load_data(config, raw, cache)
     mesh = Mesh(np.array(jax.devices()), ("data",))
 
     records, details = [], {}
@@ -412,42 +508,39 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    """CLI flags -> :class:`Config`."""
+    """CLI flags -> :class:`Config`: the defaults, then QUICK under ``--quick``, then the flags."""
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=defaults.out, help="results folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"--quick sets {QUICK} (flags given explicitly win)",
+    )
+    parser.add_argument("--out", help="results folder (default results/finetune-<timestamp>)")
     parser.add_argument(
         "--variants",
-        default=",".join(defaults.variants),
+        type=common.comma_separated(str),
         help=f"comma-separated specs ({', '.join(registry.names())}, name:key=value, {LEARNED})",
     )
-    parser.add_argument("--seeds", type=int, default=defaults.seeds)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--features", default=defaults.features, help="X/y(/split) .npz file")
-    parser.add_argument("--split-seed", type=int, default=defaults.split_seed)
-    parser.add_argument("--force", action="store_true", help="overwrite results in --out")
-    parser.add_argument("--resume", action="store_true", help="skip variants already finished")
+    for name, kind in (
+        ("seeds", int),
+        ("epochs", int),
+        ("batch_size", int),
+        ("learning_rate", float),
+        ("backbone_epochs", int),
+        ("hidden", int),
+        ("split_seed", int),
+    ):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, help=f"default {getattr(defaults, name)}")
+    parser.add_argument("--features", help="X/y(/split) .npz file (default: bundled digits)")
+    overwrite = parser.add_mutually_exclusive_group()
+    overwrite.add_argument("--force", action="store_true", help="overwrite results in --out")
+    overwrite.add_argument("--resume", action="store_true", help="skip variants already finished")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    args = parser.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1 or args.batch_size < 1:
-        parser.error("--seeds, --epochs and --batch-size must be >= 1")
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return dataclasses.replace(
-        defaults,
-        out=args.out,
-        variants=variants,
-        seeds=args.seeds,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        features=args.features,
-        split_seed=args.split_seed,
-        force=args.force,
-        resume=args.resume,
-        quick=args.quick,
-    )
+    config = common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
+    sizes = (config.seeds, config.epochs, config.batch_size, config.backbone_epochs, config.hidden)
+    if min(sizes) < 1:
+        parser.error("--seeds, --epochs, --batch-size, --backbone-epochs and --hidden must be >= 1")
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,6 +26,8 @@ import numpy as np
 import smvariants as sm
 
 RESULT_FILES = ("sparsity.json", "sparsity.csv")
+# The --quick settings: small grids and data (flags given win).
+QUICK = {"alphas": (1.0, 1.5, 2.0), "temperatures": (0.5, 1.0, 2.0), "examples": 128, "classes": 20}
 
 
 @dataclasses.dataclass
@@ -42,7 +44,7 @@ class Config:
     scale: float = 2.0  # synthetic logits: standard deviation
     seed: int = 0  # synthetic logits: random seed
     force: bool = False  # overwrite results already in --out
-    quick: bool = False  # a smoke run: small grids and data
+    quick: bool = False  # recorded only: parse_args applies QUICK under the flags given
 
 
 def load_logits(config: Config) -> tuple[np.ndarray, str]:
@@ -64,21 +66,18 @@ def load_logits(config: Config) -> tuple[np.ndarray, str]:
 
 
 def _read_logits(path: pathlib.Path) -> np.ndarray:
-    if not path.is_file():
-        raise common.UsageError(f"logits file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "logits" not in data.files:
-                raise common.UsageError(f"logits file {path} lacks an array 'logits'")
-            logits = data["logits"]
-    except common.UsageError:
-        raise
-    except Exception as error:  # not a zip / npz
+    """The array ``logits`` of an ``.npz`` file: finite floats, at least one row and column."""
+    arrays = common.read_npz(path, "logits")
+    if "logits" not in arrays:
+        raise common.UsageError(f"logits file {path} lacks an array 'logits'")
+    logits = arrays["logits"]
+    if logits.ndim != 2 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
         raise common.UsageError(
-            f"logits file {path} is not a readable .npz file ({error})"
-        ) from None
-    if logits.ndim != 2 or logits.shape[1] < 1 or not np.issubdtype(logits.dtype, np.floating):
-        raise common.UsageError(f"logits in {path} must be a 2-D float array, got {logits.shape}")
+            f"logits in {path} must be a 2-D float array with at least one row and column, "
+            f"got shape {logits.shape} ({logits.dtype})"
+        )
+    if not np.isfinite(logits).all():
+        raise common.UsageError(f"logits in {path} have non-finite values (NaN or inf)")
     return logits.astype(np.float32)
 
 
@@ -96,10 +95,8 @@ def measure(logits: np.ndarray, alpha: float, temperature: float) -> dict[str, f
 
 def run(config: Config) -> list[dict[str, Any]]:
     """Measures the grid and writes ``config.out``; returns the table rows."""
-    if config.quick:
-        config = dataclasses.replace(
-            config, alphas=(1.0, 1.5, 2.0), temperatures=(0.5, 1.0, 2.0), examples=128, classes=20
-        )
+    if not config.alphas or not config.temperatures:
+        raise common.UsageError("--alphas and --temperatures need at least one value each")
     if any(a < 1 for a in config.alphas) or any(t <= 0 for t in config.temperatures):
         raise common.UsageError("alphas must be >= 1 and temperatures > 0")
     logits, source = load_logits(config)
@@ -162,34 +159,22 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    """CLI flags -> :class:`Config`."""
+    """CLI flags -> :class:`Config`: the defaults, then QUICK under ``--quick``, then the flags."""
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=defaults.out)
-    parser.add_argument("--logits", default=defaults.logits, help=".npz with an array 'logits'")
-    parser.add_argument("--from-run", default=defaults.from_run, help="a finetune_head.py folder")
-    parser.add_argument("--alphas", default=",".join(map(str, defaults.alphas)))
-    parser.add_argument("--temperatures", default=",".join(map(str, defaults.temperatures)))
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"--quick sets {QUICK} (flags given explicitly win)",
+    )
+    parser.add_argument("--out", help="results folder (default results/sparsity-<timestamp>)")
+    parser.add_argument("--logits", help=".npz with an array 'logits'")
+    parser.add_argument("--from-run", help="a finetune_head.py folder")
+    numbers = common.comma_separated(float)
+    parser.add_argument("--alphas", type=numbers, help=f"default {defaults.alphas}")
+    parser.add_argument("--temperatures", type=numbers, help=f"default {defaults.temperatures}")
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--force", action="store_true", help="overwrite results in --out")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    args = parser.parse_args(argv)
-    try:
-        alphas = tuple(float(a) for a in args.alphas.split(","))
-        temperatures = tuple(float(t) for t in args.temperatures.split(","))
-    except ValueError:
-        parser.error("--alphas and --temperatures take comma-separated numbers")
-    return dataclasses.replace(
-        defaults,
-        out=args.out,
-        logits=args.logits,
-        from_run=args.from_run,
-        alphas=alphas,
-        temperatures=temperatures,
-        seed=args.seed,
-        force=args.force,
-        quick=args.quick,
-    )
+    return common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,9 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sparsity.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+import common  # noqa: E402
+import sparsity  # noqa: E402
 
 
 def run_script(*args):
@@ -41,7 +45,11 @@ def test_quick_synthetic_run_and_contents(tmp_path):
     again = run_script("--quick", "--out", out)
     assert again.returncode == 2 and "already holds results" in again.stderr
     assert (out / "sparsity.json").read_bytes() == before
-    assert run_script("--quick", "--out", out, "--force").returncode == 0
+    # --force overwrites; a grid given explicitly wins over --quick's.
+    done = run_script("--quick", "--alphas", "1.25", "--out", out, "--force")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "sparsity.json").read_text())
+    assert {(r["alpha"], r["temperature"]) for r in rows} == {(1.25, t) for t in (0.5, 1.0, 2.0)}
 
 
 def test_logits_file_matches_direct_computation(tmp_path):
@@ -56,13 +64,37 @@ def test_logits_file_matches_direct_computation(tmp_path):
     assert row["support_size"] == 2.5 and row["sparsity"] == 0.375
 
 
-def test_errors(tmp_path):
-    done = run_script("--logits", tmp_path / "missing.npz", "--out", tmp_path / "a")
-    assert done.returncode == 2 and "does not exist" in done.stderr
-    np.savez(tmp_path / "wrong.npz", scores=np.ones((2, 2)))
-    done = run_script("--logits", tmp_path / "wrong.npz", "--out", tmp_path / "b")
-    assert done.returncode == 2 and "lacks an array 'logits'" in done.stderr
-    done = run_script("--from-run", tmp_path, "--out", tmp_path / "c")
-    assert done.returncode == 2 and "no test_logits.npz" in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "a").exists()
+def test_quick_keeps_the_flags_given():
+    config = sparsity.parse_args(["--quick", "--temperatures", "3"])
+    assert config.temperatures == (3.0,) and config.alphas == sparsity.QUICK["alphas"]
+    assert sparsity.parse_args(["--alphas", "1.2"]).temperatures == sparsity.Config().temperatures
+
+
+@pytest.mark.parametrize(
+    ("args", "arrays", "message"),
+    [
+        (["--logits", "missing.npz"], None, "does not exist"),
+        (["--logits", "bad.npz"], "not a zip", "is not a valid .npz of numeric arrays"),
+        (["--logits", "bad.npz"], {"scores": np.ones((2, 2))}, "lacks an array 'logits'"),
+        (["--logits", "bad.npz"], {"logits": np.array([[1.0, np.nan]])}, "non-finite values"),
+        (["--logits", "bad.npz"], {"logits": np.zeros((0, 3))}, "at least one row"),
+        (["--logits", "bad.npz"], {"logits": np.ones(3)}, "2-D float array"),
+        (["--from-run", "."], None, "no test_logits.npz"),
+        (["--quick", "--alphas", "0.5"], None, "alphas must be >= 1"),
+        (["--alphas", ""], None, "need at least one value"),
+    ],
+)
+def test_errors_are_one_line_and_write_nothing(
+    tmp_path, capsys, monkeypatch, args, arrays, message
+):
+    monkeypatch.chdir(tmp_path)
+    if isinstance(arrays, str):
+        pathlib.Path("bad.npz").write_text(arrays)
+    elif arrays is not None:
+        np.savez("bad.npz", **arrays)
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(sparsity.main, [*args, "--out", "out"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not pathlib.Path("out").exists()
