@@ -9,7 +9,6 @@ from functools import partial
 import chex
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from smvariants import _masking
@@ -22,6 +21,7 @@ from smvariants._threshold import reduced_threshold
 from smvariants._threshold import safe_divide
 from smvariants._threshold import shift_rows
 from smvariants._threshold import simplex_jvp
+from smvariants.stats import expm1_ratio
 
 _ENTMAX15_MAX_ITER = 64
 
@@ -35,22 +35,27 @@ def _entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
     return jnp.where(jnp.isnan(theta), jnp.nan, entmax15_threshold(0.5 * z, support, axis))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-@partial(jax.jit, static_argnums=(1,))
-def _entmax15(z: jax.Array, axis: int) -> jax.Array:
-    z = shift_rows(z, axis)
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+@partial(jax.jit, static_argnums=(2,))
+def _entmax15(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
+    z = shift_rows(x if t is None else x / t, axis)
     tau = reduced_threshold(z, axis, _entmax15_tau, lambda z, tau: 0.5 * z > tau)
     return jnp.maximum(0.5 * z - tau, 0) ** 2
 
 
-@_entmax15.defjvp
+@partial(_entmax15.defjvp, symbolic_zeros=True)
 def _entmax15_jvp(axis, primals, tangents):
-    (z,), (z_dot,) = primals, tangents
-    p = _entmax15(z, axis)
-    # g = p^(2 - alpha) = sqrt(p); the inner where keeps higher derivatives finite at p = 0.
-    support = p > 0
-    g = jnp.where(support, jnp.sqrt(jnp.where(support, p, 1)), 0)
-    return p, simplex_jvp(g, z_dot, axis)
+    x, t = primals
+    p = _entmax15(x, t, axis)
+
+    def tangent(p, t, x_dot, t_dot):
+        # g = p^(2 - alpha) = sqrt(p); the inner where keeps higher derivatives finite at p = 0.
+        # On the support z = 2 sqrt(p) + 2 tau.
+        support = p > 0
+        g = jnp.where(support, jnp.sqrt(jnp.where(support, p, 1)), 0)
+        return simplex_jvp(g, _masking.logit_tangent(x_dot, t, t_dot, 2 * g), axis)
+
+    return p, _masking.output_jvp(tangent, p, t, *tangents)
 
 
 def _psi(x: jax.Array) -> jax.Array:
@@ -91,10 +96,12 @@ def _dp_dalpha(p: jax.Array, g: jax.Array, d: jax.Array, axis: int) -> jax.Array
     return safe_divide(num, jnp.sum(g, axis=axis, keepdims=True))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-@partial(jax.jit, static_argnums=(2, 3))
-def _entmax(z: jax.Array, alpha: jax.Array, axis: int, max_iter: int) -> jax.Array:
-    z = shift_rows(z, axis)
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+@partial(jax.jit, static_argnums=(3, 4))
+def _entmax(
+    x: jax.Array, t: jax.Array | None, alpha: jax.Array, axis: int, max_iter: int
+) -> jax.Array:
+    z = shift_rows(x if t is None else x / t, axis)
 
     def solve(z, axis, init, d):
         return entmax_theta(z, d, axis, max_iter, init)[0]
@@ -111,36 +118,44 @@ def _entmax(z: jax.Array, alpha: jax.Array, axis: int, max_iter: int) -> jax.Arr
 
 @partial(_entmax.defjvp, symbolic_zeros=True)
 def _entmax_jvp(axis, max_iter, primals, tangents):
-    z, alpha = primals
-    z_dot, alpha_dot = tangents
-    p = _entmax(z, alpha, axis, max_iter)
-    d = alpha - 1
-    support = p > 0
-    # g = p^(2 - alpha) on the support, 0 off it.
-    g = jnp.where(support, jnp.exp((1 - d) * jnp.log(jnp.where(support, p, 1))), 0)
-    terms = []
-    if not isinstance(z_dot, SymbolicZero):
-        terms.append(simplex_jvp(g, z_dot, axis))
-    if not isinstance(alpha_dot, SymbolicZero):
-        terms.append(_dp_dalpha(p, g, d, axis) * alpha_dot)
-    return p, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
+    x, t, alpha = primals
+    x_dot, t_dot, alpha_dot = tangents
+    p = _entmax(x, t, alpha, axis, max_iter)
+
+    def tangent(p, t, alpha, x_dot, t_dot, alpha_dot):
+        d = alpha - 1
+        support = p > 0
+        log_p = jnp.log(jnp.where(support, p, 1))
+        # g = p^(2 - alpha) on the support, 0 off it.
+        g = jnp.where(support, jnp.exp((1 - d) * log_p), 0)
+        terms = []
+        if x_dot is not None or t_dot is not None:
+            # On the support z = (p^d - 1) / d + const, -> log p as d -> 0.
+            phi = log_p * expm1_ratio(d * log_p)
+            terms.append(simplex_jvp(g, _masking.logit_tangent(x_dot, t, t_dot, phi), axis))
+        if alpha_dot is not None:
+            terms.append(_dp_dalpha(p, g, d, axis) * alpha_dot)
+        return sum(terms[1:], terms[0])
+
+    return p, _masking.output_jvp(tangent, p, t, alpha, x_dot, t_dot, alpha_dot)
 
 
-def alpha_parameter(name, alpha, shape, axis, dtype, max_iter):
+def alpha_parameter(name, alpha, shape, axis, dtype, max_iter, of="x"):
     """Checks ``alpha`` and ``max_iter``; returns the alpha array and the exact variant, if any.
 
     The exact variant ("softmax", "entmax15" or "sparsemax") is named for a Python-number alpha of
-    1, 1.5 or 2. A traced alpha < 1 has no entmax: its rows get alpha = nan (so nan outputs)
-    rather than something silently wrong.
+    1, 1.5 or 2. A traced alpha that is not finite and >= 1 has no entmax: its rows get
+    alpha = nan (the solver then gives nan rows at once) rather than something silently wrong.
     """
-    a = _masking.row_parameter(name, "alpha", alpha, shape, axis, dtype)
-    _masking.check_concrete(name, "alpha", alpha, lambda v: v >= 1, ">= 1")
+    a, invalid = _masking.row_parameter(
+        name, "alpha", alpha, shape, axis, dtype, _masking.AT_LEAST_ONE, of
+    )
     if operator.index(max_iter) < 1:
         raise ValueError(f"{name}: max_iter must be >= 1, got {max_iter}.")
     exact = None
     if isinstance(alpha, (int, float)):
         exact = {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha)
-    return jnp.where(a >= 1, a, jnp.nan), exact
+    return a if invalid is None else jnp.where(invalid, jnp.nan, a), exact
 
 
 def entmax15(
@@ -165,9 +180,8 @@ def entmax15(
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
-            size 1.
-        Differentiable.
+      temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
+        as size 1. Differentiable. Under ``jit``, rows with an invalid temperature give ``nan``.
 
     Returns:
       An array of the shape and dtype of ``x`` (float16/bfloat16 inputs are computed in float32).
@@ -187,8 +201,8 @@ def entmax15(
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
       <https://arxiv.org/abs/1905.05702>`_, 2019.
     """
-    z, axis, dtype = _masking.prepare("entmax15", x, axis, where, temperature)
-    return _entmax15(z, axis).astype(dtype)
+    args = _masking.prepare("entmax15", x, axis, where, temperature)
+    return args.finish(_entmax15(args.x, args.t, args.axis))
 
 
 def entmax(
@@ -220,14 +234,13 @@ def entmax(
 
     Args:
       x: logits, a floating-point array.
-      alpha: a number >= 1, or an array broadcastable to ``x`` with ``axis`` kept as size 1
+      alpha: a finite number >= 1, or an array broadcastable to ``x`` with ``axis`` kept as size 1
         (per-row or per-head alpha). Differentiable.
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
-            size 1.
-        Differentiable.
+      temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
+        as size 1. Differentiable. Under ``jit``, rows with an invalid temperature give ``nan``.
       max_iter: the most Newton/bisection passes the solver makes (it stops earlier once every row
         has converged to the dtype's resolution). The default reaches float64 precision.
 
@@ -235,14 +248,19 @@ def entmax(
       An array of the shape and dtype of ``x`` (float16/bfloat16 inputs are computed in float32).
 
     Raises:
-      ValueError: for a concrete ``alpha < 1`` (a traced one gives ``nan`` rows), a non-positive
-        concrete temperature, a bad ``axis`` or ``where`` shape, or ``max_iter < 1``.
+      ValueError: for a concrete ``alpha`` that is not finite and >= 1, a concrete temperature
+        that is not finite and > 0 (traced ones give ``nan`` rows), a bad ``axis`` or ``where``
+        shape, or ``max_iter < 1``.
 
     Note:
       The Jacobian in ``x`` is ``(diag(g) - g g^T / sum(g)) / T`` with ``g = p^(2 - alpha)``. For
-      ``alpha > 2``, ``g`` is unbounded as an entry leaves the support (a property of the map, not
-      of the code). A row with no unmasked entry gives all zeros; a row that contains ``nan`` or
-      ``+inf`` gives ``nan`` in that row only.
+      ``alpha > 2``, ``g`` is unbounded as an entry leaves the support, and the map itself is
+      ill-conditioned there: an entry whose base ``1 + (alpha - 1)(z_j - theta)`` is at rounding
+      level has an error of order ``eps^(1 / (alpha - 1))``, even with an exactly rounded
+      threshold. In float32 the forward error reaches about 5e-5 at ``alpha = 3``, 4e-3 at
+      ``alpha = 4`` and 1e-2 at ``alpha = 5`` (about 1e-7 for ``alpha <= 2``), so float64 is
+      advised for large ``alpha``. A row with no unmasked entry gives all zeros; a row that
+      contains ``nan`` or ``+inf`` gives ``nan`` in that row only.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -260,9 +278,9 @@ def entmax(
       Correia, Niculae & Martins, `Adaptively Sparse Transformers
       <https://arxiv.org/abs/1909.00015>`_, 2019.
     """
-    z, axis, dtype = _masking.prepare("entmax", x, axis, where, temperature)
-    a, exact = alpha_parameter("entmax", alpha, z.shape, axis, z.dtype, max_iter)
+    args = _masking.prepare("entmax", x, axis, where, temperature)
+    a, exact = alpha_parameter("entmax", alpha, args.x.shape, args.axis, args.x.dtype, max_iter)
     if exact is not None:
         core = {"softmax": _softmax, "entmax15": _entmax15, "sparsemax": _sparsemax}[exact]
-        return core(z, axis).astype(dtype)
-    return _entmax(z, a, axis, operator.index(max_iter)).astype(dtype)
+        return args.finish(core(args.x, args.t, args.axis))
+    return args.finish(_entmax(args.x, args.t, a, args.axis, operator.index(max_iter)))

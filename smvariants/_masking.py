@@ -1,34 +1,53 @@
-"""Argument checks, masking and dtype handling shared by every normalizer.
+"""Argument checks, masking, dtype handling and the temperature, shared by every normalizer.
 
-Every public normalizer calls :func:`prepare` first. It validates the arguments (raising at trace
-time with a message that names the function and the argument), promotes half precision to float32,
-divides by the temperature and folds the ``where`` mask into the logits as ``-inf``. The private
-cores then only ever see one float array in which masked entries are ``-inf``.
+Every public normalizer and loss calls :func:`prepare` first. It validates the arguments (raising
+at trace time with a message that names the function and the argument), promotes half precision to
+float32 and folds the ``where`` mask into the logits as ``-inf``. The temperature is not applied
+here: it goes to the private cores, whose derivative rules need only their output (see
+:func:`logit_tangent`), so that no copy of the logits is kept for the backward pass.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from functools import partial
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
+# The valid values of a per-row parameter: a test that works on NumPy and JAX arrays, and how an
+# error message states it.
+Condition = tuple[Callable[[Any], Any], str]
+POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
+AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
+
 
 def is_concrete(value: Any) -> bool:
-    """True if ``value`` is known at trace time (a Python number or a non-traced array)."""
-    return not isinstance(value, jax.core.Tracer)
+    """True if ``value`` is known at trace time (numbers or non-traced arrays, also in a list)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
+
+
+def as_array(name: str, arg: str, value: Any) -> jax.Array:
+    """``value`` as ``jnp.asarray`` makes it (so lists of numbers are accepted), else TypeError."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: {arg} must be an array or a number, got {value!r}.") from None
 
 
 def check_float(name: str, arg: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it has a floating dtype."""
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name}: {arg} must be a floating-point array, got dtype {dtype}.")
-    return jnp.asarray(x)
+    x = as_array(name, arg, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: {arg} must be a floating-point array, got dtype {x.dtype}.")
+    return x
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -37,14 +56,14 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype in _HALF else dtype
 
 
-def canonical_axis(name: str, axis: Any, ndim: int) -> int:
-    """Validates ``axis`` (an int in ``[-ndim, ndim)``) and returns it as a non-negative int."""
+def canonical_axis(name: str, axis: Any, ndim: int, arg: str = "x") -> int:
+    """Validates ``axis`` (an int in ``[-ndim, ndim)`` of ``arg``) and returns it non-negative."""
     try:
         axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"{name}: axis must be an int, got {axis!r}.") from None
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}: axis {axis} is out of range for x with {ndim} dimension(s).")
+        raise ValueError(f"{name}: axis {axis} is out of range for {arg} with {ndim} dimension(s).")
     return axis % ndim
 
 
@@ -54,90 +73,153 @@ def reduced_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
 
 
 def row_parameter(
-    name: str, arg: str, value: Any, shape: tuple[int, ...], axis: int, dtype: Any
-) -> jax.Array:
+    name: str,
+    arg: str,
+    value: Any,
+    shape: tuple[int, ...],
+    axis: int,
+    dtype: Any,
+    condition: Condition,
+    of: str = "x",
+) -> tuple[jax.Array, jax.Array | None]:
     """Validates a per-row parameter (temperature, alpha) and returns it in ``dtype``.
 
-    The parameter is a scalar or an array broadcastable to ``shape`` with ``axis`` kept as size 1.
+    The parameter is a scalar or an array broadcastable to ``shape`` (the shape of ``of``) with
+    ``axis`` kept as size 1, whose entries satisfy ``condition``. A concrete value that does not
+    raises ``ValueError``; a traced one cannot be checked at trace time.
+
+    Returns:
+      ``(value, invalid)``: the parameter as an array (a non-scalar with the full rank) and, for a
+      traced value, a boolean array flagging the entries that fail ``condition`` (``None`` for a
+      concrete value). Callers turn those rows into ``nan``.
     """
-    real = not isinstance(value, (str, bytes)) and any(
-        jnp.issubdtype(jnp.result_type(value), kind) for kind in (jnp.floating, jnp.integer)
-    )
-    if not real:
+    array = as_array(name, arg, value)
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(f"{name}: {arg} must be a real number or array, got {value!r}.")
     row = reduced_shape(shape, axis)
-    arg_shape = jnp.shape(value)
     try:
-        ok = np.broadcast_shapes(arg_shape, row) == row
+        ok = np.broadcast_shapes(array.shape, row) == row
     except ValueError:
         ok = False
     if not ok:
         raise ValueError(
-            f"{name}: {arg} must be a scalar or broadcastable to {row} (x's shape with axis {axis} "
-            f"kept as size 1), got shape {arg_shape}."
+            f"{name}: {arg} must be a scalar or broadcastable to {row} (the shape of {of} with "
+            f"axis {axis} kept as size 1), got shape {array.shape}."
         )
-    value = jnp.asarray(value, dtype=dtype)
+    array = array.astype(dtype)
     # Give a non-scalar the full rank, so it never relies on implicit rank promotion.
-    return value if value.ndim == 0 else value.reshape((1,) * (len(row) - value.ndim) + value.shape)
+    if array.ndim:
+        array = array.reshape((1,) * (len(row) - array.ndim) + array.shape)
+    valid, expected = condition
+    if not is_concrete(value):
+        return array, ~valid(array)
+    # Checked in ``dtype``: a value that over- or underflows there is caught too.
+    values = np.asarray(value).astype(dtype)
+    bad = ~valid(values)
+    if np.any(bad):
+        shown = values if values.ndim == 0 else values[bad][:3]
+        raise ValueError(f"{name}: {arg} must be {expected}, got {shown}.")
+    return array, None
 
 
-def check_concrete(name: str, arg: str, value: Any, ok: Any, expected: str) -> None:
-    """Raises ``ValueError`` if a concrete ``value`` has entries for which ``ok`` is False.
-
-    Traced values cannot be checked at trace time; callers turn their bad rows into ``nan``.
-    """
-    if is_concrete(value):
-        value = np.asarray(value)
-        bad = ~ok(value)
-        if np.any(bad):
-            shown = value if value.ndim == 0 else value[bad][:3]
-            raise ValueError(f"{name}: {arg} must be {expected}, got {shown}.")
-
-
-def broadcast_mask(name: str, where: Any, shape: tuple[int, ...]) -> jax.Array | None:
-    """Validates ``where`` (boolean, broadcastable to ``shape``) and broadcasts it."""
+def broadcast_mask(
+    name: str, where: Any, shape: tuple[int, ...], arg: str = "x"
+) -> jax.Array | None:
+    """Validates ``where`` (boolean, broadcastable to ``shape``, that of ``arg``); broadcasts it."""
     if where is None:
         return None
-    if jnp.result_type(where) != jnp.dtype(bool):
-        raise TypeError(
-            f"{name}: where must be a boolean array, got dtype {jnp.result_type(where)}."
-        )
-    mask_shape = jnp.shape(where)
+    where = as_array(name, "where", where)
+    if where.dtype != jnp.dtype(bool):
+        raise TypeError(f"{name}: where must be a boolean array, got dtype {where.dtype}.")
     try:
-        ok = np.broadcast_shapes(mask_shape, shape) == shape
+        ok = np.broadcast_shapes(where.shape, shape) == shape
     except ValueError:
         ok = False
     if not ok:
         raise ValueError(
-            f"{name}: where of shape {mask_shape} does not broadcast to x's shape {shape}."
+            f"{name}: where of shape {where.shape} does not broadcast to the shape of {arg}, "
+            f"{shape}."
         )
     return jnp.broadcast_to(where, shape)
 
 
-def prepare(
-    name: str, x: Any, axis: Any, where: Any, temperature: Any
-) -> tuple[jax.Array, int, jnp.dtype]:
-    """Validates the common arguments and returns ``(z, axis, out_dtype)``.
+class Prepared(NamedTuple):
+    """Validated arguments of a normalizer or loss, as :func:`prepare` returns them."""
 
-    ``z = x / temperature`` in the compute dtype (float32 for half precision), with ``-inf`` at the
-    entries masked out by ``where``. Masked entries never reach the division, so a masked ``nan`` or
-    ``inf`` stays harmless and their gradient is exactly zero. A traced, non-positive temperature
-    turns its rows into ``nan`` (a concrete one raises ``ValueError``).
+    x: jax.Array  # the logits in the compute dtype, -inf at masked entries
+    t: jax.Array | None  # the temperature (scalar or one per row); None for the number 1
+    invalid: jax.Array | None  # rows whose traced temperature is invalid; None if none can be
+    axis: int  # non-negative
+    dtype: jnp.dtype  # the dtype of the result
+
+    def finish(self, out: jax.Array) -> jax.Array:
+        """``out`` in the result dtype, with ``nan`` in the rows of an invalid temperature."""
+        if self.invalid is not None:
+            # On the output, not the logits (XLA may fold a nan logit away), and added rather
+            # than selected: the backward pass keeps no full-size mask for it.
+            out = out + jnp.where(self.invalid, jnp.nan, 0).astype(out.dtype)
+        return out.astype(self.dtype)
+
+
+def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str = "x") -> Prepared:
+    """Validates the common arguments (``x`` named ``arg`` in messages).
+
+    ``x`` is returned in the compute dtype (float32 for half precision) with ``-inf`` at the
+    entries masked out by ``where``: a masked ``nan`` or ``inf`` is harmless and its gradient is
+    exactly zero. The cores compute ``x / t``; ``t`` is ``None`` for a Python-number temperature of
+    1 (the fast path: no mask, no temperature, no pass over the data here). A concrete invalid
+    temperature raises ``ValueError``; a traced one gives ``nan`` rows (:meth:`Prepared.finish`).
     """
-    x = check_float(name, "x", x)
-    axis = canonical_axis(name, axis, x.ndim)
-    out_dtype = x.dtype
-    dtype = compute_dtype(out_dtype)
-    mask = broadcast_mask(name, where, x.shape)
-    t = row_parameter(name, "temperature", temperature, x.shape, axis, dtype)
-    check_concrete(name, "temperature", temperature, lambda v: v > 0, "> 0")
-
-    x = x.astype(dtype)
-    if mask is None and isinstance(temperature, (int, float)) and temperature == 1:
-        # Nothing to fold in: -inf logits already are masked entries (the common, fastest path).
-        return x, axis, out_dtype
-    live = x != -jnp.inf
+    x = check_float(name, arg, x)
+    axis = canonical_axis(name, axis, x.ndim, arg)
+    dtype = compute_dtype(x.dtype)
+    mask = broadcast_mask(name, where, x.shape, arg)
+    t, invalid = row_parameter(
+        name, "temperature", temperature, x.shape, axis, dtype, POSITIVE, arg
+    )
+    if isinstance(temperature, (int, float)) and temperature == 1:
+        t = None
+    z = x.astype(dtype)
     if mask is not None:
-        live = live & mask
-    z = jnp.where(t > 0, jnp.where(live, x, 0) / t, jnp.nan)
-    return jnp.where(live, z, -jnp.inf), axis, out_dtype
+        z = _mask_out(z, mask)
+    return Prepared(z, t, invalid, axis, x.dtype)
+
+
+@partial(jax.checkpoint, prevent_cse=False)
+def _mask_out(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``x`` with ``-inf`` where ``mask`` is False.
+
+    Checkpointed: its backward pass keeps only ``mask`` (plain ``jnp.where`` would also keep a
+    full-size zero tangent for the ``-inf`` branch).
+    """
+    return jnp.where(mask, x, -jnp.inf)
+
+
+def logit_tangent(
+    x_dot: jax.Array | None, t: jax.Array | None, t_dot: jax.Array | None, phi: jax.Array
+) -> jax.Array:
+    """The tangent of the logits ``z = x / t`` as the Jacobian sees it, from the output alone.
+
+    ``dz = (x_dot - z t_dot) / t``. Every Jacobian here annihilates constants along a row and sees
+    only the support, on which ``z`` is a function ``phi`` of the output plus a constant (the
+    optimality conditions: ``phi(p) = log p`` for softmax, ``p`` for sparsemax, ``2 sqrt(p)`` for
+    entmax15). So ``z`` may be replaced by ``phi``: the backward pass needs no copy of the logits.
+    ``None`` stands for a zero tangent, or for no temperature.
+    """
+    dz = 0 if x_dot is None else x_dot
+    if t is None:
+        return dz
+    if t_dot is not None:
+        dz = dz - phi * t_dot
+    return dz / t
+
+
+def output_jvp(tangent: Callable[..., jax.Array], *args: Any) -> jax.Array:
+    """``tangent(*args)``, with ``jax.checkpoint`` so that the backward pass keeps only ``args``.
+
+    ``args`` are the output ``p``, per-row parameters and tangents (symbolic zeros are passed on as
+    ``None``). What the rule derives from ``p`` (``g = p^(2 - alpha)``, ``phi``) is recomputed in
+    the backward pass, in the same fused pass that reads ``p``, instead of being stored beside it.
+    """
+    args = [None if isinstance(a, SymbolicZero) else a for a in args]
+    return jax.checkpoint(tangent, prevent_cse=False)(*args)

@@ -15,37 +15,51 @@ from smvariants._threshold import shift_rows
 from smvariants._threshold import simplex_jvp
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-@partial(jax.jit, static_argnums=(1,))
-def _softmax(z: jax.Array, axis: int) -> jax.Array:
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+@partial(jax.jit, static_argnums=(2,))
+def _softmax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
+    z = x if t is None else x / t
     e = jnp.exp(shift_rows(z, axis))
     return safe_divide(e, jnp.sum(e, axis=axis, keepdims=True))
 
 
-@_softmax.defjvp
+@partial(_softmax.defjvp, symbolic_zeros=True)
 def _softmax_jvp(axis, primals, tangents):
-    (z,), (z_dot,) = primals, tangents
-    p = _softmax(z, axis)
-    return p, simplex_jvp(p, z_dot, axis)
+    x, t = primals
+    p = _softmax(x, t, axis)
+
+    def tangent(p, t, x_dot, t_dot):
+        # g = p; on the support z = log p + const.
+        log_p = jnp.log(jnp.where(p > 0, p, 1))
+        return simplex_jvp(p, _masking.logit_tangent(x_dot, t, t_dot, log_p), axis)
+
+    return p, _masking.output_jvp(tangent, p, t, *tangents)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-@partial(jax.jit, static_argnums=(1,))
-def _log_softmax(z: jax.Array, axis: int) -> jax.Array:
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+@partial(jax.jit, static_argnums=(2,))
+def _log_softmax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
+    z = x if t is None else x / t
     shifted = shift_rows(z, axis)
     lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
     # Masked entries stay -inf, also in a fully masked row (where lse is -inf too).
     return jnp.where(z == -jnp.inf, -jnp.inf, shifted - lse)
 
 
-@_log_softmax.defjvp
+@partial(_log_softmax.defjvp, symbolic_zeros=True)
 def _log_softmax_jvp(axis, primals, tangents):
-    (z,), (z_dot,) = primals, tangents
-    out = _log_softmax(z, axis)
-    p = jnp.exp(out)
-    live = z != -jnp.inf
-    # d log p = z_dot - <p, z_dot>; masked entries are the constant -inf.
-    return out, jnp.where(live, z_dot - jnp.sum(p * z_dot, axis=axis, keepdims=True), 0)
+    x, t = primals
+    out = _log_softmax(x, t, axis)
+
+    def tangent(out, t, x_dot, t_dot):
+        # d log p = dz - <p, dz> on the unmasked entries, where z = log p + const; masked entries
+        # are the constant -inf.
+        live = out != -jnp.inf
+        log_p = jnp.where(live, out, 0)
+        dz = _masking.logit_tangent(x_dot, t, t_dot, log_p)
+        return jnp.where(live, dz - jnp.sum(jnp.exp(out) * dz, axis=axis, keepdims=True), 0)
+
+    return out, _masking.output_jvp(tangent, out, t, *tangents)
 
 
 def softmax(
@@ -68,8 +82,9 @@ def softmax(
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as size 1
-        (one temperature per row). Differentiable.
+      temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
+        as size 1 (one temperature per row). Differentiable. Under ``jit``, rows with an invalid
+        temperature give ``nan``.
 
     Returns:
       An array of the shape and dtype of ``x`` (float16/bfloat16 inputs are computed in float32).
@@ -90,8 +105,8 @@ def softmax(
       Bridle, `Probabilistic Interpretation of Feedforward Classification Network Outputs
       <https://doi.org/10.1007/978-3-642-76153-9_28>`_, 1990.
     """
-    z, axis, dtype = _masking.prepare("softmax", x, axis, where, temperature)
-    return _softmax(z, axis).astype(dtype)
+    args = _masking.prepare("softmax", x, axis, where, temperature)
+    return args.finish(_softmax(args.x, args.t, args.axis))
 
 
 def log_softmax(
@@ -111,8 +126,8 @@ def log_softmax(
       axis: the axis along which ``exp`` of the output sums to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries (and ``-inf`` logits)
         get ``-inf`` (the log of probability 0) and gradient 0.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as
-        size 1.
+      temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
+        as size 1. Differentiable. Under ``jit``, rows with an invalid temperature give ``nan``.
 
     Returns:
       An array of the shape and dtype of ``x``.
@@ -131,5 +146,5 @@ def log_softmax(
       Bridle, `Probabilistic Interpretation of Feedforward Classification Network Outputs
       <https://doi.org/10.1007/978-3-642-76153-9_28>`_, 1990.
     """
-    z, axis, dtype = _masking.prepare("log_softmax", x, axis, where, temperature)
-    return _log_softmax(z, axis).astype(dtype)
+    args = _masking.prepare("log_softmax", x, axis, where, temperature)
+    return args.finish(_log_softmax(args.x, args.t, args.axis))

@@ -16,20 +16,25 @@ from smvariants._threshold import simplex_jvp
 from smvariants._threshold import sparsemax_threshold
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-@partial(jax.jit, static_argnums=(1,))
-def _sparsemax(z: jax.Array, axis: int) -> jax.Array:
-    z = shift_rows(z, axis)
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+@partial(jax.jit, static_argnums=(2,))
+def _sparsemax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
+    z = shift_rows(x if t is None else x / t, axis)
     tau = reduced_threshold(z, axis, sparsemax_threshold, lambda z, tau: z > tau)
     return jnp.maximum(z - tau, 0)
 
 
-@_sparsemax.defjvp
+@partial(_sparsemax.defjvp, symbolic_zeros=True)
 def _sparsemax_jvp(axis, primals, tangents):
-    (z,), (z_dot,) = primals, tangents
-    p = _sparsemax(z, axis)
-    # g = p^(2 - alpha) at alpha = 2: the support indicator.
-    return p, simplex_jvp((p > 0).astype(p.dtype), z_dot, axis)
+    x, t = primals
+    p = _sparsemax(x, t, axis)
+
+    def tangent(p, t, x_dot, t_dot):
+        # g = p^(2 - alpha) at alpha = 2: the support indicator; on the support z = p + tau.
+        g = (p > 0).astype(p.dtype)
+        return simplex_jvp(g, _masking.logit_tangent(x_dot, t, t_dot, p), axis)
+
+    return p, _masking.output_jvp(tangent, p, t, *tangents)
 
 
 def sparsemax(
@@ -54,8 +59,9 @@ def sparsemax(
       axis: the axis along which the probabilities sum to 1.
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
-      temperature: a positive float, or an array broadcastable to ``x`` with ``axis`` kept as size 1
-        (one temperature per row). Differentiable. Larger temperatures give denser outputs.
+      temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
+        as size 1 (one temperature per row). Differentiable. Larger temperatures give denser
+        outputs. Under ``jit``, rows with an invalid temperature give ``nan``.
 
     Returns:
       An array of the shape and dtype of ``x`` (float16/bfloat16 inputs are computed in float32).
@@ -80,5 +86,5 @@ def sparsemax(
       Michelot, `A finite algorithm for finding the projection of a point onto the canonical
       simplex of R^n <https://doi.org/10.1007/BF00938486>`_, 1986.
     """
-    z, axis, dtype = _masking.prepare("sparsemax", x, axis, where, temperature)
-    return _sparsemax(z, axis).astype(dtype)
+    args = _masking.prepare("sparsemax", x, axis, where, temperature)
+    return args.finish(_sparsemax(args.x, args.t, args.axis))

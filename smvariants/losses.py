@@ -36,17 +36,23 @@ from smvariants.stats import tsallis
 
 __all__ = ("entmax15_loss", "entmax_loss", "softmax_loss", "sparsemax_loss")
 
-# Static variant -> (normalizer core, alpha of its entropy). "entmax" takes alpha as an array.
+# variant -> (normalizer core on logits already divided by the temperature, alpha of its entropy;
+# None: "entmax" takes the caller's alpha, as an array).
 _CORES = {
-    "softmax": (lambda z, a, axis, max_iter: _softmax(z, axis), 1.0),
-    "sparsemax": (lambda z, a, axis, max_iter: _sparsemax(z, axis), 2.0),
-    "entmax15": (lambda z, a, axis, max_iter: _entmax15(z, axis), 1.5),
-    "entmax": (_entmax, None),
+    "softmax": (lambda z, a, axis, max_iter: _softmax(z, None, axis), 1.0),
+    "sparsemax": (lambda z, a, axis, max_iter: _sparsemax(z, None, axis), 2.0),
+    "entmax15": (lambda z, a, axis, max_iter: _entmax15(z, None, axis), 1.5),
+    "entmax": (lambda z, a, axis, max_iter: _entmax(z, None, a, axis, max_iter), None),
 }
 
 
-def _loss_and_prediction(z, y, alpha, axis, variant, max_iter):
+def _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter):
+    """The loss of ``z = x / t`` (keeping ``axis``), the prediction ``p`` and ``zs``.
+
+    ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries.
+    """
     normalize, _ = _CORES[variant]
+    z = x if t is None else x / t
     p = normalize(z, alpha, axis, max_iter)
     # The shift cancels in <z, p - y> (both sum to 1) and keeps the products small; masked
     # entries (-inf) carry no mass in p or y and are zeroed before any product.
@@ -60,23 +66,27 @@ def _loss_and_prediction(z, y, alpha, axis, variant, max_iter):
         loss = jnp.sum(zs * (p - y), axis=axis, keepdims=True)
         loss = loss + tsallis(p, alpha, axis) - tsallis(y, alpha, axis)
     # Rounding can leave a tiny negative value where p == y; the loss is >= 0.
-    return jnp.maximum(loss, 0), p
+    return jnp.maximum(loss, 0), p, zs
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _fy_loss(z, y, alpha, axis, variant, max_iter):
-    return _loss_and_prediction(z, y, alpha, axis, variant, max_iter)[0]
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _fy_loss(x, t, y, alpha, axis, variant, max_iter):
+    return _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter)[0]
 
 
 @partial(_fy_loss.defjvp, symbolic_zeros=True)
 def _fy_loss_jvp(axis, variant, max_iter, primals, tangents):
-    z, y, alpha = primals
-    z_dot, _, alpha_dot = tangents  # labels are constants (stop_gradient in the public API)
-    loss, p = _loss_and_prediction(z, y, alpha, axis, variant, max_iter)
+    x, t, y, alpha = primals
+    x_dot, t_dot, _, alpha_dot = tangents  # labels are constants (stop_gradient in the public API)
+    loss, p, zs = _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter)
     loss_dot = jnp.zeros_like(loss)
-    if not isinstance(z_dot, SymbolicZero):
+    if not isinstance(x_dot, SymbolicZero):
         # dL/dz = p - y; masked entries have p = y = 0 and a zero tangent.
-        loss_dot = loss_dot + jnp.sum((p - y) * z_dot, axis=axis, keepdims=True)
+        dot = jnp.sum((p - y) * x_dot, axis=axis, keepdims=True)
+        loss_dot = loss_dot + (dot if t is None else dot / t)
+    if t is not None and not isinstance(t_dot, SymbolicZero):
+        # dz/dt = -z / t: only a per-row inner product is kept for the backward pass.
+        loss_dot = loss_dot - jnp.sum((p - y) * zs, axis=axis, keepdims=True) / t * t_dot
     if not isinstance(alpha_dot, SymbolicZero):
         # Envelope theorem: dL/dalpha = dH_alpha(p)/dalpha - dH_alpha(y)/dalpha at fixed p, y.
         def entropy_gap(a):
@@ -88,7 +98,9 @@ def _fy_loss_jvp(axis, variant, max_iter, primals, tangents):
 
 def _labels_as_distribution(name, labels, z, axis):
     """Integer class ids or probability vectors -> ``(y, bad_rows)`` in ``z``'s dtype."""
-    labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
+    # The values, if known at trace time: taken before the conversion, which traces under jit.
+    known = np.asarray(labels) if _masking.is_concrete(labels) else None
+    labels = _masking.as_array(name, "labels", labels)
     k = z.shape[axis]
     row_shape = z.shape[:axis] + z.shape[axis + 1 :]
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -97,11 +109,9 @@ def _labels_as_distribution(name, labels, z, axis):
                 f"{name}: integer labels must have the logits' shape without axis {axis}, "
                 f"{row_shape}, got {labels.shape}."
             )
-        if _masking.is_concrete(labels):
-            ids = np.asarray(labels)
-            if ids.size and (ids.min() < 0 or ids.max() >= k):
-                bad = ids[(ids < 0) | (ids >= k)][:3]
-                raise ValueError(f"{name}: labels must be class ids in [0, {k}), got {bad}.")
+        if known is not None and known.size and (known.min() < 0 or known.max() >= k):
+            bad = known[(known < 0) | (known >= k)][:3]
+            raise ValueError(f"{name}: labels must be class ids in [0, {k}), got {bad}.")
         y = jax.nn.one_hot(labels, k, dtype=z.dtype, axis=axis)
         bad = jnp.expand_dims((labels < 0) | (labels >= k), axis)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
@@ -110,8 +120,10 @@ def _labels_as_distribution(name, labels, z, axis):
                 f"{name}: probability labels must have the logits' shape {z.shape}, "
                 f"got {labels.shape}."
             )
+        if known is not None:
+            _check_distributions(name, known, labels.dtype, axis)
         y = labels.astype(z.dtype)
-        bad = jnp.zeros(z.shape[:axis] + (1,) + z.shape[axis + 1 :], bool)
+        bad = jnp.zeros(_masking.reduced_shape(z.shape, axis), bool)
     else:
         raise TypeError(f"{name}: labels must be integer class ids or floats, got {labels.dtype}.")
     on_masked = jnp.any((y != 0) & (z == -jnp.inf), axis=axis, keepdims=True)
@@ -120,42 +132,71 @@ def _labels_as_distribution(name, labels, z, axis):
     return jax.lax.stop_gradient(y), bad | on_masked
 
 
-def _loss(name, variant, logits, labels, alpha, axis, where, temperature, max_iter):
-    z, axis, dtype = _masking.prepare(name, logits, axis, where, temperature)
-    y, bad = _labels_as_distribution(name, labels, z, axis)
-    loss = _fy_loss(z, y, alpha, axis, variant, max_iter)
+def _check_distributions(name, labels, dtype, axis):
+    """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a distribution."""
+    y = labels.astype(np.float64)
+    if not np.all(y >= 0):  # also catches nan
+        raise ValueError(f"{name}: probability labels must be >= 0, got {y[~(y >= 0)][:3]}.")
+    # Rounding each entry to the labels' dtype moves the sum by at most its eps.
+    tol = max(1e-3, float(jnp.finfo(dtype).eps))
+    sums = y.sum(axis)
+    off = ~(np.abs(sums - 1) <= tol)
+    if np.any(off):
+        raise ValueError(
+            f"{name}: probability labels must sum to 1 along axis {axis} (to {tol:.0e}), "
+            f"got sums {sums[off][:3]}."
+        )
+
+
+def _loss(name, variant, logits, labels, axis, where, temperature, alpha=None, max_iter=None):
+    args = _masking.prepare(name, logits, axis, where, temperature, arg="logits")
+    x, axis = args.x, args.axis
+    _, fixed_alpha = _CORES[variant]
+    if fixed_alpha is None:
+        alpha, exact = alpha_parameter(name, alpha, x.shape, axis, x.dtype, max_iter, "logits")
+        variant = exact or variant
+    else:
+        alpha = jnp.asarray(fixed_alpha, x.dtype)
+    y, bad = _labels_as_distribution(name, labels, x, axis)
+    loss = _fy_loss(x, args.t, y, alpha, axis, variant, max_iter)
     # Invalid labels that could not be checked at trace time give nan, never a wrong number.
-    return jnp.where(bad, jnp.nan, loss).squeeze(axis).astype(dtype)
+    return args.finish(jnp.where(bad, jnp.nan, loss)).squeeze(axis)
 
 
 _SHARED_DOC = """
     Args:
       logits: a floating-point array.
       labels: integer class ids of shape ``logits.shape`` without ``axis``, or target
-        distributions (one-hot or soft) of ``logits.shape``. Labels are constants: no gradient
-        flows to them.
+        distributions (one-hot or soft) of ``logits.shape``: entries >= 0 that sum to 1 along
+        ``axis`` (to 1e-3, or the labels' dtype's eps if larger). Labels are constants: no
+        gradient flows to them.
       {alpha}axis: the class axis.
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked.
-      temperature: a positive float, or an array broadcastable to ``logits`` with ``axis`` kept as
-        size 1; the loss is that of ``logits / temperature``. Differentiable.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
 
     Returns:
       The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
 
     Raises:
-      ValueError: outside ``jit``, for class ids out of range or labels that put mass on a masked
-        entry. Inside ``jit`` these cannot be checked: the loss of those examples is ``nan``.
+      ValueError: outside ``jit``, for class ids out of range, labels that put mass on a masked
+        entry, soft labels that are not distributions, or an invalid {params}. Inside ``jit``
+        these cannot be checked: the loss of an example with such a class id, masked mass or
+        {params} is ``nan``; soft labels are used as given (a row that is not a distribution
+        gives a number that is not a Fenchel-Young loss, clamped at 0).
 """
 
 
-_ALPHA_DOC = """alpha: a number >= 1, or an array broadcastable to ``logits`` with ``axis`` kept
-        as size 1 (per-row alpha). Differentiable (a learnable alpha).
+_ALPHA_DOC = """alpha: a finite number >= 1, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1 (per-row alpha). Differentiable (a learnable alpha).
       """
 
 
 def _doc(fn, alpha=""):
-    fn.__doc__ = fn.__doc__.replace("{shared}", _SHARED_DOC.format(alpha=alpha).strip("\n"))
+    params = "temperature or alpha" if alpha else "temperature"
+    shared = _SHARED_DOC.format(alpha=alpha, params=params)
+    fn.__doc__ = fn.__doc__.replace("{shared}", shared.strip("\n"))
     return fn
 
 
@@ -190,8 +231,7 @@ def softmax_loss(
       Blondel, Martins & Niculae, `Learning with Fenchel-Young Losses
       <https://arxiv.org/abs/1901.02324>`_, 2020.
     """
-    alpha = jnp.asarray(1.0, _masking.compute_dtype(jnp.result_type(logits)))
-    return _loss("softmax_loss", "softmax", logits, labels, alpha, axis, where, temperature, None)
+    return _loss("softmax_loss", "softmax", logits, labels, axis, where, temperature)
 
 
 @_doc
@@ -224,10 +264,7 @@ def sparsemax_loss(
       Martins & Astudillo, `From Softmax to Sparsemax
       <https://arxiv.org/abs/1602.02068>`_, 2016.
     """
-    alpha = jnp.asarray(2.0, _masking.compute_dtype(jnp.result_type(logits)))
-    return _loss(
-        "sparsemax_loss", "sparsemax", logits, labels, alpha, axis, where, temperature, None
-    )
+    return _loss("sparsemax_loss", "sparsemax", logits, labels, axis, where, temperature)
 
 
 @_doc
@@ -259,8 +296,7 @@ def entmax15_loss(
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
       <https://arxiv.org/abs/1905.05702>`_, 2019.
     """
-    alpha = jnp.asarray(1.5, _masking.compute_dtype(jnp.result_type(logits)))
-    return _loss("entmax15_loss", "entmax15", logits, labels, alpha, axis, where, temperature, None)
+    return _loss("entmax15_loss", "entmax15", logits, labels, axis, where, temperature)
 
 
 @partial(_doc, alpha=_ALPHA_DOC)
@@ -302,9 +338,4 @@ def entmax_loss(
       Correia, Niculae & Martins, `Adaptively Sparse Transformers
       <https://arxiv.org/abs/1909.00015>`_, 2019.
     """
-    logits = _masking.check_float("entmax_loss", "logits", logits)
-    dtype = _masking.compute_dtype(logits.dtype)
-    axis_ = _masking.canonical_axis("entmax_loss", axis, logits.ndim)
-    a, exact = alpha_parameter("entmax_loss", alpha, logits.shape, axis_, dtype, max_iter)
-    variant = exact or "entmax"
-    return _loss("entmax_loss", variant, logits, labels, a, axis, where, temperature, max_iter)
+    return _loss("entmax_loss", "entmax", logits, labels, axis, where, temperature, alpha, max_iter)

@@ -14,8 +14,8 @@ __all__ = ("sparsity", "support_size", "tsallis_entropy")
 
 def _prepare(name: str, p: ArrayLike, axis: int, where: ArrayLike | None):
     p = _masking.check_float(name, "p", p)
-    axis = _masking.canonical_axis(name, axis, p.ndim)
-    mask = _masking.broadcast_mask(name, where, p.shape)
+    axis = _masking.canonical_axis(name, axis, p.ndim, "p")
+    mask = _masking.broadcast_mask(name, where, p.shape, "p")
     return p, axis, mask
 
 
@@ -75,7 +75,7 @@ def sparsity(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> ja
     return jnp.sum(zero & mask, axis=axis).astype(p.dtype) / n
 
 
-def _expm1_ratio(x: jax.Array) -> jax.Array:
+def expm1_ratio(x: jax.Array) -> jax.Array:
     """``expm1(x) / x`` with its limit 1 at 0, smooth (and differentiable) through 0."""
     small = jnp.abs(x) < 1e-3
     xs = jnp.where(small, 1, x)
@@ -98,7 +98,8 @@ def tsallis_entropy(p: ArrayLike, alpha: chex.Numeric, axis: int = -1) -> jax.Ar
 
     Args:
       p: probabilities along ``axis``.
-      alpha: a number >= 1, or an array broadcastable to ``p`` with ``axis`` kept as size 1.
+      alpha: a finite number >= 1, or an array broadcastable to ``p`` with ``axis`` kept as
+        size 1. Other values raise ``ValueError``, or give ``nan`` where traced (under ``jit``).
       axis: the axis of each probability vector.
 
     Returns:
@@ -116,18 +117,22 @@ def tsallis_entropy(p: ArrayLike, alpha: chex.Numeric, axis: int = -1) -> jax.Ar
       Tsallis, `Possible generalization of Boltzmann-Gibbs statistics
       <https://doi.org/10.1007/BF01016429>`_, 1988.
     """
-    p = _masking.check_float("tsallis_entropy", "p", p)
-    axis = _masking.canonical_axis("tsallis_entropy", axis, p.ndim)
-    out_dtype = p.dtype
-    dtype = _masking.compute_dtype(out_dtype)
-    a = _masking.row_parameter("tsallis_entropy", "alpha", alpha, p.shape, axis, dtype)
-    _masking.check_concrete("tsallis_entropy", "alpha", alpha, lambda v: v >= 1, ">= 1")
-    return tsallis(p.astype(dtype), a, axis).squeeze(axis).astype(out_dtype)
+    name = "tsallis_entropy"
+    p = _masking.check_float(name, "p", p)
+    axis = _masking.canonical_axis(name, axis, p.ndim, "p")
+    dtype = _masking.compute_dtype(p.dtype)
+    a, invalid = _masking.row_parameter(
+        name, "alpha", alpha, p.shape, axis, dtype, _masking.AT_LEAST_ONE, "p"
+    )
+    h = tsallis(p.astype(dtype), a, axis)
+    if invalid is not None:  # a traced alpha that is not finite and >= 1
+        h = jnp.where(invalid, jnp.nan, h)
+    return h.squeeze(axis).astype(p.dtype)
 
 
 def tsallis(p: jax.Array, alpha: jax.Array, axis: int) -> jax.Array:
     """:func:`tsallis_entropy` without argument checks, keeping ``axis`` (used by the losses)."""
     on = p > 0
     log_p = jnp.log(jnp.where(on, p, 1))
-    terms = jnp.where(on, p * log_p * _expm1_ratio((alpha - 1) * log_p), 0)
+    terms = jnp.where(on, p * log_p * expm1_ratio((alpha - 1) * log_p), 0)
     return -jnp.sum(terms, axis=axis, keepdims=True) / alpha

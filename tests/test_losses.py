@@ -210,10 +210,76 @@ def test_label_errors_outside_jit():
     where[0, 0] = False
     with pytest.raises(ValueError, match=r"labels put probability on masked"):
         losses.entmax15_loss(Z, IDS, where=where)
-    with pytest.raises(TypeError, match=r"logits must be a floating-point|x must be a floating"):
-        losses.softmax_loss(np.ones((2, 3), np.int32), np.array([0, 1]))
-    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be >= 1"):
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1"):
         losses.entmax_loss(Z, IDS, alpha=0.9)
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1, got inf"):
+        losses.entmax_loss(Z, IDS, alpha=np.inf)
+
+
+def test_argument_errors_name_logits(name):
+    loss, _, _ = LOSSES[name]
+    fn = loss.func.__name__ if isinstance(loss, functools.partial) else loss.__name__
+    with pytest.raises(TypeError, match=rf"{fn}: logits must be a floating-point array, got dtype"):
+        loss(np.ones((2, 3), np.int32), np.array([0, 1]))
+    with pytest.raises(ValueError, match=rf"{fn}: axis 2 is out of range for logits with 2 dim"):
+        loss(Z, IDS, axis=2)
+    with pytest.raises(ValueError, match=rf"{fn}: where of shape \(3,\) does not broadcast to the "
+                       r"shape of logits, \(6, 5\)"):  # fmt: skip
+        loss(Z, IDS, where=np.ones(3, bool))
+    with pytest.raises(ValueError, match=rf"{fn}: temperature must be a scalar or broadcastable to "
+                       r"\(6, 1\) \(the shape of logits"):  # fmt: skip
+        loss(Z, IDS, temperature=np.ones(6))
+    with pytest.raises(ValueError, match=rf"{fn}: temperature must be finite and > 0, got nan"):
+        loss(Z, IDS, temperature=np.nan)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([-0.5, 0.5, 1.0], r"probability labels must be >= 0, got \[-0.5\]"),
+        ([0.5, 0.5, 0.5], r"probability labels must sum to 1 along axis 1 \(to 1e-03\), got sums"),
+        ([0.5, np.nan, 0.5], r"probability labels must be >= 0, got \[nan\]"),
+    ],
+)
+def test_soft_labels_must_be_distributions(name, labels, message):
+    loss, _, _ = LOSSES[name]
+    y = np.array([[0.2, 0.3, 0.5], labels])
+    with pytest.raises(ValueError, match=message):
+        loss(Z[:2, :3], y)
+    with pytest.raises(ValueError, match=message):  # known at trace time: checked under jit too
+        jax.jit(lambda z: loss(z, y))(Z[:2, :3])
+    # Within the tolerance (float32 rounding of each entry) is fine; under jit, not checked.
+    assert np.isfinite(loss(Z[:1, :3], np.float32(y[:1] + 1e-4 / 3))).all()
+    assert np.asarray(jax.jit(loss)(Z[:2, :3], y)).shape == (2,)
+    # bfloat16 labels are checked to their own resolution.
+    y16 = jnp.asarray(RNG.dirichlet(np.ones(3), size=2), jnp.bfloat16)
+    assert np.isfinite(loss(Z[:2, :3], y16)).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, np.inf])
+def test_traced_invalid_temperature_gives_nan_for_those_examples(name, bad):
+    loss, _, _ = LOSSES[name]
+    z = Z.astype(np.float32)  # a constant of the traced function: the nan must not be folded away
+    t = np.ones((6, 1), np.float32)
+    t[[1, 4]] = bad
+    out = np.asarray(jax.jit(lambda t: loss(z, IDS, temperature=t))(t))
+    assert np.isnan(out[[1, 4]]).all()
+    np.testing.assert_allclose(np.delete(out, [1, 4]), np.delete(loss(z, IDS), [1, 4]), rtol=1e-5)
+    assert np.isnan(jax.jit(lambda t: loss(z, IDS, temperature=t))(np.float32(bad))).all()
+
+
+def test_backward_keeps_one_full_size_residual(name):
+    """p - y, and the mask: no copy of the logits, also with a learned temperature."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    loss, _, _ = LOSSES[name]
+    where = np.arange(5) < 4
+    t = np.full((6, 1), 0.7)
+    residuals = saved_residuals(
+        lambda z, t: jnp.sum(loss(z, IDS, where=where, temperature=t)), Z, t
+    )
+    full = sorted(str(aval.dtype) for aval, _ in residuals if aval.shape == Z.shape)
+    assert full == ["bool", "float64"], residuals
 
 
 def test_invalid_labels_inside_jit_give_nan_for_that_example_only():

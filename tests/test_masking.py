@@ -37,6 +37,18 @@ def test_integer_or_bool_logits_raise_type_error(name, dtype):
         NORMALIZERS[name](np.ones((2, 3), dtype))
 
 
+def test_lists_are_accepted_like_arrays(name):
+    f = NORMALIZERS[name]
+    x = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]]
+    np.testing.assert_array_equal(f(x), f(jnp.asarray(x)))
+    np.testing.assert_array_equal(
+        f(x, where=[True, True, False], temperature=[[2.0], [1.0]]),
+        f(jnp.asarray(x), where=np.array([True, True, False]), temperature=np.array([[2.0], [1]])),
+    )
+    with pytest.raises(TypeError, match=rf"{name.split('_g')[0]}: x must be an array or a number"):
+        f([[1.0], [2.0, 3.0]])  # ragged
+
+
 def test_axis_out_of_range(name):
     with pytest.raises(ValueError, match=r"axis 2 is out of range"):
         NORMALIZERS[name](X, axis=2)
@@ -49,9 +61,12 @@ def test_axis_must_be_int(name):
         NORMALIZERS[name](X, axis=(0, 1))
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, np.array([[1.0], [-2.0], [1.0]])])
-def test_non_positive_temperature(name, temperature):
-    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+@pytest.mark.parametrize(
+    "temperature", [0.0, -1.0, np.inf, np.nan, 1e-50, np.array([[1.0], [-2.0], [1.0]])]
+)
+def test_invalid_temperature(name, temperature):
+    # 1e-50 is 0 in float32, the dtype the check runs in.
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0, got"):
         NORMALIZERS[name](X, temperature=temperature)
 
 
@@ -72,14 +87,17 @@ def test_mask_dtype(name):
         NORMALIZERS[name](X, where=np.ones(X.shape, np.float32))
 
 
-@pytest.mark.parametrize("alpha", [0.5, np.array([[1.5], [0.9], [2.0]])])
-def test_alpha_below_one(alpha):
-    with pytest.raises(ValueError, match=r"entmax: alpha must be >= 1, got"):
+@pytest.mark.parametrize(
+    "alpha",
+    [0.5, np.inf, np.nan, np.array([[1.5], [0.9], [2.0]]), np.array([[1.5], [np.inf], [2]])],
+)
+def test_invalid_alpha(alpha):
+    with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1, got"):
         sm.entmax(X, alpha=alpha)
 
 
 def test_alpha_type_and_shape():
-    with pytest.raises(TypeError, match=r"alpha must be a real number"):
+    with pytest.raises(TypeError, match=r"entmax: alpha must be an array or a number, got '1.5'"):
         sm.entmax(X, alpha="1.5")
     with pytest.raises(TypeError, match=r"alpha must be a real number"):
         sm.entmax(X, alpha=True)
@@ -87,6 +105,18 @@ def test_alpha_type_and_shape():
         sm.entmax(X, alpha=np.full((4,), 1.5))
     with pytest.raises(ValueError, match=r"max_iter must be >= 1"):
         sm.entmax(X, alpha=1.3, max_iter=0)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, np.inf, np.nan])
+def test_traced_invalid_temperature_gives_nan_rows_only(name, bad):
+    # The logits are a constant of the traced function: XLA must not fold the nan away.
+    f = NORMALIZERS[name]
+    scalar = np.asarray(jax.jit(lambda t: f(X, temperature=t))(np.float32(bad)))
+    assert np.isnan(scalar).all()
+    t = np.array([[1.0], [bad], [2.0]], np.float32)
+    rows = np.asarray(jax.jit(lambda t: f(X, temperature=t))(t))
+    assert np.isnan(rows[1]).all()
+    np.testing.assert_allclose(rows[[0, 2]], f(X[[0, 2]], temperature=t[[0, 2]]), rtol=1e-6)
 
 
 def test_traced_bad_parameters_give_nan_rows_only():

@@ -109,6 +109,25 @@ def test_float32_matches_reference(variant, data):
     np.testing.assert_allclose(ours(x, where=where), ref(x, where=where), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("inputs", ["random", "ties"])
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0])
+def test_references_satisfy_the_kkt_conditions(alpha, inputs):
+    """The references are checked too: the closed forms and the bisection, on their own."""
+    rng = np.random.default_rng(8)
+    if inputs == "random":
+        x = rng.normal(size=(20, 9)) * 3
+        x[rng.random(x.shape) < 0.2] = -np.inf  # masked entries
+    else:
+        x = rng.choice([-1.0, 0.0, 0.5, 2.0], size=(20, 9))
+    refs = [functools.partial(reference.entmax, alpha=alpha, force_bisection=True)]
+    exact = {1.0: reference.softmax, 1.5: reference.entmax15, 2.0: reference.sparsemax}
+    if alpha in exact:
+        refs.append(exact[alpha])
+    rows = np.isfinite(x).any(-1)
+    for ref in refs:
+        assert reference.kkt_residual(ref(x)[rows], x[rows], alpha) < 1e-11
+
+
 @given(data=logits())
 def test_kkt_conditions(variant, data):
     ours, _, alpha = VARIANTS[variant]
@@ -152,8 +171,6 @@ def test_seed_example_rows_sum_to_one(variant):
 def test_axis_other_than_last(variant, axis):
     ours, ref, _ = VARIANTS[variant]
     x = np.random.default_rng(0).normal(size=(3, 4, 5)) * 2
-    if variant.startswith("entmax_array"):
-        pytest.skip("a 0-d alpha works on any axis; covered by the others")
     np.testing.assert_allclose(ours(x, axis=axis), ref(x, axis=axis), atol=1e-10)
     moved = np.moveaxis(np.asarray(ours(np.moveaxis(x, axis, -1))), -1, axis)
     np.testing.assert_allclose(ours(x, axis=axis), moved, atol=1e-12)
@@ -221,13 +238,25 @@ def test_vjp_jvp_and_grad_under_jit_and_vmap(variant):
     np.testing.assert_allclose(np.sum(jvp * w), np.sum(jw * t), atol=1e-10)
 
 
-def test_backward_keeps_one_full_size_residual(variant):
-    """Only g (from the output) is saved for the backward pass: no sort, no solver state."""
+@pytest.mark.parametrize("where", [False, True])
+@pytest.mark.parametrize("temperature", ["none", "scalar", "per_row"])
+def test_backward_keeps_only_the_output_and_the_mask(variant, where, temperature):
+    """The output (and a boolean where mask) is all the backward pass keeps at full size: no
+    sort, no solver state, no copy of the logits, also for a learned temperature."""
     from jax._src.ad_checkpoint import saved_residuals
 
     ours, _, _ = VARIANTS[variant]
     x = jnp.ones((4, 7))
     w = jnp.arange(7.0)[None, :]
-    residuals = saved_residuals(lambda x: jnp.sum(ours(x) * w), x)
-    full = [aval for aval, _ in residuals if aval.shape == x.shape]
-    assert len(full) == 1, residuals
+    mask = jnp.arange(7) < 5 if where else None
+    t = {"none": None, "scalar": jnp.array(0.7), "per_row": jnp.full((4, 1), 0.7)}[temperature]
+
+    def loss(x, t):
+        return jnp.sum(ours(x, where=mask, temperature=t) * w)
+
+    if temperature == "none":
+        residuals = saved_residuals(lambda x: loss(x, 1.0), x)
+    else:
+        residuals = saved_residuals(loss, x, t)  # gradients in x and t
+    full = sorted(str(aval.dtype) for aval, _ in residuals if aval.shape == x.shape)
+    assert full == (["bool", "float64"] if where else ["float64"]), residuals

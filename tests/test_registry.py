@@ -49,7 +49,7 @@ def test_errors():
         registry.get("softermax")
     with pytest.raises(ValueError, match=r"takes parameters temperature; got alpha"):
         registry.get("sparsemax", alpha=1.5)
-    with pytest.raises(ValueError, match=r"entmax: alpha must be >= 1"):
+    with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1"):
         registry.get("entmax", alpha=0.5)
     with pytest.raises(ValueError, match=r"bad variant spec 'entmax:alpha'"):
         registry.parse("entmax:alpha")

@@ -67,7 +67,13 @@ def test_tsallis_entropy_gradients_and_per_row_alpha():
 def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="p must be a floating-point"):
         stats.sparsity(np.ones((2, 2), np.int32))
-    with pytest.raises(ValueError, match="tsallis_entropy: alpha must be >= 1"):
+    with pytest.raises(ValueError, match="tsallis_entropy: alpha must be finite and >= 1"):
         stats.tsallis_entropy(P, 0.5)
+    with pytest.raises(ValueError, match="tsallis_entropy: alpha must be finite and >= 1, got inf"):
+        stats.tsallis_entropy(P, np.inf)
+    # Traced, an invalid alpha gives nan for its rows only.
+    a = np.array([[1.5], [0.5], [np.inf]])
+    h = np.asarray(jax.jit(stats.tsallis_entropy)(P, a))
+    assert np.isfinite(h[0]) and np.isnan(h[1:]).all()
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         stats.support_size(P, axis=2)
