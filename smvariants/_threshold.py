@@ -119,9 +119,11 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
         return (b * g if n > 1 else b), g
     base = 1 + d * y
     off = ~finite | (base <= 0)  # nan is not "off": it propagates
-    # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0.
-    p = jnp.where(off, 0, jnp.exp(y * _log1p_ratio(jnp.where(off, 0, d * y))))
-    g = jnp.where(off, 0, p / jnp.where(off, 1, base))
+    # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0. Clamping d y at -1
+    # (log1p = -inf, so p = 0) rather than selecting with ``off`` keeps p right where XLA computes
+    # ``base`` once with a fused multiply-add and once without (off = True in one fusion only).
+    p = jnp.where(off, 0, jnp.exp(y * _log1p_ratio(jnp.maximum(d * y, -1))))
+    g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
     return p, g
 
 
@@ -147,10 +149,10 @@ def entmax_theta(
     Safeguarded Newton on ``h(theta) = log sum_j p_j(theta)`` (decreasing; exactly linear for
     softmax, so ``d = 0`` converges in one step), with ``h' = -sum g / sum p``. The root is
     bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the largest entry
-    alone has mass 1, at the upper end less than 1 in total. A Newton step that leaves the bracket
-    is replaced by bisection; ``init``, a lower bound of ``theta``, if given, raises the bracket's
-    lower end. Iterates until every row's step is at the dtype's resolution or ``max_iter``
-    passes. Returns ``theta`` and the number of iterations used.
+    alone has mass 1, at the upper end less than 1 in total. A Newton step that leaves the bracket,
+    or bounces back across it, is replaced by bisection; ``init``, a lower bound of ``theta``, if
+    given, raises the bracket's lower end. Iterates until every row's step is at the dtype's
+    resolution or ``max_iter`` passes. Returns ``theta`` and the number of iterations used.
     """
     dtype = z.dtype
     eps = jnp.finfo(dtype).eps
@@ -162,7 +164,7 @@ def entmax_theta(
     lo, hi = jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape)
 
     def body(state):
-        theta, lo, hi, _, it = state
+        theta, lo, hi, h_last, _, it = state
         p, g = deformed_exp(z - theta, d)
         sp = jnp.sum(p, axis=axis, keepdims=True)
         sg = jnp.sum(g, axis=axis, keepdims=True)
@@ -170,8 +172,14 @@ def entmax_theta(
         lo = jnp.where(h >= 0, theta, lo)
         hi = jnp.where(h <= 0, theta, hi)
         newton = theta + h * safe_divide(sp, sg)
-        inside = (newton >= lo) & (newton <= hi)
-        new = jnp.where(inside, newton, 0.5 * (lo + hi))
+        # Newton is taken when it stays in the bracket. Right after a sign change of h the bracket
+        # is the last two iterates; a step back across more than half of it means Newton bounces
+        # between them (for alpha > 2, where g is unbounded at the edge of the support, it can do
+        # so forever), so it is replaced by bisection unless it is at rounding level.
+        step = jnp.abs(newton - theta)
+        bounce = (h * h_last < 0) & (2 * step > hi - lo) & (step > 4 * eps * jnp.abs(newton))
+        use_newton = (newton >= lo) & (newton <= hi) & ~bounce
+        new = jnp.where(use_newton, newton, 0.5 * (lo + hi))
         # A row with nan has no solution: its theta is nan, so that its output is nan (the row
         # maximum cannot flag it: XLA:CPU's max-reduction of rows >= 2048 long can drop nan).
         new = jnp.where(jnp.isnan(h), jnp.nan, new)
@@ -179,15 +187,16 @@ def entmax_theta(
         # (nan rows and fully masked rows keep their value without holding up the batch).
         done = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
         done = done | (n == 0)
-        return new, lo, hi, jnp.all(done), it + 1
+        return new, lo, hi, h, jnp.all(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
     theta0 = jnp.where(n == 0, 0, lo)
-    state = (theta0, lo, hi, jnp.array(False), jnp.array(0, jnp.int32))
-    theta, _, _, _, iters = lax.while_loop(cond, body, state)
+    h0 = jnp.zeros(shape, dtype)
+    state = (theta0, lo, hi, h0, jnp.array(False), jnp.array(0, jnp.int32))
+    theta, *_, iters = lax.while_loop(cond, body, state)
     return theta, iters
 
 

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import smvariants as sm
+from smvariants import _threshold
 
 import reference
 
@@ -145,6 +146,34 @@ def test_max_iter_is_honoured_and_default_converges():
     rough = np.asarray(sm.entmax(x, alpha=1.3, max_iter=1))
     assert np.abs(rough - exact).max() > 1e-6  # one pass is not enough: the control is real
     np.testing.assert_allclose(rough.sum(-1), 1, atol=1e-12)  # but the output is still normalised
+
+
+def test_newton_does_not_bounce_for_alpha_above_two():
+    # Entries at the edge of the support (base 1 + d (z - theta) near 0, where g = p^(2 - alpha) is
+    # unbounded) once made Newton bounce between the two ends of its bracket until max_iter, with an
+    # error of 3e-2 here; the safeguard bisects instead.
+    x = np.array([[0.0, -0.6654215, -0.6654215, -10, -10, -10]], np.float32)
+    p = sm.entmax(x, alpha=jnp.float32(2.5))
+    np.testing.assert_allclose(p, reference.entmax(x, alpha=2.5), atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [2.25, 2.5, 3.0, 4.0, 5.0])
+def test_solver_converges_with_entries_at_the_edge_of_the_support(alpha, dtype):
+    d = alpha - 1
+    rng = np.random.default_rng(int(alpha * 4))
+    x = np.zeros((64, 8))
+    # z_j = -(1 - delta) / d puts the base of entry j at d * delta (times 1 + d theta), delta tiny.
+    x[:, 1:] = -(1 - rng.uniform(0, 0.01, (64, 7)) ** rng.uniform(1, 3, (64, 1))) / d
+    x[:, 5:] -= rng.uniform(0, 20, (64, 3))
+    x = x.astype(dtype)
+    _, iters = _threshold.entmax_theta(jnp.asarray(x), dtype(d), -1, 64)
+    assert iters < 48  # converged, not stopped by max_iter
+    # The map's own conditioning at the edge of the support: an error of eps^(1 / (alpha - 1)).
+    tol = 4 * np.finfo(dtype).eps ** (1 / d)
+    np.testing.assert_allclose(
+        sm.entmax(x, alpha=jnp.asarray(alpha, dtype)), reference.entmax(x, alpha=alpha), atol=tol
+    )
 
 
 def test_huge_logits_and_offsets():
