@@ -53,6 +53,26 @@ def test_special_alphas_agree_with_the_exact_variants():
     np.testing.assert_array_equal(general(alpha=1.0), sm.softmax(x))
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.3, 2.5])
+def test_python_number_alpha_matches_an_array_alpha(alpha):
+    # A Python-number alpha compiles alpha into the solver (integer powers for 1.25); an array
+    # alpha runs the general one. Same values, same derivatives in x and in the temperature.
+    x = np.random.default_rng(3).normal(size=(6, 700)) * 3  # > 512 wide: the block reduction too
+    t = jnp.array([[0.5], [1.0], [2.0], [0.7], [1.3], [3.0]])
+    w = np.random.default_rng(4).normal(size=x.shape)
+
+    def loss(x, t, alpha):
+        return jnp.sum(w * sm.entmax(x, alpha=alpha, temperature=t) ** 2)
+
+    np.testing.assert_allclose(
+        sm.entmax(x, alpha=alpha), sm.entmax(x, alpha=jnp.array(alpha)), atol=1e-14
+    )
+    fixed = jax.grad(loss, argnums=(0, 1))(x, t, alpha)
+    general = jax.grad(loss, argnums=(0, 1))(x, t, jnp.array(alpha))
+    for a, b in zip(fixed, general, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_continuous_through_alpha_one_and_two(dtype):
     x = (np.random.default_rng(3).normal(size=(4, 12)) * 2).astype(dtype)
