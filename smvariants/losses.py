@@ -28,6 +28,7 @@ from jax.typing import ArrayLike
 from smvariants import _masking
 from smvariants._entmax import _entmax
 from smvariants._entmax import _entmax15
+from smvariants._entmax import _entmax_fixed
 from smvariants._entmax import alpha_parameter
 from smvariants._softmax import _softmax
 from smvariants._sparsemax import _sparsemax
@@ -51,9 +52,11 @@ def _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter):
 
     ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries.
     """
-    normalize, _ = _CORES[variant]
     z = x if t is None else x / t
-    p = normalize(z, alpha, axis, max_iter)
+    if isinstance(variant, tuple):  # ("entmax", d): a Python-number alpha = 1 + d, compiled in
+        p = _entmax_fixed(z, None, variant[1], axis, max_iter)
+    else:
+        p = _CORES[variant][0](z, alpha, axis, max_iter)
     # The shift cancels in <z, p - y> (both sum to 1) and keeps the products small; masked
     # entries (-inf) carry no mass in p or y and are zeroed before any product.
     shifted = shift_rows(z, axis)
@@ -153,8 +156,12 @@ def _loss(name, variant, logits, labels, axis, where, temperature, alpha=None, m
     x, axis = args.x, args.axis
     _, fixed_alpha = _CORES[variant]
     if fixed_alpha is None:
+        number = alpha if isinstance(alpha, (int, float)) else None
         alpha, exact = alpha_parameter(name, alpha, x.shape, axis, x.dtype, max_iter, "logits")
-        variant = exact or variant
+        if exact is not None:
+            variant = exact
+        elif number is not None:
+            variant = (variant, number - 1.0)  # as entmax does: alpha compiled into the solver
     else:
         alpha = jnp.asarray(fixed_alpha, x.dtype)
     y, bad = _labels_as_distribution(name, labels, x, axis)

@@ -173,6 +173,19 @@ def test_entmax_loss_special_alphas():
     np.testing.assert_allclose(general, losses.sparsemax_loss(Z, IDS), atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.3])
+def test_python_number_alpha_matches_an_array_alpha(alpha):
+    # A Python-number alpha is compiled into the solver, as in entmax; an array alpha is not.
+    def loss(z, t, a):
+        return jnp.sum(losses.entmax_loss(z, IDS, alpha=a, temperature=t))
+
+    t = jnp.array(0.8)
+    fixed = jax.value_and_grad(loss, argnums=(0, 1))(Z, t, alpha)
+    general = jax.value_and_grad(loss, argnums=(0, 1))(Z, t, jnp.array(alpha))
+    for a, b in zip(jax.tree.leaves(fixed), jax.tree.leaves(general), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 # ------------------------------------------------------------------------------------------------
 # alpha gradients.
 
