@@ -23,17 +23,23 @@ from jax import lax
 
 
 def shift_rows(z: jax.Array, axis: int) -> jax.Array:
-    """Subtracts the row maximum; rows with no finite maximum are left unshifted."""
+    """Subtracts the row maximum (clamped to the lowest finite float)."""
     if z.shape[axis] == 0:
         return z
     m = jnp.max(z, axis=axis, keepdims=True)
-    # An all -inf (fully masked) row stays -inf; a row with nan or +inf becomes all nan.
-    return z - jnp.where(m == -jnp.inf, 0, jnp.where(m == jnp.inf, jnp.nan, m))
+    # An all -inf (fully masked) row stays -inf (-inf minus the lowest float); a row with +inf
+    # gets nan there (inf - inf) and -inf elsewhere, a row with nan keeps it: either way the row's
+    # output is nan. A clamp, not a ``where`` on m: XLA:CPU then fuses the shift into the
+    # reduction's consumers (a ``where`` made softmax 1.6x slower on 32-wide rows).
+    return z - jnp.maximum(m, jnp.finfo(z.dtype).min)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` for row sums ``den`` that are 0 only where ``num`` is 0 too (empty rows)."""
-    return num / jnp.where(den == 0, 1, den)
+    """``num / den`` for row sums ``den >= 0`` that are 0 only where ``num`` is 0 (empty rows).
+
+    Legitimate sums are >= the smallest normal float (at least one entry of p or g is O(1)).
+    """
+    return num / jnp.maximum(den, jnp.finfo(den.dtype).tiny)
 
 
 def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
