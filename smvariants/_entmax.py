@@ -158,8 +158,8 @@ def _entmax_jvp(axis, max_iter, primals, tangents):
 def _entmax_fixed(x: jax.Array, t: jax.Array | None, d: float, axis: int, max_iter: int):
     """:func:`_entmax` for a Python-number ``alpha = 1 + d``, a compile-time constant.
 
-    XLA then folds ``d`` into the solver, and ``d = 1/n`` (alpha = 1.25, 4/3 written as a float
-    that rounds to 1 + 1/3, ...) uses integer powers instead of ``exp`` and ``log``: 2-3x faster.
+    XLA then folds ``d`` into the solver, and ``d = 1/n`` (alpha = 1.25, 4/3, 1.2, ... as floats,
+    1 + 1/n up to rounding) uses integer powers instead of ``exp`` and ``log``: 2-3x faster.
     """
     return _entmax_forward(x, t, d, axis, max_iter)
 

@@ -107,6 +107,7 @@ def _log1p_ratio(u: jax.Array) -> jax.Array:
 
 
 _MAX_INTEGER_POWER = 16  # static alpha = 1 + 1/n up to this n uses integer powers
+_EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
 def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
@@ -119,7 +120,9 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
     y = jnp.where(finite, y, 0)
     n = round(1 / d) if isinstance(d, float) and d > 0 else 0
-    if 1 <= n <= _MAX_INTEGER_POWER and d == 1 / n:
+    # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
+    # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
+    if 1 <= n <= _MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
         b = jnp.where(finite, jnp.maximum(1 + d * y, 0), 0)
         g = lax.integer_pow(b, n - 1) if n > 1 else (b > 0).astype(b.dtype)
         return (b * g if n > 1 else b), g

@@ -47,12 +47,24 @@ _CORES = {
 }
 
 
+def _divide(x, t):
+    """``x / t``, with masked (``-inf``) entries kept out of the derivative in ``t``.
+
+    ``d(x / t)/dt = -x / t^2`` is infinite there and would turn rows of second derivatives into
+    ``nan``.
+    """
+    if t is None:
+        return x
+    masked = x == -jnp.inf
+    return jnp.where(masked, -jnp.inf, jnp.where(masked, 0, x) / t)
+
+
 def _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter):
     """The loss of ``z = x / t`` (keeping ``axis``), the prediction ``p`` and ``zs``.
 
     ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries.
     """
-    z = x if t is None else x / t
+    z = _divide(x, t)
     if isinstance(variant, tuple):  # ("entmax", d): a Python-number alpha = 1 + d, compiled in
         p = _entmax_fixed(z, None, variant[1], axis, max_iter)
     else:

@@ -53,9 +53,9 @@ def test_special_alphas_agree_with_the_exact_variants():
     np.testing.assert_array_equal(general(alpha=1.0), sm.softmax(x))
 
 
-@pytest.mark.parametrize("alpha", [1.25, 1.3, 2.5])
+@pytest.mark.parametrize("alpha", [1.25, 4 / 3, 1.2, 1.3, 2.5])
 def test_python_number_alpha_matches_an_array_alpha(alpha):
-    # A Python-number alpha compiles alpha into the solver (integer powers for 1.25); an array
+    # A Python-number alpha compiles alpha into the solver (integer powers for 1 + 1/n); an array
     # alpha runs the general one. Same values, same derivatives in x and in the temperature.
     x = np.random.default_rng(3).normal(size=(6, 700)) * 3  # > 512 wide: the block reduction too
     t = jnp.array([[0.5], [1.0], [2.0], [0.7], [1.3], [3.0]])
@@ -71,6 +71,14 @@ def test_python_number_alpha_matches_an_array_alpha(alpha):
     general = jax.grad(loss, argnums=(0, 1))(x, t, jnp.array(alpha))
     for a, b in zip(fixed, general, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("alpha", [1.25, 4 / 3, 1.2, 1.1])
+def test_alpha_one_plus_one_over_n_uses_integer_powers(alpha):
+    # alpha - 1 is 1/n only to rounding unless n is a power of 2; the fast path is still taken.
+    jaxpr = str(jax.make_jaxpr(lambda x: sm.entmax(x, alpha=alpha))(jnp.ones((2, 5))))
+    assert "integer_pow" in jaxpr
+    assert "log1p" not in jaxpr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -126,6 +126,26 @@ def test_masked_row_equals_compressed_row(name):
     np.testing.assert_allclose(loss(z, y), full, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["where", "-inf"])
+def test_masked_entries_leave_second_derivatives_in_temperature_finite(name, how):
+    # d(x / t)/dt is infinite at a -inf logit: it must not reach the derivatives of any order.
+    loss, _, _ = LOSSES[name]
+    keep = np.array([True, False, True, True, False])
+    y = np.zeros((6, 5))
+    y[:, keep] = RNG.dirichlet(np.ones(3), size=6)
+    where = np.broadcast_to(keep, Z.shape) if how == "where" else None
+    z = Z if how == "where" else np.where(keep, Z, -np.inf)
+
+    def total(z, t, where, y):
+        return jnp.sum(loss(z, y, where=where, temperature=t))
+
+    full = jax.hessian(total, argnums=(0, 1))(z, 0.7, where, y)
+    compressed = jax.hessian(total, argnums=(0, 1))(Z[:, keep], 0.7, None, y[:, keep])
+    np.testing.assert_allclose(full[1][1], compressed[1][1], rtol=1e-10)  # d2/dt2
+    np.testing.assert_allclose(full[0][1][:, keep], compressed[0][1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(full[0][1][:, ~keep], 0)
+
+
 def test_axis_and_jit_and_vmap(name):
     loss, _, _ = LOSSES[name]
     expected = loss(Z, IDS)
