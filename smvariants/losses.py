@@ -113,9 +113,12 @@ def _fy_loss_jvp(axis, variant, max_iter, primals, tangents):
 
 def _labels_as_distribution(name, labels, z, axis):
     """Integer class ids or probability vectors -> ``(y, bad_rows)`` in ``z``'s dtype."""
-    # The values, if known at trace time: taken before the conversion, which traces under jit.
-    known = np.asarray(labels) if _masking.is_concrete(labels) else None
-    labels = _masking.as_array(name, "labels", labels)
+    # The values, if known at trace time: taken before the conversion, which traces under jit
+    # (and after a first one, which turns a malformed list into a TypeError).
+    concrete = _masking.is_concrete(labels)
+    array = _masking.as_array(name, "labels", labels)
+    known = np.asarray(labels) if concrete else None
+    labels = array
     k = z.shape[axis]
     row_shape = z.shape[:axis] + z.shape[axis + 1 :]
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -135,10 +138,13 @@ def _labels_as_distribution(name, labels, z, axis):
                 f"{name}: probability labels must have the logits' shape {z.shape}, "
                 f"got {labels.shape}."
             )
+        # An all-zero label is the padding of a fully masked row, and wrong anywhere else.
+        empty = jnp.all(z == -jnp.inf, axis=axis, keepdims=True)
         if known is not None:
-            _check_distributions(name, known, labels.dtype, axis)
+            known_empty = np.asarray(empty) if _masking.is_concrete(empty) else None
+            _check_distributions(name, known, labels.dtype, axis, known_empty)
         y = labels.astype(z.dtype)
-        bad = jnp.zeros(_masking.reduced_shape(z.shape, axis), bool)
+        bad = ~empty & (jnp.sum(y, axis=axis, keepdims=True) == 0)
     else:
         raise TypeError(f"{name}: labels must be integer class ids or floats, got {labels.dtype}.")
     on_masked = jnp.any((y != 0) & (z == -jnp.inf), axis=axis, keepdims=True)
@@ -147,15 +153,20 @@ def _labels_as_distribution(name, labels, z, axis):
     return jax.lax.stop_gradient(y), bad | on_masked
 
 
-def _check_distributions(name, labels, dtype, axis):
-    """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a distribution."""
+def _check_distributions(name, labels, dtype, axis, empty):
+    """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a distribution.
+
+    A row of zeros is accepted where ``empty`` (fully masked rows, ``axis`` kept) is True, or
+    everywhere if ``empty`` is ``None`` (unknown: the loss flags the others as ``nan``).
+    """
     y = labels.astype(np.float64)
     if not np.all(y >= 0):  # also catches nan
         raise ValueError(f"{name}: probability labels must be >= 0, got {y[~(y >= 0)][:3]}.")
     # Rounding each entry to the labels' dtype moves the sum by at most its eps.
     tol = max(1e-3, float(jnp.finfo(dtype).eps))
     sums = y.sum(axis)
-    off = ~(np.abs(sums - 1) <= tol)
+    padding = (sums == 0) & (True if empty is None else np.squeeze(empty, axis))
+    off = ~(np.abs(sums - 1) <= tol) & ~padding
     if np.any(off):
         raise ValueError(
             f"{name}: probability labels must sum to 1 along axis {axis} (to {tol:.0e}), "
@@ -187,8 +198,8 @@ _SHARED_DOC = """
       logits: a floating-point array.
       labels: integer class ids of shape ``logits.shape`` without ``axis``, or target
         distributions (one-hot or soft) of ``logits.shape``: entries >= 0 that sum to 1 along
-        ``axis`` (to 1e-3, or the labels' dtype's eps if larger). Labels are constants: no
-        gradient flows to them.
+        ``axis`` (to 1e-3, or the labels' dtype's eps if larger); all zeros for a fully masked
+        (padding) row, whose loss is 0. Labels are constants: no gradient flows to them.
       {alpha}axis: the class axis.
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked.
@@ -199,11 +210,12 @@ _SHARED_DOC = """
       The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
 
     Raises:
-      ValueError: outside ``jit``, for class ids out of range, labels that put mass on a masked
-        entry, soft labels that are not distributions, or an invalid {params}. Inside ``jit``
-        these cannot be checked: the loss of an example with such a class id, masked mass or
-        {params} is ``nan``; soft labels are used as given (a row that is not a distribution
-        gives a number that is not a Fenchel-Young loss, clamped at 0).
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid {params}, when they are known at trace
+        time (outside ``jit``, or constants under it). Traced values cannot be checked: the loss
+        of an example with such a class id, masked mass, an all-zero label on a row that is not
+        fully masked, or {params} is ``nan``; other soft labels are used as given (a row that is
+        not a distribution gives a number that is not a Fenchel-Young loss, clamped at 0).
 """
 
 

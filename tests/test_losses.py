@@ -289,6 +289,28 @@ def test_soft_labels_must_be_distributions(name, labels, message):
     assert np.isfinite(loss(Z[:2, :3], y16)).all()
 
 
+def test_all_zero_labels_pad_fully_masked_rows_only(name):
+    loss, _, _ = LOSSES[name]
+    where = np.ones((3, 4), bool)
+    where[1] = False  # a padding example
+    y = np.zeros((3, 4))
+    y[[0, 2], [1, 3]] = 1
+    eager = loss(Z[:3, :4], y, where=where)
+    np.testing.assert_array_equal(eager[1], 0)
+    np.testing.assert_allclose(jax.jit(loss)(Z[:3, :4], y, where=where), eager, atol=1e-14)
+    # An all-zero label on a row with unmasked entries is no distribution: an error when the
+    # labels are known at trace time, nan for that example (only) when they are traced.
+    with pytest.raises(ValueError, match=r"must sum to 1 along axis 1 .* got sums \[0.\]"):
+        loss(Z[:3, :4], y)
+    out = np.asarray(jax.jit(loss)(Z[:3, :4], y))
+    assert np.isnan(out[1]) and np.isfinite(out[[0, 2]]).all()
+
+
+def test_malformed_label_lists_are_type_errors():
+    with pytest.raises(TypeError, match=r"softmax_loss: labels must be an array or a number"):
+        losses.softmax_loss(Z[:2, :3], [[0.0, 0.0, 1.0], [0.0, 1.0]])
+
+
 @pytest.mark.parametrize("bad", [-1.0, 0.0, np.inf])
 def test_traced_invalid_temperature_gives_nan_for_those_examples(name, bad):
     loss, _, _ = LOSSES[name]
