@@ -66,7 +66,7 @@ def _psi(x: jax.Array) -> jax.Array:
     return out
 
 
-def _dp_dalpha(p: jax.Array, g: jax.Array, d: jax.Array, axis: int) -> jax.Array:
+def _dp_dalpha(p: jax.Array, g: jax.Array, log_p: jax.Array, d: jax.Array, axis: int) -> jax.Array:
     """Closed-form ``dp/dalpha`` of alpha-entmax, stable through alpha = 1 and alpha = 2.
 
     Correia et al. (2019) give ``dp/dalpha = (p - g_hat) / d^2 - (p log p - g_hat H) / d`` with
@@ -80,7 +80,6 @@ def _dp_dalpha(p: jax.Array, g: jax.Array, d: jax.Array, axis: int) -> jax.Array
     ``Rbar = sum pR``. At d = 0 it is the softmax limit ``p (sum p l^2 - l^2) / 2``.
     """
     support = p > 0
-    log_p = jnp.log(jnp.where(support, p, 1))
     x = -d * log_p  # >= 0
     small = x < 1
     d_safe = jnp.where(d == 0, 1, d)
@@ -147,7 +146,7 @@ def _entmax_jvp(axis, max_iter, primals, tangents):
         if x_dot is not None or t_dot is not None:
             terms.append(_logit_jvp(g, log_p, d, t, x_dot, t_dot, axis))
         if alpha_dot is not None:
-            terms.append(_dp_dalpha(p, g, d, axis) * alpha_dot)
+            terms.append(_dp_dalpha(p, g, log_p, d, axis) * alpha_dot)
         return sum(terms[1:], terms[0])
 
     return p, _masking.output_jvp(tangent, p, t, alpha, x_dot, t_dot, alpha_dot)

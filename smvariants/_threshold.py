@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from smvariants._masking import reduced_shape
+
 
 def shift_rows(z: jax.Array, axis: int) -> jax.Array:
     """Subtracts the row maximum (clamped to the lowest finite float)."""
@@ -68,7 +70,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     tolerance. It starts at ``init``, a lower bound of ``tau``, or at ``tau = -1`` (a lower bound,
     as ``p_max <= 1``), and needs a handful of fused passes.
     """
-    tau0 = jnp.full(z.shape[:axis] + (1,) + z.shape[axis + 1 :], -1.0, z.dtype)
+    tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
     if init is not None:
         tau0 = jnp.maximum(tau0, init)
 
