@@ -52,7 +52,7 @@ def _entmax15_jvp(axis, primals, tangents):
         # g = p^(2 - alpha) = sqrt(p); the inner where keeps higher derivatives finite at p = 0.
         # On the support z = 2 sqrt(p) + 2 tau.
         support = p > 0
-        g = jnp.where(support, jnp.sqrt(jnp.where(support, p, 1)), 0)
+        g = jnp.where(support, jnp.sqrt(jnp.where(support, p, 1)), 0) + 0 * p  # nan rows: nan
         return simplex_jvp(g, _masking.logit_tangent(x_dot, t, t_dot, 2 * g), axis)
 
     return p, _masking.output_jvp(tangent, p, t, *tangents)
@@ -115,7 +115,8 @@ def _g_and_log_p(p, d):
     """``g = p^(2 - alpha) = p^(1 - d)`` on the support (0 off it) and ``log p`` (0 off it)."""
     support = p > 0
     log_p = jnp.log(jnp.where(support, p, 1))
-    return jnp.where(support, jnp.exp((1 - d) * log_p), 0), log_p
+    # + 0 * p: nan in a nan row, where the support test is False.
+    return jnp.where(support, jnp.exp((1 - d) * log_p), 0) + 0 * p, log_p
 
 
 def _logit_jvp(g, log_p, d, t, x_dot, t_dot, axis):

@@ -31,7 +31,7 @@ def _sparsemax_jvp(axis, primals, tangents):
 
     def tangent(p, t, x_dot, t_dot):
         # g = p^(2 - alpha) at alpha = 2: the support indicator; on the support z = p + tau.
-        g = (p > 0).astype(p.dtype)
+        g = (p > 0).astype(p.dtype) + 0 * p  # + 0 * p: nan in a nan row (nan > 0 is False)
         return simplex_jvp(g, _masking.logit_tangent(x_dot, t, t_dot, p), axis)
 
     return p, _masking.output_jvp(tangent, p, t, *tangents)

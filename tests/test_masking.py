@@ -218,6 +218,16 @@ def test_nan_or_inf_confined_to_its_row(name, bad):
     out = np.asarray(jax.jit(f)(x))
     assert np.isnan(out[1]).all()
     np.testing.assert_array_equal(out[[0, 2]], np.asarray(f(X))[[0, 2]])
+    # The gradient too, for a finite cotangent: nan in that row, the others untouched.
+    w = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+
+    def loss(x):
+        return jnp.sum(jnp.where(jnp.isfinite(f(x)), f(x), 0) * w)
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(x))
+    assert np.isnan(grad[1]).all()
+    expected = np.asarray(jax.grad(loss)(X))[[0, 2]]
+    np.testing.assert_allclose(grad[[0, 2]], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_length_one_and_length_zero_axes(name):
