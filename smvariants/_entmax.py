@@ -17,9 +17,8 @@ from smvariants._sparsemax import _sparsemax
 from smvariants._threshold import deformed_exp
 from smvariants._threshold import entmax15_threshold
 from smvariants._threshold import entmax_theta
-from smvariants._threshold import reduced_threshold
+from smvariants._threshold import max_and_threshold
 from smvariants._threshold import safe_divide
-from smvariants._threshold import shift_rows
 from smvariants._threshold import simplex_jvp
 from smvariants.stats import expm1_ratio
 
@@ -38,9 +37,9 @@ def _entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 @partial(jax.jit, static_argnums=(2,))
 def _entmax15(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
-    z = shift_rows(x if t is None else x / t, axis)
-    tau = reduced_threshold(z, axis, _entmax15_tau, lambda z, tau: 0.5 * z > tau)
-    return jnp.maximum(0.5 * z - tau, 0) ** 2
+    z = x if t is None else x / t
+    m, tau = max_and_threshold(z, axis, _entmax15_tau, lambda z, tau: 0.5 * z > tau)
+    return jnp.maximum(0.5 * (z - m) - tau, 0) ** 2
 
 
 @partial(_entmax15.defjvp, symbolic_zeros=True)
@@ -97,7 +96,7 @@ def _dp_dalpha(p: jax.Array, g: jax.Array, log_p: jax.Array, d: jax.Array, axis:
 
 def _entmax_forward(x, t, d, axis, max_iter):
     """alpha-entmax of ``x / t`` with ``d = alpha - 1`` (an array, or a Python number)."""
-    z = shift_rows(x if t is None else x / t, axis)
+    z = x if t is None else x / t
 
     def solve(z, axis, init, d):
         return entmax_theta(z, d, axis, max_iter, init)[0]
@@ -105,8 +104,8 @@ def _entmax_forward(x, t, d, axis, max_iter):
     def in_support(z, theta, d):
         return 1 + d * (z - theta) > 0  # as in deformed_exp
 
-    theta = reduced_threshold(z, axis, solve, in_support, (d,))
-    p, _ = deformed_exp(z - theta, d)
+    m, theta = max_and_threshold(z, axis, solve, in_support, (d,))
+    p, _ = deformed_exp((z - m) - theta, d)
     # One renormalisation absorbs the solver's last rounding-level residual.
     return safe_divide(p, jnp.sum(p, axis=axis, keepdims=True))
 

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from smvariants import _masking
-from smvariants._threshold import reduced_threshold
-from smvariants._threshold import shift_rows
+from smvariants._threshold import max_and_threshold
 from smvariants._threshold import simplex_jvp
 from smvariants._threshold import sparsemax_threshold
 
@@ -19,9 +18,9 @@ from smvariants._threshold import sparsemax_threshold
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 @partial(jax.jit, static_argnums=(2,))
 def _sparsemax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
-    z = shift_rows(x if t is None else x / t, axis)
-    tau = reduced_threshold(z, axis, sparsemax_threshold, lambda z, tau: z > tau)
-    return jnp.maximum(z - tau, 0)
+    z = x if t is None else x / t
+    m, tau = max_and_threshold(z, axis, sparsemax_threshold, lambda z, tau: z > tau)
+    return jnp.maximum((z - m) - tau, 0)
 
 
 @partial(_sparsemax.defjvp, symbolic_zeros=True)

@@ -24,16 +24,23 @@ from jax import lax
 from smvariants._masking import reduced_shape
 
 
-def shift_rows(z: jax.Array, axis: int) -> jax.Array:
-    """Subtracts the row maximum (clamped to the lowest finite float)."""
+def row_max(z: jax.Array, axis: int) -> jax.Array:
+    """The row maximum (axis kept as size 1), clamped to the lowest finite float; 0 for empty rows.
+
+    Subtracting it leaves an all ``-inf`` (fully masked) row at ``-inf`` (-inf minus the lowest
+    float); a row with +inf gets nan there (inf - inf) and -inf elsewhere, a row with nan keeps it:
+    either way the row's output is nan. A clamp, not a ``where`` on the maximum: XLA:CPU then
+    fuses the shift into the reduction's consumers (a ``where`` made softmax 1.6x slower on
+    32-wide rows).
+    """
     if z.shape[axis] == 0:
-        return z
-    m = jnp.max(z, axis=axis, keepdims=True)
-    # An all -inf (fully masked) row stays -inf (-inf minus the lowest float); a row with +inf
-    # gets nan there (inf - inf) and -inf elsewhere, a row with nan keeps it: either way the row's
-    # output is nan. A clamp, not a ``where`` on m: XLA:CPU then fuses the shift into the
-    # reduction's consumers (a ``where`` made softmax 1.6x slower on 32-wide rows).
-    return z - jnp.maximum(m, jnp.finfo(z.dtype).min)
+        return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
+    return jnp.maximum(jnp.max(z, axis=axis, keepdims=True), jnp.finfo(z.dtype).min)
+
+
+def shift_rows(z: jax.Array, axis: int) -> jax.Array:
+    """Subtracts the row maximum (see :func:`row_max`)."""
+    return z - row_max(z, axis)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -230,52 +237,66 @@ def entmax15_threshold(u: jax.Array, support: jax.Array, axis: int) -> jax.Array
 # Every threshold above solves a decreasing equation f(t) = sum_j phi(z_j - t) = 1 with phi >= 0
 # increasing. Dropping entries can only lower f, so the threshold of any subset of a row is a lower
 # bound of the row's threshold. Keep the two largest entries of each block of a row: the subset's
-# threshold is the row's own exactly when no entry outside the subset is in the support, i.e. when
-# counting the support on the full row and on the subset gives the same number. Rows that fail
-# (a block holding three support entries) are re-solved from that lower bound. The full row is
-# then read three times (blocks, count, output) instead of once per solver iteration.
+# threshold is the row's own exactly when no entry outside the subset is in the support, and every
+# entry outside it is at most its block's third largest, so checking those few suffices. Rows that
+# fail (a block holding three support entries) are re-solved from that lower bound. One pass over
+# the row finds the blocks' top three (and with them the row maximum), a second writes the output:
+# a full row is read twice, fewer times than softmax reads it.
 
 _BLOCK = 16  # entries per block; each keeps its two largest: the subset is 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly
 _FIX_FRACTION = 32  # up to 1/32 of the rows are re-solved one by one; more re-solve the batch
 
 
-def block_top2(z: jax.Array, axis: int, block: int = _BLOCK) -> jax.Array:
-    """The two largest entries of each of the strided blocks of ``block`` entries along ``axis``.
+def _top3_of_union(a, b):
+    """The three largest of two descending triples ``a`` and ``b`` (a multiset union)."""
+    (a1, a2, a3), (b1, b2, b3) = a, b
+    lose1, win2 = jnp.minimum(a1, b1), jnp.maximum(a2, b2)
+    third = jnp.maximum(
+        jnp.maximum(jnp.minimum(lose1, win2), jnp.minimum(a2, b2)), jnp.maximum(a3, b3)
+    )
+    return jnp.maximum(a1, b1), jnp.maximum(lose1, win2), third
 
-    Block ``i`` holds entries ``i, i + n, i + 2n, ...``, so the work is elementwise over
-    contiguous slices of length ``n``, a multiple of 8 (vector-aligned: about 1.5x faster on
-    XLA:CPU than an odd length). The entries past ``n * block`` are kept as they are. Entries come
-    from distinct positions, so the result is a sub-multiset of the row.
+
+def block_top3(z: jax.Array, axis: int, block: int = _BLOCK) -> tuple[jax.Array, jax.Array]:
+    """The two largest entries of each strided block of ``block`` entries along ``axis``.
+
+    Block ``i`` holds entries ``i, i + n, i + 2n, ...`` with ``n`` a multiple of 8, so the work is
+    elementwise over vector-aligned slices of length ``n``. Returns ``(sub, third)``: ``sub`` holds
+    every block's largest and second largest entries followed by the entries past ``n * block``,
+    kept as they are (a sub-multiset of the row); ``third[..., i, ...]`` is block ``i``'s third
+    largest entry, an upper bound of every entry of the row not in ``sub``. One pass: a variadic
+    reduction whose reducer merges top-three lists (nan propagates through all three).
     """
     k = z.shape[axis]
     n = k // (8 * block) * 8
     head = lax.slice_in_dim(z, 0, n * block, axis=axis)
     head = head.reshape(z.shape[:axis] + (block, n) + z.shape[axis + 1 :])
-    first = lax.index_in_dim(head, 0, axis, keepdims=False)
-    second = jnp.full_like(first, -jnp.inf)
-    for i in range(1, block):
-        v = lax.index_in_dim(head, i, axis, keepdims=False)
-        second = jnp.maximum(second, jnp.minimum(first, v))  # nan propagates through both
-        first = jnp.maximum(first, v)
+    low = jnp.full_like(head, -jnp.inf)
+    init = (jnp.array(-jnp.inf, z.dtype),) * 3
+    first, second, third = lax.reduce((head, low, low), init, _top3_of_union, (axis,))
     tail = lax.slice_in_dim(z, n * block, k, axis=axis)
-    return jnp.concatenate([first, second, tail], axis=axis)
+    return jnp.concatenate([first, second, tail], axis=axis), third
 
 
-def reduced_threshold(z, axis, solve, in_support, params=()):
-    """Every row's exact threshold, found on a block reduction of the row and certified.
+def max_and_threshold(x, axis, solve, in_support, params=()):
+    """Every row's maximum ``m`` (as :func:`row_max`) and the exact threshold of ``x - m``.
 
     Args:
-      z: rows along ``axis`` (maximum 0, masked entries ``-inf``).
+      x: rows along ``axis`` (masked entries ``-inf``).
       axis: the row axis.
       solve: ``solve(z, axis, init, *params) -> t``, the exact threshold of each row of ``z``
-        starting from a lower bound ``init`` (``None``: from scratch); ``t`` keeps ``axis`` as 1.
-      in_support: ``in_support(z, t, *params)``, True where an entry is in the support at ``t``.
+        (maximum 0) starting from a lower bound ``init`` (``None``: from scratch); ``t`` keeps
+        ``axis`` as 1.
+      in_support: ``in_support(z, t, *params)``, True where an entry is in the support at ``t``
+        (increasing in ``z``).
       params: per-row parameters of ``solve`` and ``in_support`` (arrays broadcastable to ``t``,
         or Python numbers).
 
     Returns:
-      ``t``, as ``solve(z, axis, None, *params)`` would give it.
+      ``(m, t)`` with ``t`` as ``solve(x - m, axis, None, *params)`` would give it. Rows longer
+      than ``_DIRECT`` are solved on :func:`block_top3`'s subset, certified and, where that fails,
+      re-solved; the maximum comes from the same pass.
 
     Under ``vmap`` the mapped dimension joins the rows (the work is row-wise), so the choice of
     how many rows to re-solve stays one branch for the whole batch instead of a ``select`` that
@@ -288,43 +309,41 @@ def reduced_threshold(z, axis, solve, in_support, params=()):
         return tuple(next(it) if a else p for p, a in zip(params, is_array, strict=True))
 
     @jax.custom_batching.custom_vmap
-    def threshold(z, *arrays):
-        return _reduced_threshold(z, axis, solve, in_support, with_arrays(arrays))
+    def threshold(x, *arrays):
+        return _max_and_threshold(x, axis, solve, in_support, with_arrays(arrays))
 
     @threshold.def_vmap
-    def _batched(axis_size, in_batched, z, *arrays):
-        z_batched, *arrays_batched = in_batched
-        if not z_batched:
-            z = jnp.broadcast_to(z, (axis_size,) + z.shape)
+    def _batched(axis_size, in_batched, x, *arrays):
+        x_batched, *arrays_batched = in_batched
+        if not x_batched:
+            x = jnp.broadcast_to(x, (axis_size,) + x.shape)
 
         def leading(a, batched):  # a per-row parameter with the mapped dimension in front
             if batched:  # (B,) from a scalar, or already full rank
-                return a.reshape(a.shape + (1,) * (z.ndim - a.ndim))
+                return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
             return a if a.ndim == 0 else a[None]
 
         arrays = [leading(a, b) for a, b in zip(arrays, arrays_batched, strict=True)]
-        return reduced_threshold(z, axis + 1, solve, in_support, with_arrays(arrays)), True
+        return max_and_threshold(x, axis + 1, solve, in_support, with_arrays(arrays)), (True, True)
 
-    return threshold(z, *(p for p, a in zip(params, is_array, strict=True) if a))
-
-
-def _reduced_threshold(z, axis, solve, in_support, params):
-    """:func:`reduced_threshold` without the batching rule."""
-    if z.shape[axis] <= _DIRECT or z.size == 0:
-        return solve(z, axis, None, *params)
-    sub = block_top2(z, axis)
-    t = _reduced_threshold(sub, axis, solve, in_support, params)
-
-    def count(a):
-        return jnp.sum(in_support(a, t, *params), axis=axis, keepdims=True, dtype=jnp.int32)
-
-    bad = count(z) != count(sub)
-    return _resolve_rows(z, axis, t, bad, solve, params)
+    return threshold(x, *(p for p, a in zip(params, is_array, strict=True) if a))
 
 
-def _resolve_rows(z, axis, t, bad, solve, params):
-    """``t`` with the rows flagged ``bad`` re-solved from their lower bound ``t``."""
-    rows = jnp.moveaxis(z, axis, -1).reshape(-1, z.shape[axis])
+def _max_and_threshold(x, axis, solve, in_support, params, shifted=False):
+    """:func:`max_and_threshold` without the batching rule; ``shifted``: ``x``'s maximum is 0."""
+    if x.shape[axis] <= _DIRECT or x.size == 0:
+        m = jnp.zeros((), x.dtype) if shifted else row_max(x, axis)
+        return m, solve(x - m, axis, None, *params)
+    sub, third = block_top3(x, axis)
+    m = jnp.zeros((), x.dtype) if shifted else row_max(sub, axis)
+    _, t = _max_and_threshold(sub - m, axis, solve, in_support, params, shifted=True)
+    bad = jnp.any(in_support(third - m, t, *params), axis=axis, keepdims=True)
+    return m, _resolve_rows(x, m, axis, t, bad, solve, params)
+
+
+def _resolve_rows(x, m, axis, t, bad, solve, params):
+    """``t`` with the rows flagged ``bad`` re-solved on ``x - m`` from their lower bound ``t``."""
+    rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
     n_fix = max(1, rows.shape[0] // _FIX_FRACTION)
     n_bad = jnp.sum(bad)
 
@@ -335,11 +354,11 @@ def _resolve_rows(z, axis, t, bad, solve, params):
         # Gather the (few) failing rows; padding repeats row 0, whose re-solve is also exact.
         idx = jnp.nonzero(bad.reshape(-1), size=n_fix, fill_value=0)[0]
         row_params = [as_rows(p)[idx] if isinstance(p, jax.Array) else p for p in params]
-        fixed = solve(rows[idx], 1, as_rows(t)[idx], *row_params)
+        fixed = solve(rows[idx] - as_rows(m)[idx], 1, as_rows(t)[idx], *row_params)
         return as_rows(t).at[idx].set(fixed).reshape(t.shape)
 
     def every():
-        return solve(z, axis, t, *params)
+        return solve(x - m, axis, t, *params)
 
     branch = jnp.where(n_bad == 0, 0, jnp.where(n_bad <= n_fix, 1, 2))
     return lax.switch(branch, (lambda: t, some, every))

@@ -1,9 +1,10 @@
 """Block-reduced thresholds (_threshold.py): exact on every branch, against the references.
 
 Rows longer than ``_threshold._DIRECT`` are solved on the two largest entries of each block and
-certified by counting the support on the full row. These tests build rows that pass the
-certificate, batches where a few rows fail it (re-solved one by one) and batches where most fail
-(re-solved together), and check every output against the float64 NumPy reference.
+certified by each block's third largest entry, which bounds every entry left out. These tests
+build rows that pass the certificate, batches where a few rows fail it (re-solved one by one) and
+batches where most fail (re-solved together), and check every output against the float64 NumPy
+reference.
 """
 
 import jax
@@ -47,15 +48,20 @@ def _collide(x, rows, value=50.0):
     return x
 
 
-def test_block_top2_is_a_submultiset_with_each_blocks_two_largest():
+def test_block_top3_keeps_each_blocks_two_largest_and_bounds_the_rest():
     z = np.random.default_rng(0).normal(size=(3, 1000))
-    sub = np.asarray(_threshold.block_top2(jnp.asarray(z), 1))
+    z[1, 7 :: _stride(1000)] = 2.0  # ties within a block
+    z[2, 100] = np.nan
+    sub, third = (np.asarray(a) for a in _threshold.block_top3(jnp.asarray(z), 1))
     n = _stride(1000)  # 56: vector-aligned
-    assert sub.shape == (3, 2 * n + 1000 - n * _threshold._BLOCK)
+    assert sub.shape == (3, 2 * n + 1000 - n * _threshold._BLOCK) and third.shape == (3, n)
     blocks = z[:, : n * _threshold._BLOCK].reshape(3, _threshold._BLOCK, n)
-    top2 = np.sort(blocks, axis=1)[:, ::-1][:, :2]
-    np.testing.assert_array_equal(sub[:, :n], top2[:, 0])
-    np.testing.assert_array_equal(sub[:, n : 2 * n], top2[:, 1])
+    top3 = np.sort(blocks, axis=1)[:, ::-1][:, :3]  # numpy sorts nan last: row 2 is checked apart
+    for k, got in enumerate([sub[:, :n], sub[:, n : 2 * n], third]):
+        np.testing.assert_array_equal(got[:2], top3[:2, k])
+        assert np.isnan(got[2, 100 % n]) and np.array_equal(
+            np.delete(got[2], 100 % n), np.delete(top3[2, k], 100 % n)
+        )
     np.testing.assert_array_equal(sub[:, 2 * n :], z[:, n * _threshold._BLOCK :])
 
 
@@ -124,11 +130,13 @@ def test_vmap_jit_and_gradient(name):
     assert np.all(np.asarray(grad)[np.asarray(p) == 0] == 0)
 
 
-def test_reduced_equals_direct_solve():
-    z = _threshold.shift_rows(jnp.asarray(np.random.default_rng(6).normal(size=(32, 5000))), 1)
-    z = z.at[3, 9 + _stride(5000) * jnp.arange(3)].set(0.0)  # three support entries in a block
-    direct = _threshold.sparsemax_threshold(z, 1)
-    reduced = _threshold.reduced_threshold(z, 1, _threshold.sparsemax_threshold, jnp.greater)
+@pytest.mark.parametrize("in_block", [2, 3])  # 2: certified by the third; 3: re-solved
+def test_reduced_equals_direct_solve(in_block):
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(32, 5000))) + 7.0
+    x = x.at[3, 9 + _stride(5000) * jnp.arange(in_block)].set(x[3].max())  # support entries
+    direct = _threshold.sparsemax_threshold(_threshold.shift_rows(x, 1), 1)
+    m, reduced = _threshold.max_and_threshold(x, 1, _threshold.sparsemax_threshold, jnp.greater)
+    np.testing.assert_array_equal(m, jnp.max(x, 1, keepdims=True))
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
 
 
