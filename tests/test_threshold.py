@@ -2,9 +2,9 @@
 
 Rows longer than ``_threshold._DIRECT`` are solved on the two largest entries of each block and
 certified by each block's third largest entry, which bounds every entry left out. These tests
-build rows that pass the certificate, batches where a few rows fail it (re-solved one by one) and
-batches where most fail (re-solved together), and check every output against the float64 NumPy
-reference.
+build rows that pass the certificate, batches where a few or several rows fail it (gathered and
+re-solved in a batch of 1/32 or 1/4 of the rows) and batches where most fail (all re-solved), and
+check every output against the float64 NumPy reference.
 """
 
 import jax
@@ -71,6 +71,7 @@ def test_block_top3_keeps_each_blocks_two_largest_and_bounds_the_rest():
     [
         "certified",  # sparse rows: the reduction's answer holds everywhere
         "few_rows_fail",  # 2 of 64 rows have a block with 3 support entries
+        "several_rows_fail",  # 9 of 64: re-solved in the larger gathered batch
         "most_rows_fail",  # dense rows: the whole batch is re-solved
         "all_equal",
     ],
@@ -81,6 +82,8 @@ def test_exact_on_every_branch(name, case):
     x = rng.normal(size=(64, K)) * 3
     if case == "few_rows_fail":
         x = _collide(x, rows=[5, 40])
+    elif case == "several_rows_fail":
+        x = _collide(x, rows=range(3, 64, 7))
     elif case == "most_rows_fail":
         x = x / 100
     elif case == "all_equal":
