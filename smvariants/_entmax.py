@@ -18,7 +18,6 @@ from smvariants._threshold import deformed_exp
 from smvariants._threshold import entmax15_threshold
 from smvariants._threshold import entmax_theta
 from smvariants._threshold import max_and_threshold
-from smvariants._threshold import row_sum
 from smvariants._threshold import safe_divide
 from smvariants._threshold import simplex_jvp
 from smvariants.stats import expm1_ratio
@@ -89,10 +88,10 @@ def _dp_dalpha(p: jax.Array, g: jax.Array, log_p: jax.Array, d: jax.Array, axis:
         (g - p - p * x) / (d_safe * d_safe),
     )
     p_r = jnp.where(support, p_r, 0)
-    r_bar = row_sum(p_r, axis)
-    h = row_sum(p * log_p, axis)
+    r_bar = jnp.sum(p_r, axis=axis, keepdims=True)
+    h = jnp.sum(p * log_p, axis=axis, keepdims=True)
     num = p * r_bar - p_r - d * (p * log_p * r_bar - h * p_r)
-    return safe_divide(num, row_sum(g, axis))
+    return safe_divide(num, jnp.sum(g, axis=axis, keepdims=True))
 
 
 def _entmax_forward(x, t, d, axis, max_iter):
@@ -108,7 +107,7 @@ def _entmax_forward(x, t, d, axis, max_iter):
     m, theta = max_and_threshold(z, axis, solve, in_support, (d,))
     p, _ = deformed_exp((z - m) - theta, d)
     # One renormalisation absorbs the solver's last rounding-level residual.
-    return safe_divide(p, row_sum(p, axis))
+    return safe_divide(p, jnp.sum(p, axis=axis, keepdims=True))
 
 
 def _g_and_log_p(p, d):
