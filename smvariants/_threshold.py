@@ -347,11 +347,31 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
     return threshold(x, *(p for p, a in zip(params, is_array, strict=True) if a))
 
 
+def _own_buffer(x: jax.Array) -> jax.Array:
+    """``x``, computed into a buffer of its own on CPU (unchanged elsewhere).
+
+    XLA:CPU fuses an elementwise producer of ``x`` (a half-precision convert, a mask, a division
+    by the temperature) into :func:`block_top3`'s reduction, which then runs up to 10x slower
+    than on a stored array. A ``cond`` is a fusion boundary that XLA keeps (an
+    ``optimization_barrier`` is removed before fusion). Its predicate and second branch are only
+    there so that it cannot be folded away: that branch, taken when the first entry is nan, adds
+    0, which leaves every value as it is up to the sign of a zero.
+    """
+
+    def on_cpu(x):
+        first = x.reshape(-1)[0]
+        return lax.cond(first == first, lambda x: x, lambda x: x + 0, x)
+
+    return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)
+
+
 def _max_and_threshold(x, axis, solve, in_support, params, shifted=False):
     """:func:`max_and_threshold` without the batching rule; ``shifted``: ``x``'s maximum is 0."""
     if x.shape[axis] <= _DIRECT or x.size == 0:
         m = jnp.zeros((), x.dtype) if shifted else row_max(x, axis)
         return m, solve(x - m, axis, None, *params)
+    if not shifted:
+        x = _own_buffer(x)
     sub, third = block_top3(x, axis)
     m = jnp.zeros((), x.dtype) if shifted else row_max(sub, axis)
     _, t = _max_and_threshold(sub - m, axis, solve, in_support, params, shifted=True)

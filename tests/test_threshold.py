@@ -151,3 +151,12 @@ def test_vmap_over_alpha_only_and_nested():
         np.testing.assert_allclose(p, reference.entmax(x, a), atol=1e-12)
     nested = jax.vmap(jax.vmap(sm.sparsemax))(x.reshape(4, 10, K))
     np.testing.assert_allclose(nested.reshape(40, K), reference.sparsemax(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("first", [1.5, np.nan])  # nan: the cond's other branch
+def test_own_buffer_returns_its_input(first):
+    x = np.random.default_rng(8).normal(size=(4, 600)).astype(np.float32)
+    x[0, 0], x[1, :3] = first, [-np.inf, np.inf, -0.0]
+    mask = x > -1
+    out = jax.jit(lambda x, mask: _threshold._own_buffer(jnp.where(mask, x, -jnp.inf)))(x, mask)
+    np.testing.assert_array_equal(out, np.where(mask, x, -np.inf))
