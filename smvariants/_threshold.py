@@ -359,7 +359,7 @@ def _own_buffer(x: jax.Array) -> jax.Array:
     """
 
     def on_cpu(x):
-        first = x.reshape(-1)[0]
+        first = x[(0,) * x.ndim]  # an index, not a reshape: no resharding of sharded rows
         return lax.cond(first == first, lambda x: x, lambda x: x + 0, x)
 
     return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)
