@@ -257,12 +257,13 @@ def entmax15_threshold(u: jax.Array, support: jax.Array, axis: int) -> jax.Array
 # entry outside it is at most its block's third largest, so checking those few suffices. Rows that
 # fail (a block holding three support entries) are re-solved from that lower bound. One pass over
 # the row finds the blocks' top three (and with them the row maximum), a second writes the output:
-# a full row is read twice, fewer times than softmax reads it.
+# a full row is read twice, fewer times than softmax reads it (plus, on CPU, one write and read
+# when it comes from a fused computation, see _own_buffer; failing rows are read again).
 
 _BLOCK = 16  # entries per block; each keeps its two largest: the subset is 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly
-# Failing rows are gathered and re-solved in a batch of 1/32 or 1/4 of the rows, whichever holds
-# them (at that fraction of the cost of re-solving every row); more re-solve the whole batch.
+# Failing rows are gathered and re-solved in a batch of 1/32 or 1/4 of the rows, the smaller one
+# that holds them (at that fraction of the cost of re-solving every row); more re-solve them all.
 _FIX_FRACTIONS = (32, 4)
 
 
@@ -277,13 +278,14 @@ def _top3_of_union(a, b):
 
 
 def block_top3(z: jax.Array, axis: int, block: int = _BLOCK) -> tuple[jax.Array, jax.Array]:
-    """The two largest entries of each strided block of ``block`` entries along ``axis``.
+    """The three largest entries of each strided block of ``block`` entries along ``axis >= 0``.
 
     Block ``i`` holds entries ``i, i + n, i + 2n, ...`` with ``n`` a multiple of 8, so the work is
     elementwise over vector-aligned slices of length ``n``. Returns ``(sub, third)``: ``sub`` holds
     every block's largest and second largest entries followed by the entries past ``n * block``,
     kept as they are (a sub-multiset of the row); ``third[..., i, ...]`` is block ``i``'s third
-    largest entry, an upper bound of every entry of the row not in ``sub``. One pass: a variadic
+    largest entry, an upper bound of the entries of that block not in ``sub``: every entry left
+    out of ``sub`` is bounded by its block's. One pass: a variadic
     reduction whose reducer merges top-three lists (nan propagates through all three).
     """
     k = z.shape[axis]
@@ -302,7 +304,7 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
 
     Args:
       x: rows along ``axis`` (masked entries ``-inf``).
-      axis: the row axis.
+      axis: the row axis (non-negative).
       solve: ``solve(z, axis, init, *params) -> t``, the exact threshold of each row of ``z``
         (maximum 0) starting from a lower bound ``init`` (``None``: from scratch); ``t`` keeps
         ``axis`` as 1.
@@ -312,7 +314,8 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
         or Python numbers).
 
     Returns:
-      ``(m, t)`` with ``t`` as ``solve(x - m, axis, None, *params)`` would give it. Rows longer
+      ``(m, t)`` with ``t`` as ``solve(x - m, axis, None, *params)`` would give it, up to
+      rounding. Rows longer
       than ``_DIRECT`` are solved on :func:`block_top3`'s subset, certified and, where that fails,
       re-solved; the maximum comes from the same pass.
 
