@@ -20,7 +20,6 @@ Shared machines are noisy: run it with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -47,7 +46,10 @@ MALLOC_ENV = {
 }
 SHAPES = ((4096, 32), (1024, 1000), (256, 32000), (32, 128000))
 QUICK_SHAPES = ((256, 32), (64, 1000))
-RESULT_FILES = ("benchmark.json", "benchmark.md")
+# Everything a run writes: any of them marks a folder with results (refused without --force).
+OUTPUTS = ("benchmark.json", "benchmark.md", "benchmark.csv")
+# The dtypes a case can take (the PyTorch peers have each of them too).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -55,11 +57,11 @@ class Config:
     """Settings; every CLI flag overrides the field of the same name."""
 
     out: str = ""  # results folder; empty: results/benchmark-<timestamp>
-    shapes: tuple[tuple[int, int], ...] = SHAPES  # (batch, classes)
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    variants: tuple[str, ...] = ()  # empty: all (see VARIANTS)
-    repeats: int = 30  # timed calls per case (at least; fast cases get more within the budget)
-    budget_s: float = 1.0  # time per case spent on repeats beyond --repeats
+    shapes: tuple[tuple[int, int], ...] = SHAPES  # (batch, classes), each >= 1
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # from DTYPES
+    variants: tuple[str, ...] = ()  # empty: all (see VARIANTS and TORCH_VARIANTS)
+    repeats: int = 30  # timed calls per case (>= 1; fast cases get more within the budget)
+    budget_s: float = 1.0  # time per case spent on repeats beyond --repeats (>= 0)
     force: bool = False  # overwrite results already in --out
     quick: bool = False  # tiny shapes and few repeats
 
@@ -129,7 +131,7 @@ def _torch_cases(shape, dtype, names):
     except ImportError:
         return None
     torch.manual_seed(0)
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     x = torch.randn(*shape, dtype=tdtype) * 3
     w = torch.randn(*shape, dtype=tdtype)
     fns = {
@@ -162,7 +164,7 @@ def measure(config: Config) -> list[dict[str, Any]]:
     for shape, dtype, mode in common.progress(cases, desc="benchmark"):
         key_x, key_w = jax.random.split(jax.random.key(0))
         x = (jax.random.normal(key_x, shape) * 3).astype(dtype)
-        w = jax.random.normal(key_w, shape)
+        w = jax.random.normal(key_w, shape, jnp.float32)
         copy = jax.jit(lambda x: x * jnp.asarray(1.0001, x.dtype)).lower(x).compile()
         copies = 1 if mode == "fwd" else 3
         copy_time = copies * _median_time(
@@ -283,42 +285,82 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def run(config: Config) -> dict[str, Any]:
-    """Measures and writes ``benchmark.json`` and ``benchmark.md`` into ``config.out``."""
-    if config.quick:
-        config = dataclasses.replace(config, shapes=QUICK_SHAPES, repeats=5, budget_s=0.05)
+def check_config(config: Config) -> None:
+    """Raises a :class:`common.UsageError` for a setting out of its range or unknown."""
     known = tuple(VARIANTS) + TORCH_VARIANTS
     unknown = [n for n in config.variants if n not in known]
     if unknown:
         raise common.UsageError(f"unknown variants {unknown}; known: {', '.join(known)}")
+    if not config.dtypes or any(d not in DTYPES for d in config.dtypes):
+        raise common.UsageError(
+            f"--dtypes takes a comma-separated list from {', '.join(DTYPES)}, "
+            f"got {','.join(config.dtypes) or 'nothing'}"
+        )
+    if not config.shapes or any(
+        len(shape) != 2
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape)
+        for shape in config.shapes
+    ):
+        shown = ",".join("x".join(map(str, shape)) for shape in config.shapes) or "nothing"
+        raise common.UsageError(
+            f"--shapes takes BATCHxCLASSES,... with both sizes >= 1, got {shown}"
+        )
+    if (
+        isinstance(config.repeats, bool)
+        or not isinstance(config.repeats, int)
+        or config.repeats < 1
+    ):
+        raise common.UsageError(f"--repeats must be an integer >= 1, got {config.repeats!r}")
+    if not common.is_finite_number(config.budget_s) or config.budget_s < 0:
+        raise common.UsageError(f"budget_s must be finite and >= 0, got {config.budget_s!r}")
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Measures and writes ``benchmark.json``, ``.csv`` and ``.md`` into ``config.out``."""
+    if config.quick:
+        config = dataclasses.replace(config, shapes=QUICK_SHAPES, repeats=5, budget_s=0.05)
+    check_config(config)
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("benchmark")
-    out = common.prepare_out_dir(out, RESULT_FILES, config.force)
-    records = measure(config)
-    result = {
-        "environment": environment(),
-        "config": dataclasses.asdict(config),
-        "records": records,
-    }
-    common.write_json(out / "benchmark.json", result)
-    env = result["environment"]
-    header = (
-        f"backend {env['backend']} ({env['device']}), jax {env['jax']}, {env['cpu_count']} CPUs, "
-        f"{env['date']}; medians; ratios measured in one run.\n\n"
-    )
-    common.write_csv(out / "benchmark.csv", records)
-    (out / "benchmark.md").write_text(
-        header + summary(records) + "\n\nAll records:\n\n" + table(records) + "\n"
-    )
+    with common.output_folder(out, OUTPUTS, config.force) as out:
+        if config.force:
+            common.remove_outputs(out, OUTPUTS)
+        records = measure(config)
+        result = {
+            "environment": environment(),
+            "config": dataclasses.asdict(config),
+            "records": records,
+        }
+        common.write_json(out / "benchmark.json", result)
+        env = result["environment"]
+        header = (
+            f"backend {env['backend']} ({env['device']}), jax {env['jax']}, "
+            f"{env['cpu_count']} CPUs, {env['date']}; medians; ratios measured in one run.\n\n"
+        )
+        common.write_csv(out / "benchmark.csv", records)
+        common.write_text(
+            out / "benchmark.md",
+            header + summary(records) + "\n\nAll records:\n\n" + table(records) + "\n",
+        )
     return result
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``BATCHxCLASSES`` -> (batch, classes); the checks are in :func:`check_config`."""
+    try:
+        return tuple(int(n) for n in text.strip().split("x"))
+    except ValueError:
+        raise common.UsageError(f"--shapes takes BATCHxCLASSES,..., got {text!r}") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     """CLI flags -> (:class:`Config`, whether to skip the malloc re-exec)."""
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--shapes", default="", help="e.g. 4096x32,1024x1000")
-    parser.add_argument("--dtypes", default=",".join(defaults.dtypes))
+    parser.add_argument(
+        "--dtypes", default=",".join(defaults.dtypes), help=f"from {', '.join(DTYPES)}"
+    )
     parser.add_argument(
         "--variants",
         default="",
@@ -331,23 +373,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         "--no-malloc-env", action="store_true", help="do not set MALLOC_* and re-run"
     )
     args = parser.parse_args(argv)
-    try:
-        shapes = (
-            tuple(tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",") if s)
-            or defaults.shapes
-        )
-    except ValueError:
-        parser.error("--shapes takes BATCHxCLASSES,...")
+    shapes = tuple(_shape(s) for s in args.shapes.split(",") if s.strip()) or defaults.shapes
     config = dataclasses.replace(
         defaults,
         out=args.out,
         shapes=shapes,
-        dtypes=tuple(d for d in args.dtypes.split(",") if d),
-        variants=tuple(v for v in args.variants.split(",") if v),
+        dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+        variants=common.split_specs(args.variants),
         repeats=args.repeats,
         force=args.force,
         quick=args.quick,
     )
+    check_config(config)
     return config, args.no_malloc_env
 
 

@@ -2,23 +2,36 @@
 
 The scripts run as ``python experiments/<script>.py``; Python then puts this folder on
 ``sys.path``, so they import this module as ``common``.
+
+Output folders: a run holds ``<out>/.lock`` (created with ``O_CREAT | O_EXCL``, holding its pid)
+while it writes, so a second run on the same folder is refused; a lock whose process is gone is
+taken over. Every file goes through :func:`atomic_file` (a temporary ``.<name>.<uuid>.tmp`` in
+the same folder, then a rename): a reader never sees half a file. Temporary files are removed on
+exceptions and on SIGTERM (see :func:`run_main`); ones left by a killed run are removed at the
+start of the next run on the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import csv
 import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,13 +42,72 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class Interrupted(BaseException):
+    """Raised by the SIGTERM handler that :func:`run_main` installs.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # Once: a second signal during the clean-up ends the process the default way.
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
-    """Runs ``main`` and turns a :class:`UsageError` into a one-line message and exit status 2."""
+    """Runs ``main``; turns errors and SIGTERM into one line on stderr and an exit status.
+
+    A :class:`UsageError` exits with status 2. SIGTERM raises :class:`Interrupted` in the main
+    thread, so that ``finally`` blocks (the lock, temporary files) run, and exits with 128 + 15;
+    Ctrl-C exits with 130.
+    """
+    in_main_thread = _is_main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
     try:
         return main(argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(
+            f"error: stopped by {name}; finished parts stay in the output folder", file=sys.stderr
+        )
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; finished parts stay in the output folder", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are :class:`UsageError` (one line, exit status 2)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's)
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output folders: lock, refusal, stale temporary files.
+
+LOCK_NAME = ".lock"
+_HELD_LOCKS: set[pathlib.Path] = set()  # locks this process holds
+_LIVE_TMP: set[pathlib.Path] = set()  # temporary files being written by this process
+# A lock file still empty after this long is from a process that died before writing its pid.
+_EMPTY_LOCK_GRACE_S = 10.0
 
 
 def default_out_dir(prefix: str) -> pathlib.Path:
@@ -44,24 +116,144 @@ def default_out_dir(prefix: str) -> pathlib.Path:
     return pathlib.Path("results") / f"{prefix}-{stamp}"
 
 
-def prepare_out_dir(
-    out: pathlib.Path, markers: Iterable[str], force: bool, resume: bool | None = None
-) -> pathlib.Path:
-    """Creates ``out``; refuses a folder that already holds results unless forced or resuming.
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
-    ``resume`` is None for a script without ``--resume``.
+
+def _lock_holder(lock: pathlib.Path) -> tuple[int | None, str]:
+    """(pid or None if unreadable, the raw text) of a lock file."""
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return None, ""
+    try:
+        return int(text.strip()), text
+    except ValueError:
+        return None, text
+
+
+def acquire_lock(folder: pathlib.Path) -> pathlib.Path:
+    """Creates ``folder/.lock`` holding this pid (``O_CREAT | O_EXCL``); takes over a stale one.
+
+    Raises:
+        UsageError: another live process holds the lock, or the folder is not writable.
+    """
+    lock = pathlib.Path(folder) / LOCK_NAME
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pid, text = _lock_holder(lock)
+            if pid is None:
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if age < _EMPTY_LOCK_GRACE_S:
+                    raise UsageError(
+                        f"{folder} is in use by another run (lock file {lock} is being written)"
+                    ) from None
+            elif _pid_alive(pid) and not (pid == os.getpid() and lock not in _HELD_LOCKS):
+                raise UsageError(
+                    f"{folder} is in use by another run (process {pid}, lock file {lock}); wait "
+                    "for it to finish, or delete the lock file if no run uses the folder"
+                ) from None
+            # Stale (its process is gone): remove it unless someone replaced it meanwhile.
+            with contextlib.suppress(FileNotFoundError):
+                if lock.read_text() == text:
+                    lock.unlink()
+            continue
+        except OSError as error:
+            raise UsageError(f"cannot write in --out {folder}: {error.strerror}") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        _HELD_LOCKS.add(lock)
+        return lock
+    raise UsageError(f"could not take the lock {lock}; is another run starting on {folder}?")
+
+
+def release_lock(lock: pathlib.Path) -> None:
+    """Removes a lock taken by :func:`acquire_lock` (if it still holds this pid)."""
+    _HELD_LOCKS.discard(lock)
+    pid, _ = _lock_holder(lock)
+    if pid == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: pathlib.Path, subfolders: Iterable[str] = ()) -> list[str]:
+    """Deletes ``.*.tmp`` files (left by a killed run) in ``folder`` and its ``subfolders``.
+
+    Call it only while holding the folder's lock: then no other run is writing them.
+    """
+    removed = []
+    for where in [pathlib.Path(folder), *(pathlib.Path(folder) / name for name in subfolders)]:
+        if where.is_dir():
+            for path in where.glob(".*.tmp"):
+                if path not in _LIVE_TMP and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path))
+    return removed
+
+
+@contextlib.contextmanager
+def output_folder(
+    out: pathlib.Path,
+    markers: Iterable[str],
+    force: bool,
+    resume: bool | None = None,
+    subfolders: Iterable[str] = (),
+) -> Iterator[pathlib.Path]:
+    """Creates and locks ``out`` for one run; refuses a folder in use or holding results.
+
+    Args:
+        out: the results folder.
+        markers: names whose presence means the folder holds (possibly partial) results.
+        force: results may be overwritten (the script removes them).
+        resume: results may be continued (the script checks they match); None for a script
+            without ``--resume``.
+        subfolders: folders inside ``out`` where the run writes too (for stale temporary files).
+
+    Yields:
+        ``out``, locked (``out/.lock``) until the block ends, with stale ``.*.tmp`` files removed.
+
+    Raises:
+        UsageError: ``out`` is not a writable folder, another run holds it, or it holds results
+            and neither ``force`` nor ``resume`` is set. The folder is then left as it was.
     """
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    existing = [name for name in markers if (out / name).exists()]
-    if existing and not (force or resume):
-        raise UsageError(
-            f"{out} already holds results ({', '.join(existing)}); use --force to overwrite"
-            + ("" if resume is None else " or --resume to continue")
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {error.strerror}") from None
+    try:
+        lock = acquire_lock(out)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    try:
+        existing = [name for name in markers if (out / name).exists()]
+        if existing and not (force or resume):
+            raise UsageError(
+                f"{out} already holds results ({', '.join(existing)}); use --force to overwrite"
+                + ("" if resume is None else " or --resume to continue")
+            )
+        remove_stale_temp_files(out, subfolders)
+        yield out
+    finally:
+        release_lock(lock)
 
 
 def remove_outputs(out: pathlib.Path, names: Iterable[str]) -> None:
@@ -74,26 +266,56 @@ def remove_outputs(out: pathlib.Path, names: Iterable[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+@atexit.register
+def _clean_up_at_exit() -> None:
+    for path in list(_LIVE_TMP):
+        path.unlink(missing_ok=True)
+    for lock in list(_HELD_LOCKS):
+        release_lock(lock)
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes: every output file goes through atomic_file.
+
+
+@contextlib.contextmanager
+def atomic_file(path: pathlib.Path) -> Iterator[io.BufferedWriter]:
+    """A binary file handle whose contents appear at ``path`` only when the block succeeds.
+
+    It writes ``.<name>.<uuid>.tmp`` next to ``path``, then renames it over ``path``; on an
+    exception (or SIGTERM under :func:`run_main`) the temporary file is deleted and ``path`` is
+    left as it was. New files get mode 0o666 before the umask, like ``open()``.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    # Mode 0o666 before the umask, like open(): results are as readable as any other file.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    _LIVE_TMP.add(tmp)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename
+        _LIVE_TMP.discard(tmp)
+
+
+def write_bytes(path: pathlib.Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode())
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
     """Writes ``value`` as indented JSON, atomically (a temporary file, then a rename)."""
-    _atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
+    write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: pathlib.Path) -> Any:
@@ -110,14 +332,14 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_bytes(path, buffer.getvalue().encode())
+    write_text(path, buffer.getvalue())
 
 
 def save_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
     """Writes arrays to an ``.npz`` file, atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def save_figure(fig: Any, path: pathlib.Path) -> None:
@@ -127,7 +349,7 @@ def save_figure(fig: Any, path: pathlib.Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def pyplot():
@@ -139,6 +361,9 @@ def pyplot():
 
     return plt
 
+
+# --------------------------------------------------------------------------------------------------
+# Inputs.
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -166,6 +391,31 @@ def read_npz(path: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
         raise UsageError(f"{kind} file {path} is not a valid .npz of numeric arrays") from None
 
 
+def to_float32(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` as float32; a finite value that float32 cannot hold is a :class:`UsageError`."""
+    with np.errstate(over="ignore"):  # reported below, with the values
+        out = array.astype(np.float32)
+    overflow = np.isfinite(array) & ~np.isfinite(out)
+    if overflow.any():
+        largest = float(np.max(np.abs(array[overflow])))
+        raise UsageError(
+            f"{what} has values beyond the float32 range (|x| up to {largest:.3g}, "
+            f"float32 holds up to {float(np.finfo(np.float32).max):.3g}); rescale them"
+        )
+    return out
+
+
+def _label_gaps(labels: np.ndarray) -> tuple[list[int], int]:
+    """The first missing ids in 0..max of sorted unique ``labels``, and how many are missing."""
+    missing, count, expected = [], 0, 0
+    for value in labels.tolist():
+        if value > expected:
+            count += value - expected
+            missing += range(expected, min(value, expected + 5 - len(missing)))
+        expected = value + 1
+    return missing[:5], count
+
+
 def _split_codes(split: np.ndarray, path: pathlib.Path) -> np.ndarray:
     """A ``split`` array of 0/1/2 or "train"/"val"/"test" -> 0/1/2 (int32)."""
     if split.dtype.kind in "US":
@@ -185,8 +435,9 @@ def _split_codes(split: np.ndarray, path: pathlib.Path) -> np.ndarray:
 def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads ``X`` (n, d), ``y`` (n,) and optional ``split`` (n,) from an ``.npz`` file.
 
-    ``split`` holds 0/1/2 or "train"/"val"/"test" per row. Every problem is a :class:`UsageError`
-    naming the file and what is wrong.
+    ``X`` is cast to float32 (values beyond its range are refused); ``y`` must hold the class ids
+    0..K-1, each at least once; ``split`` holds 0/1/2 or "train"/"val"/"test" per row. Every
+    problem is a :class:`UsageError` naming the file and what is wrong.
     """
     path = pathlib.Path(path)
     arrays = read_npz(path, "features")
@@ -194,8 +445,11 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if missing:
         raise UsageError(f"features file {path} lacks array(s) {', '.join(missing)}")
     x, y = arrays["X"], arrays["y"]
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise UsageError(f"features file {path}: X must be a 2-D numeric array, got {x.shape}")
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or 0 in x.shape:
+        raise UsageError(
+            f"features file {path}: X must be a 2-D numeric array with at least one row and "
+            f"column, got shape {x.shape} ({x.dtype})"
+        )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise UsageError(
             f"features file {path}: y must have one label per row of X "
@@ -203,14 +457,52 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
         raise UsageError(f"features file {path}: y must hold non-negative integer class ids")
+    labels = np.unique(y)  # sorted; at most n of them, whatever the largest id
+    gaps, count = _label_gaps(labels)
+    if count:
+        shown = ", ".join(map(str, gaps)) + (f" and {count - len(gaps)} more" if count > 5 else "")
+        raise UsageError(
+            f"features file {path}: y must hold the class ids 0..K-1 each at least once; "
+            f"the largest is {int(labels[-1])} but {shown} never occur (renumber the classes)"
+        )
     if not np.isfinite(x).all():
-        raise UsageError(f"features file {path}: X has non-finite values")
-    out = {"X": x.astype(np.float32), "y": y.astype(np.int32)}
+        raise UsageError(f"features file {path}: X has non-finite values (NaN or inf)")
+    out = {"X": to_float32(x, f"features file {path}: X"), "y": y.astype(np.int32)}
     if "split" in arrays:
         if arrays["split"].shape != y.shape:
             raise UsageError(f"features file {path}: split must have shape {y.shape}")
         out["split"] = _split_codes(arrays["split"], path)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags and configs.
+
+
+def split_specs(text: str) -> tuple[str, ...]:
+    """Variant specs from a comma-separated list, where a spec may itself hold commas.
+
+    A piece with ``=`` but no ``:`` is a further parameter of the spec before it, so
+    ``"softmax,entmax:alpha=1.3,temperature=2,sparsemax"`` gives ``("softmax",
+    "entmax:alpha=1.3,temperature=2", "sparsemax")``. Blank pieces are dropped.
+
+    Raises:
+        UsageError: the list starts with a parameter (``"alpha=1.3,softmax"``).
+    """
+    specs: list[str] = []
+    for piece in (item.strip() for item in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece:
+            if not specs:
+                raise UsageError(
+                    f"--variants {text!r}: {piece!r} is a parameter with no variant before it "
+                    "(write name:key=value,key=value)"
+                )
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return tuple(specs)
 
 
 def comma_separated(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -221,6 +513,15 @@ def comma_separated(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ..
 
     parse.__name__ = f"comma-separated {cast.__name__}"  # argparse names it in its errors
     return parse
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not bool) that is finite."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def config_from_flags(defaults: Any, flags: argparse.Namespace, quick: dict[str, Any]) -> Any:
@@ -239,9 +540,21 @@ def config_from_flags(defaults: Any, flags: argparse.Namespace, quick: dict[str,
 
 
 def progress(iterable: Iterable[Any], total: int | None = None, desc: str = ""):
-    """A tqdm progress bar on stderr (a plain iterable if tqdm is missing)."""
+    """A tqdm progress bar on stderr when stderr is a terminal; else (logs, pipes) the iterable.
+
+    Also the plain iterable if tqdm is missing.
+    """
     try:
         from tqdm import tqdm
     except ImportError:
         return iterable
+    if not _stderr_is_terminal():
+        return iterable
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False

@@ -13,11 +13,13 @@ size, sparsity and train step time.
 
 ``--features FILE.npz`` brings embeddings from any model (arrays ``X``, ``y``, optional ``split``
 with 0/1/2 or train/val/test). With several JAX devices, batches are sharded over all of them.
+``--variants`` is comma-separated, and a spec may take several parameters:
+``softmax,entmax:alpha=1.3,temperature=2,sparsemax`` is three variants (see
+:func:`common.split_specs`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -49,10 +51,12 @@ DEFAULT_VARIANTS = (
     "entmax:alpha=1.75",
     LEARNED,
 )
-RESULT_FILES = ("metrics.json", "summary.csv", "runs")
-# Everything a run writes except the backbone cache: a --force run removes these first.
+# Everything a run writes except the backbone cache: any of them marks a folder holding a
+# (possibly interrupted) run, which is refused without --force or --resume; --force removes them.
 OUTPUTS = (
-    *RESULT_FILES,
+    "metrics.json",
+    "summary.csv",
+    "runs",
     "config.json",
     "test_logits.npz",
     "accuracy_vs_sparsity.png",
@@ -62,7 +66,7 @@ OUTPUTS = (
 # The --quick settings: the whole run in well under a minute on 2 CPU cores (flags given win).
 QUICK = {"seeds": 1, "epochs": 4, "backbone_epochs": 10}
 # Settings that may change on --resume; the data are compared by their fingerprint instead.
-RESUME_FREE = ("out", "force", "resume", "quick", "variants", "features")
+RESUME_FREE = ("out", "force", "resume", "quick", "variants", "features", "config_hash")
 
 
 @dataclasses.dataclass
@@ -73,14 +77,20 @@ class Config:
     variants: tuple[str, ...] = DEFAULT_VARIANTS  # registry specs, plus entmax:alpha=learned
     seeds: int = 3  # head fine-tunings per variant (seeds 0..seeds-1)
     epochs: int = 60  # passes over the target training split per fine-tuning
-    batch_size: int = 64  # examples per step (rounded down to a multiple of the device count)
-    learning_rate: float = 0.02  # Adam step size for the head
+    # Examples per step; an epoch's last batch holds the rest. Each batch is padded to a multiple
+    # of the device count with masked rows (weight 0), so results do not depend on the devices.
+    batch_size: int = 64
+    learning_rate: float = 0.02  # Adam step size for the head (finite, > 0)
     backbone_epochs: int = 80  # pretraining passes over the source task
     hidden: int = 32  # backbone feature width (the head's input)
     features: str = ""  # .npz file with X, y (and split): skips the bundled data and backbone
-    split_seed: int = 0  # fixes the source/train/val/test split
+    split_seed: int = 0  # fixes the source/train/val/test split (>= 0)
+    # entmax:alpha=learned trains alpha = lo + (hi - lo) * sigmoid(a) with the head, bounded to
+    # the open interval (lo, hi) and starting at its midpoint (Correia et al. 2019, Adaptively
+    # Sparse Transformers); 1 <= lo < hi. Flag: --learned-alpha-range lo,hi.
+    learned_alpha_range: tuple[float, float] = (1.0, 2.0)
     force: bool = False  # overwrite results already in --out
-    resume: bool = False  # keep finished variants in --out and run the rest
+    resume: bool = False  # keep finished variants in --out (same settings only) and run the rest
     quick: bool = False  # recorded only: parse_args applies QUICK under the flags given
 
 
@@ -100,14 +110,22 @@ def _split_target(n: int, rng: np.random.Generator) -> np.ndarray:
 def _init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
     keys = jax.random.split(key, len(sizes) - 1)
     return [
-        {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+        {
+            "w": jax.random.normal(k, (m, n), jnp.float32) * np.float32(np.sqrt(2.0 / m)),
+            "b": jnp.zeros(n, jnp.float32),
+        }
         for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
     ]
 
 
+def _affine(x_NxD, layer):
+    """``x @ w + b`` with the bias broadcast explicitly (no implicit rank promotion)."""
+    return x_NxD @ layer["w"] + layer["b"][None, :]
+
+
 def _mlp_features(layers, x):
     for layer in layers[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        x = jax.nn.relu(_affine(x, layer))
     return x
 
 
@@ -123,7 +141,7 @@ def pretrain_backbone(x: np.ndarray, y: np.ndarray, config: Config) -> list[dict
     @jax.jit
     def step(layers, state, xb, yb):
         def loss_fn(layers):
-            logits = _mlp_features(layers, xb) @ layers[-1]["w"] + layers[-1]["b"]
+            logits = _affine(_mlp_features(layers, xb), layers[-1])
             return jnp.mean(sm.losses.softmax_loss(logits, yb))
 
         loss, grads = jax.value_and_grad(loss_fn)(layers)
@@ -233,8 +251,10 @@ def load_data(config: Config, raw: dict[str, Any], cache: pathlib.Path | None) -
         name: (x[split == code], raw["y"][split == code]) for name, code in common.SPLITS.items()
     }
     # Standardise with training statistics: the head then trains well with one learning rate.
-    mean, std = parts["train"][0].mean(0), parts["train"][0].std(0) + 1e-6
-    parts = {k: ((v[0] - mean) / std, v[1]) for k, v in parts.items()}
+    # Computed in float64: float32 sums of features near the float32 limit would overflow.
+    train = parts["train"][0].astype(np.float64)
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    parts = {k: (((v[0] - mean) / std).astype(np.float32), v[1]) for k, v in parts.items()}
     return {"parts": parts, "num_classes": int(raw["y"].max()) + 1, "source": raw["source"]}
 
 
@@ -242,23 +262,35 @@ def load_data(config: Config, raw: dict[str, Any], cache: pathlib.Path | None) -
 # Variants and training.
 
 
-def resolve_variant(spec: str) -> dict[str, Any]:
-    """A variant spec -> its normalize/loss, taking a learned alpha as an extra head parameter."""
+def resolve_variant(spec: str, alpha_range: Sequence[float] = (1.0, 2.0)) -> dict[str, Any]:
+    """A variant spec -> its normalize/loss, taking a learned alpha as an extra head parameter.
+
+    Args:
+        spec: a registry spec (``entmax:alpha=1.3,temperature=2``) or ``entmax:alpha=learned``.
+        alpha_range: (lo, hi), the open interval a learned alpha stays in.
+
+    Raises:
+        common.UsageError: the registry does not accept ``spec``.
+    """
     if spec == LEARNED:
-        # alpha = 1 + softplus(raw) stays > 1; raw starts at softplus^-1(0.5), i.e. alpha = 1.5.
+        lo, hi = (float(value) for value in alpha_range)
+
+        # alpha = lo + (hi - lo) * sigmoid(a) stays inside (lo, hi), as in Correia et al. (2019);
+        # a starts at 0, the midpoint (alpha = 1.5 for the default (1, 2)). The clip only catches
+        # float32 rounding past an end where sigmoid has saturated (its gradient is ~0 there).
         def alpha_of(params):
-            return 1 + jax.nn.softplus(params["alpha_raw"])
+            return jnp.clip(lo + (hi - lo) * jax.nn.sigmoid(params["alpha_raw"]), lo, hi)
 
         return {
             "spec": spec,
-            "extra": {"alpha_raw": jnp.log(jnp.expm1(0.5))},
+            "extra": {"alpha_raw": jnp.zeros((), jnp.float32)},
             "normalize": lambda params, z: sm.entmax(z, alpha=alpha_of(params)),
             "loss": lambda params, z, y: sm.losses.entmax_loss(z, y, alpha=alpha_of(params)),
             "alpha": alpha_of,
         }
     try:
         variant = registry.parse(spec)
-    except ValueError as error:
+    except (ValueError, TypeError, OverflowError) as error:  # e.g. max_iter=inf: OverflowError
         raise common.UsageError(f"variant {spec!r}: {error} (or {LEARNED})") from None
     return {
         "spec": spec,
@@ -269,14 +301,22 @@ def resolve_variant(spec: str) -> dict[str, Any]:
     }
 
 
+def _confidence_bins(probs: np.ndarray, bins: int) -> list[np.ndarray]:
+    """Boolean masks of the examples in each equal-width confidence bin [0, 1/b], (1/b, 2/b], ..."""
+    confidence = probs.max(-1)
+    edges = np.linspace(0, 1, bins + 1)
+    return [
+        ((confidence >= lo) if i == 0 else (confidence > lo)) & (confidence <= hi)
+        for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+    ]
+
+
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     """ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by size."""
     confidence = probs.max(-1)
     correct = probs.argmax(-1) == y
-    edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > lo) & (confidence <= hi)
+    for in_bin in _confidence_bins(probs, bins):
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
@@ -286,25 +326,38 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> list[list[f
     """Per non-empty bin: [mean confidence, accuracy, count] (for the reliability diagram)."""
     confidence = probs.max(-1)
     correct = probs.argmax(-1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > lo) & (confidence <= hi)
-        if in_bin.any():
-            rows.append(
-                [float(confidence[in_bin].mean()), float(correct[in_bin].mean()), int(in_bin.sum())]
-            )
-    return rows
+    return [
+        [float(confidence[in_bin].mean()), float(correct[in_bin].mean()), int(in_bin.sum())]
+        for in_bin in _confidence_bins(probs, bins)
+        if in_bin.any()
+    ]
+
+
+def batch_layout(n: int, batch_size: int, devices: int) -> tuple[int, int]:
+    """(examples per step, padded batch width) for ``n`` training examples on ``devices``.
+
+    Every step takes ``min(batch_size, n)`` examples (the epoch's last step the rest); the arrays
+    are padded to a multiple of the device count, and the padding rows have weight 0. So the
+    training is the same on any number of devices, and even a split smaller than the device count
+    trains.
+    """
+    per_step = min(batch_size, n)
+    return per_step, -(-per_step // devices) * devices
 
 
 def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]:
-    """Fine-tunes one linear head; returns its test metrics and test-set logits."""
+    """Fine-tunes one linear head; returns its test metrics and test-set logits.
+
+    ``step_time_ms`` is the median time of the training steps proper: ``train_step`` is compiled
+    and run once (on the first batch, result discarded) before the loop, and each timed step ends
+    with ``block_until_ready``.
+    """
     (x_tr, y_tr), (x_te, y_te) = data["parts"]["train"], data["parts"]["test"]
     num_classes = data["num_classes"]
     key = jax.random.key(seed)
     params = {
-        "w": jax.random.normal(key, (x_tr.shape[1], num_classes)) * 0.01,
-        "b": jnp.zeros(num_classes),
+        "w": jax.random.normal(key, (x_tr.shape[1], num_classes), jnp.float32) * np.float32(0.01),
+        "b": jnp.zeros(num_classes, jnp.float32),
         **variant["extra"],
     }
     optimizer = optax.adam(config.learning_rate)
@@ -313,11 +366,12 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     params, opt_state = jax.device_put((params, opt_state), replicated)
 
-    @jax.jit
-    def train_step(params, opt_state, x_BxD, y_B):
+    def train_step(params, opt_state, x_BxD, y_B, w_B):
+        # w_B is 1 for an example and 0 for a padding row: the loss is the mean over examples.
         def loss_fn(params):
-            logits_BxC = x_BxD @ params["w"] + params["b"]
-            return jnp.mean(variant["loss"](params, logits_BxC, y_B))
+            logits_BxC = _affine(x_BxD, params)
+            losses_B = variant["loss"](params, logits_BxC, y_B)
+            return jnp.sum(w_B * losses_B) / jnp.sum(w_B)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state)
@@ -325,49 +379,82 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
 
     @jax.jit
     def eval_step(params, x_NxD, y_N):
-        logits_NxC = x_NxD @ params["w"] + params["b"]
+        logits_NxC = _affine(x_NxD, params)
         return variant["normalize"](params, logits_NxC), variant["loss"](params, logits_NxC, y_N)
 
-    devices = mesh.devices.size
-    batch = min(config.batch_size, len(y_tr))  # a small training split is one full batch
-    batch = max(devices, batch - batch % devices)
+    n = len(y_tr)
+    per_step, width = batch_layout(n, config.batch_size, mesh.devices.size)
+
+    def device_batch(idx: np.ndarray):
+        rows = np.concatenate([idx, np.full(width - len(idx), idx[0])])
+        weights = (np.arange(width) < len(idx)).astype(np.float32)
+        return jax.device_put((x_tr[rows], y_tr[rows], weights), sharded)
+
+    # Compiled once, before the timed loop; a call with other shapes or dtypes would be an error
+    # here rather than a silent recompilation inside the timed region.
+    warm_up = device_batch(np.arange(per_step))
+    step = (
+        jax.jit(
+            train_step,
+            in_shardings=(replicated, replicated, sharded, sharded, sharded),
+            out_shardings=replicated,
+        )
+        .lower(params, opt_state, *warm_up)
+        .compile()
+    )
+    jax.block_until_ready(step(params, opt_state, *warm_up))  # first-call costs; discarded
+
     rng = np.random.default_rng(seed)
     step_times = []
     for epoch in common.progress(range(config.epochs), desc=f"{variant['spec']} seed {seed}"):
-        order = rng.permutation(len(y_tr))
-        for start in range(0, len(order) - batch + 1, batch):
-            idx = order[start : start + batch]
-            xb, yb = jax.device_put((x_tr[idx], y_tr[idx]), sharded)
+        order = rng.permutation(n)
+        for start in range(0, n, per_step):
+            batch = device_batch(order[start : start + per_step])
             began = time.perf_counter()
-            params, opt_state, metrics = train_step(params, opt_state, xb, yb)
-            loss = float(metrics["loss"])  # also waits for the step
+            params, opt_state, metrics = step(params, opt_state, *batch)
+            jax.block_until_ready((params, opt_state, metrics))
             step_times.append(time.perf_counter() - began)
+            loss = float(metrics["loss"])
             if not np.isfinite(loss):
                 raise common.UsageError(
                     f"variant {variant['spec']} seed {seed}: the training loss became {loss} "
                     f"in epoch {epoch}; try a smaller --learning-rate"
                 )
+    if not step_times:  # cannot happen with a non-empty training split and epochs >= 1
+        raise common.UsageError(f"variant {variant['spec']} seed {seed}: no training step ran")
     probs, losses = eval_step(params, x_te, y_te)
     probs = np.asarray(probs, np.float64)
+    if not np.isfinite(probs).all():
+        raise common.UsageError(
+            f"variant {variant['spec']} seed {seed}: the test probabilities are not finite; "
+            "try a smaller --learning-rate"
+        )
     result = {
         "accuracy": float(np.mean(probs.argmax(-1) == y_te)),
         "loss": float(np.mean(losses)),
         "ece": expected_calibration_error(probs, y_te),
         "support_size": float(np.mean(np.sum(probs > 0, -1))),
         "sparsity": float(np.mean(probs == 0)),
-        # The first steps include compilation; the median of the rest is the steady state.
-        "step_time_ms": float(np.median(step_times[1:] or step_times) * 1e3),
+        "step_time_ms": float(np.median(step_times) * 1e3),
+        "steps": len(step_times),
         "support_sizes": np.sum(probs > 0, -1).tolist(),
         "reliability": reliability(probs, y_te),
     }
     if variant["alpha"] is not None:
         result["alpha"] = float(variant["alpha"](params))
-    logits = np.asarray(x_te @ params["w"] + params["b"], np.float32)
+    logits = np.asarray(_affine(x_te, params), np.float32)
     return result, logits
 
 
-def summarize(spec: str, runs: list[dict[str, Any]], mesh: Mesh) -> dict[str, Any]:
-    """Mean and std over seeds of every scalar metric, plus the backend and device count."""
+def summarize(spec: str, finished: dict[str, Any]) -> dict[str, Any]:
+    """Mean and std over seeds of every scalar metric, plus the backend and device count.
+
+    Args:
+        spec: the variant.
+        finished: its run file's contents: ``runs`` (one result per seed), ``backend``,
+            ``devices`` (where they ran) and ``config_hash``.
+    """
+    runs = finished["runs"]
     record: dict[str, Any] = {"variant": spec}
     for key in ("accuracy", "loss", "ece", "support_size", "sparsity", "step_time_ms", "alpha"):
         if key in runs[0]:
@@ -375,14 +462,31 @@ def summarize(spec: str, runs: list[dict[str, Any]], mesh: Mesh) -> dict[str, An
             record[key] = float(values.mean())
             record[f"{key}_std"] = float(values.std())
     record["seeds"] = len(runs)
-    record["backend"] = jax.default_backend()
-    record["devices"] = int(mesh.devices.size)
+    record["backend"] = finished["backend"]
+    record["devices"] = int(finished["devices"])
     return record
 
 
 def _run_file(out: pathlib.Path, spec: str) -> pathlib.Path:
     safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
     return out / "runs" / f"{safe}.json"
+
+
+def settings_record(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    """What config.json holds: the settings, the data's fingerprint and ``config_hash``.
+
+    ``config_hash`` covers every setting that changes the results (all but RESUME_FREE) and
+    the data; each run file and test_logits.npz carry it, and only matching ones are reused.
+    """
+    record = {
+        **dataclasses.asdict(config),
+        "data_fingerprint": fingerprint(raw["x"], raw["y"], raw["split"]),
+    }
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back from the file
+    kept = {key: value for key, value in record.items() if key not in RESUME_FREE}
+    record["config_hash"] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    record["config_hash"] = record["config_hash"][:16]
+    return record
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -395,62 +499,144 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     ]
 
 
+def check_resumable(out: pathlib.Path, record: dict[str, Any]) -> None:
+    """Refuses ``--resume`` on a folder with results from other settings (or of unknown ones)."""
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if not existing:
+        return  # nothing to resume: a fresh start
+    path = out / "config.json"
+    try:
+        saved = common.read_json(path)
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise common.UsageError(
+            f"--resume: {out} holds results ({', '.join(existing)}) but no readable config.json; "
+            "use --force to start over"
+        )
+    changed = resume_mismatch(saved, record)
+    if changed:
+        raise common.UsageError(
+            f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
+            "use the same flags, or --force to start over"
+        )
+
+
+def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None:
+    """A variant's run file if it was written with the settings ``config_hash``; else None."""
+    try:
+        saved = common.read_json(path)
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(saved, dict)
+        and saved.get("config_hash") == config_hash
+        and isinstance(saved.get("runs"), list)
+        and len(saved["runs"]) > 0
+    )
+    return saved if ok else None
+
+
+def logits_hash(path: pathlib.Path) -> str | None:
+    """The ``config_hash`` stored in a test_logits.npz, or None (missing, unreadable, older)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return str(saved["config_hash"]) if "config_hash" in saved.files else None
+    except Exception:  # missing or damaged: not current
+        return None
+
+
 def stale_outputs(out: pathlib.Path, cache: pathlib.Path | None) -> list[str]:
     """What a previous run left in ``out``: its OUTPUTS and every backbone cache but ``cache``."""
     caches = [path.name for path in out.glob("backbone-*.npz") if path != cache]
     return [*OUTPUTS, *caches]
 
 
+def check_config(config: Config) -> None:
+    """Raises a :class:`common.UsageError` for a setting out of its range."""
+    for name in ("seeds", "epochs", "batch_size", "backbone_epochs", "hidden"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    rate = config.learning_rate
+    if not common.is_finite_number(rate) or rate <= 0:
+        raise common.UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
+    if isinstance(config.split_seed, bool) or not isinstance(config.split_seed, int):
+        raise common.UsageError(f"--split-seed must be an integer, got {config.split_seed!r}")
+    if config.split_seed < 0:
+        raise common.UsageError(f"--split-seed must be >= 0, got {config.split_seed}")
+    bounds = tuple(config.learned_alpha_range)
+    if (
+        len(bounds) != 2
+        or not all(common.is_finite_number(b) for b in bounds)
+        or not 1 <= bounds[0] < bounds[1]
+    ):
+        raise common.UsageError(
+            "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
+            f"got {','.join(map(str, bounds))}"
+        )
+
+
 def run(config: Config) -> list[dict[str, Any]]:
     """Runs the comparison and writes ``config.out``; returns the per-variant records."""
     # Everything the user gave is checked before anything is written.
-    variants = [resolve_variant(spec) for spec in config.variants]
+    check_config(config)
+    variants = [resolve_variant(spec, config.learned_alpha_range) for spec in config.variants]
     if not variants:
         raise common.UsageError("no variants given")
     features = common.load_features(config.features) if config.features else None
     raw = load_raw(config, features)
-    record = {
-        **dataclasses.asdict(config),
-        "data_fingerprint": fingerprint(raw["x"], raw["y"], raw["split"]),
-    }
+    record = settings_record(config, raw)
+    config_hash = record["config_hash"]
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
-    if config.resume and (out / "config.json").is_file():
-        changed = resume_mismatch(common.read_json(out / "config.json"), record)
-        if changed:
-            raise common.UsageError(
-                f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
-                "use the same flags, or --force to start over"
-            )
-    out = common.prepare_out_dir(out, RESULT_FILES, config.force, config.resume)
-    cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
-    if config.force:
-        common.remove_outputs(out, stale_outputs(out, cache))
-    common.write_json(out / "config.json", record)
-    data = load_data(config, raw, cache)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    with common.output_folder(
+        out, OUTPUTS, config.force, config.resume, subfolders=("runs",)
+    ) as out:
+        if config.resume:
+            check_resumable(out, record)
+        cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
+        if config.force:
+            common.remove_outputs(out, stale_outputs(out, cache))
+        logits_path = out / "test_logits.npz"
+        logits_current = logits_hash(logits_path) == config_hash
+        if not logits_current:  # another run's (e.g. an interrupted one): never read it
+            logits_path.unlink(missing_ok=True)
+        common.write_json(out / "config.json", record)
+        data = load_data(config, raw, cache)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
 
-    records, details = [], {}
-    for variant in common.progress(variants, desc="variants"):
-        path = _run_file(out, variant["spec"])
-        if config.resume and path.exists():
-            runs = common.read_json(path)
-        else:
-            runs = []
-            for seed in range(config.seeds):
-                result, logits = train_head(variant, data, seed, config, mesh)
-                runs.append(result)
-                if not (out / "test_logits.npz").exists():
-                    # The test-set logits of the first head, for experiments/sparsity.py --from-run.
-                    common.save_npz(
-                        out / "test_logits.npz", logits=logits, y=data["parts"]["test"][1]
-                    )
-            common.write_json(path, runs)
-        records.append(summarize(variant["spec"], runs, mesh))
-        details[variant["spec"]] = runs
-        # Written after every variant: an interrupted run keeps what it finished.
-        common.write_json(out / "metrics.json", records)
-        common.write_csv(out / "summary.csv", records)
-    plot(records, details, out)
+        records, details = [], {}
+        for variant in common.progress(variants, desc="variants"):
+            path = _run_file(out, variant["spec"])
+            finished = load_finished(path, config_hash) if config.resume else None
+            if finished is None:
+                runs = []
+                for seed in range(config.seeds):
+                    result, logits = train_head(variant, data, seed, config, mesh)
+                    runs.append(result)
+                    if not logits_current:
+                        # The first head's test-set logits, for experiments/sparsity.py --from-run.
+                        common.save_npz(
+                            logits_path,
+                            logits=logits,
+                            y=data["parts"]["test"][1],
+                            config_hash=np.array(config_hash),
+                            variant=np.array(variant["spec"]),
+                        )
+                        logits_current = True
+                finished = {
+                    "config_hash": config_hash,
+                    "backend": jax.default_backend(),
+                    "devices": int(mesh.devices.size),
+                    "runs": runs,
+                }
+                common.write_json(path, finished)
+            records.append(summarize(variant["spec"], finished))
+            details[variant["spec"]] = finished["runs"]
+            # Written after every variant: an interrupted run keeps what it finished.
+            common.write_json(out / "metrics.json", records)
+            common.write_csv(out / "summary.csv", records)
+        plot(records, details, out)
     return records
 
 
@@ -474,20 +660,23 @@ def plot(records: list[dict[str, Any]], details: dict[str, Any], out: pathlib.Pa
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     for spec, runs in details.items():
-        bins = np.array(runs[0]["reliability"])
+        bins = np.array(runs[0]["reliability"], dtype=np.float64).reshape(-1, 3)
         ax.plot(bins[:, 0], bins[:, 1], "o-", ms=3, label=spec)
     ax.set(xlabel="confidence (max probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     ax.set_title("reliability diagram (seed 0)")
-    ax.legend(fontsize=7)
+    if details:
+        ax.legend(fontsize=7)
     common.save_figure(fig, out / "reliability.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = [runs[0]["support_sizes"] for runs in details.values()]
-    top = max(max(s) for s in sizes)
-    ax.hist(sizes, bins=np.arange(0.5, top + 1.5), label=list(details), histtype="bar")
+    low = min((min(s) for s in sizes if s), default=0)
+    top = max((max(s) for s in sizes if s), default=0)
+    if sizes:
+        ax.hist(sizes, bins=np.arange(low - 0.5, top + 1.5), label=list(details), histtype="bar")
+        ax.legend(fontsize=7)
     ax.set(xlabel="support size (classes with p > 0)", ylabel="test examples")
     ax.set_title("support size per variant (seed 0)")
-    ax.legend(fontsize=7)
     common.save_figure(fig, out / "support_size.png")
 
 
@@ -508,17 +697,21 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    """CLI flags -> :class:`Config`: the defaults, then QUICK under ``--quick``, then the flags."""
+    """CLI flags -> :class:`Config`: the defaults, then QUICK under ``--quick``, then the flags.
+
+    Errors (an unknown flag, a value out of range) are :class:`common.UsageError`.
+    """
     defaults = Config()
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=f"--quick sets {QUICK} (flags given explicitly win)",
     )
     parser.add_argument("--out", help="results folder (default results/finetune-<timestamp>)")
     parser.add_argument(
         "--variants",
-        type=common.comma_separated(str),
-        help=f"comma-separated specs ({', '.join(registry.names())}, name:key=value, {LEARNED})",
+        type=common.split_specs,
+        help=f"comma-separated specs ({', '.join(registry.names())}, name:key=value[,key=value], "
+        f"{LEARNED}); e.g. softmax,entmax:alpha=1.3,temperature=2 is two variants",
     )
     for name, kind in (
         ("seeds", int),
@@ -531,15 +724,21 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     ):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, help=f"default {getattr(defaults, name)}")
+    parser.add_argument(
+        "--learned-alpha-range",
+        type=common.comma_separated(float),
+        help="lo,hi: the interval a learned alpha stays in, alpha = lo + (hi - lo) * sigmoid(a) "
+        f"(default {','.join(f'{v:g}' for v in defaults.learned_alpha_range)})",
+    )
     parser.add_argument("--features", help="X/y(/split) .npz file (default: bundled digits)")
     overwrite = parser.add_mutually_exclusive_group()
     overwrite.add_argument("--force", action="store_true", help="overwrite results in --out")
-    overwrite.add_argument("--resume", action="store_true", help="skip variants already finished")
+    overwrite.add_argument(
+        "--resume", action="store_true", help="skip variants already finished (same settings)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
     config = common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
-    sizes = (config.seeds, config.epochs, config.batch_size, config.backbone_epochs, config.hidden)
-    if min(sizes) < 1:
-        parser.error("--seeds, --epochs, --batch-size, --backbone-epochs and --hidden must be >= 1")
+    check_config(config)
     return config
 
 

@@ -6,13 +6,17 @@ temperatures. Logits come from a file (``--logits FILE.npz`` with an array ``log
 fine-tuned head's test set (``--from-run DIR``, the ``test_logits.npz`` that
 experiments/finetune_head.py writes) or, by default, from a synthetic Gaussian batch.
 
+The last axis of the logits is the class axis; any leading axes are rows, so attention scores
+``[batch, heads, q, k]`` work as they are. ``-inf`` entries are masked (as after a causal or
+padding mask): they are left out of the normalisation and the statistics, and fully masked rows
+are left out of the means.
+
     python experiments/sparsity.py --out results/sparsity
     python experiments/sparsity.py --from-run results/finetune-<timestamp> --out results/sp
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 from collections.abc import Sequence
@@ -25,7 +29,14 @@ import numpy as np
 
 import smvariants as sm
 
-RESULT_FILES = ("sparsity.json", "sparsity.csv")
+# Everything a run writes: any of them marks a folder with results (refused without --force).
+OUTPUTS = (
+    "sparsity.json",
+    "sparsity.csv",
+    "config.json",
+    "sparsity_vs_alpha.png",
+    "support_vs_temperature.png",
+)
 # The --quick settings: small grids and data (flags given win).
 QUICK = {"alphas": (1.0, 1.5, 2.0), "temperatures": (0.5, 1.0, 2.0), "examples": 128, "classes": 20}
 
@@ -35,29 +46,46 @@ class Config:
     """Settings; every CLI flag overrides the field of the same name."""
 
     out: str = ""  # results folder; empty: results/sparsity-<timestamp>
-    logits: str = ""  # .npz file with an array "logits" (rows = examples)
+    logits: str = ""  # .npz file with an array "logits" (last axis: classes; -inf: masked)
     from_run: str = ""  # a finetune_head.py results folder (uses its test_logits.npz)
-    alphas: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)  # the alpha grid
-    temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # the temperature grid
+    alphas: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)  # finite, >= 1
+    temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # finite, > 0
     examples: int = 2048  # synthetic logits: number of rows
     classes: int = 100  # synthetic logits: number of classes
     scale: float = 2.0  # synthetic logits: standard deviation
-    seed: int = 0  # synthetic logits: random seed
+    seed: int = 0  # synthetic logits: random seed (>= 0)
     force: bool = False  # overwrite results already in --out
     quick: bool = False  # recorded only: parse_args applies QUICK under the flags given
 
 
-def load_logits(config: Config) -> tuple[np.ndarray, str]:
-    """The logits to analyse and a description of where they came from."""
+def check_config(config: Config) -> None:
+    """Raises a :class:`common.UsageError` for a setting out of its range."""
+    if not config.alphas or not config.temperatures:
+        raise common.UsageError("--alphas and --temperatures need at least one value each")
+    bad = [a for a in config.alphas if not common.is_finite_number(a) or a < 1]
+    if bad:
+        raise common.UsageError(f"alphas must be finite and >= 1, got {', '.join(map(str, bad))}")
+    bad = [t for t in config.temperatures if not common.is_finite_number(t) or t <= 0]
+    if bad:
+        raise common.UsageError(
+            f"temperatures must be finite and > 0, got {', '.join(map(str, bad))}"
+        )
+    for name in ("examples", "classes"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise common.UsageError(f"{name} must be an integer >= 1, got {value!r}")
+    if not common.is_finite_number(config.scale) or config.scale <= 0:
+        raise common.UsageError(f"scale must be finite and > 0, got {config.scale}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise common.UsageError(f"--seed must be an integer >= 0, got {config.seed!r}")
     if config.logits and config.from_run:
         raise common.UsageError("give either --logits or --from-run, not both")
+
+
+def load_logits(config: Config) -> tuple[np.ndarray, str]:
+    """The logits to analyse and a description of where they came from."""
     if config.from_run:
-        path = pathlib.Path(config.from_run) / "test_logits.npz"
-        if not path.is_file():
-            raise common.UsageError(
-                f"{config.from_run} has no test_logits.npz (not a finetune run?)"
-            )
-        return _read_logits(path), f"test-set logits of {config.from_run}"
+        return _run_logits(pathlib.Path(config.from_run)), f"test-set logits of {config.from_run}"
     if config.logits:
         return _read_logits(pathlib.Path(config.logits)), f"logits file {config.logits}"
     rng = np.random.default_rng(config.seed)
@@ -65,53 +93,102 @@ def load_logits(config: Config) -> tuple[np.ndarray, str]:
     return logits.astype(np.float32), f"synthetic N(0, {config.scale}^2) logits"
 
 
-def _read_logits(path: pathlib.Path) -> np.ndarray:
-    """The array ``logits`` of an ``.npz`` file: finite floats, at least one row and column."""
+def _run_logits(run: pathlib.Path) -> np.ndarray:
+    """A finetune_head.py folder's test_logits.npz, if it belongs to the settings of the run.
+
+    The file carries the ``config_hash`` of the run that wrote it; it must equal the one in the
+    folder's config.json (else it is another run's, e.g. left by an interrupted one).
+    """
+    path = run / "test_logits.npz"
+    if not path.is_file():
+        raise common.UsageError(f"{run} has no test_logits.npz (not a finetune run?)")
     arrays = common.read_npz(path, "logits")
+    config_path = run / "config.json"
+    if config_path.is_file():
+        try:
+            expected = common.read_json(config_path).get("config_hash")
+        except (OSError, ValueError, AttributeError):
+            raise common.UsageError(f"{config_path} is not a valid config.json") from None
+        found = str(arrays["config_hash"]) if "config_hash" in arrays else None
+        if expected is not None and found != expected:
+            raise common.UsageError(
+                f"{path} is not from the run in {config_path} (config_hash {found} != "
+                f"{expected}; the run was interrupted before its first head?)"
+            )
+    return _check_logits(arrays, path)
+
+
+def _read_logits(path: pathlib.Path) -> np.ndarray:
+    """The array ``logits`` of an ``.npz`` file, checked (see :func:`_check_logits`)."""
+    return _check_logits(common.read_npz(path, "logits"), path)
+
+
+def _check_logits(arrays: dict[str, np.ndarray], path: pathlib.Path) -> np.ndarray:
+    """``logits`` as float32: at least 1-D, no empty axis, no NaN or +inf, some row unmasked.
+
+    ``-inf`` entries are masked; finite values beyond the float32 range are an error.
+    """
     if "logits" not in arrays:
         raise common.UsageError(f"logits file {path} lacks an array 'logits'")
     logits = arrays["logits"]
-    if logits.ndim != 2 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
+    if logits.ndim < 1 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
         raise common.UsageError(
-            f"logits in {path} must be a 2-D float array with at least one row and column, "
+            f"logits in {path} must be a float array (last axis: classes) with no empty axis, "
             f"got shape {logits.shape} ({logits.dtype})"
         )
-    if not np.isfinite(logits).all():
-        raise common.UsageError(f"logits in {path} have non-finite values (NaN or inf)")
-    return logits.astype(np.float32)
+    if np.isnan(logits).any() or (logits == np.inf).any():
+        raise common.UsageError(f"logits in {path} have NaN or +inf values (-inf means masked)")
+    logits = common.to_float32(logits, f"logits in {path}")
+    if not (logits > -np.inf).any(-1).any():
+        raise common.UsageError(f"logits in {path}: every row is fully masked (-inf)")
+    return logits
 
 
 def measure(logits: np.ndarray, alpha: float, temperature: float) -> dict[str, float]:
-    """Mean support size and sparsity of entmax_alpha(logits / temperature)."""
-    p = sm.entmax(jnp.asarray(logits), alpha=alpha, temperature=temperature)
+    """Mean support size and sparsity of entmax_alpha(logits / temperature) over the last axis.
+
+    ``-inf`` entries are masked (``where=``): not counted as zeros nor in the class count. Means
+    are over the rows with at least one unmasked entry.
+    """
+    x = jnp.asarray(logits)
+    mask = x > -jnp.inf
+    live = np.asarray(jnp.any(mask, axis=-1))
+    p = sm.entmax(x, alpha=alpha, temperature=temperature, where=mask)
+    support = np.asarray(sm.stats.support_size(p, where=mask))[live]
+    zeros = np.asarray(sm.stats.sparsity(p, where=mask))[live]
+    largest = np.asarray(jnp.max(p, axis=-1))[live]
     return {
         "alpha": alpha,
         "temperature": temperature,
-        "support_size": float(jnp.mean(sm.stats.support_size(p))),
-        "sparsity": float(jnp.mean(sm.stats.sparsity(p))),
-        "max_probability": float(jnp.mean(jnp.max(p, axis=-1))),
+        "support_size": float(np.mean(support)),
+        "sparsity": float(np.mean(zeros)),
+        "max_probability": float(np.mean(largest)),
     }
 
 
 def run(config: Config) -> list[dict[str, Any]]:
     """Measures the grid and writes ``config.out``; returns the table rows."""
-    if not config.alphas or not config.temperatures:
-        raise common.UsageError("--alphas and --temperatures need at least one value each")
-    if any(a < 1 for a in config.alphas) or any(t <= 0 for t in config.temperatures):
-        raise common.UsageError("alphas must be >= 1 and temperatures > 0")
+    check_config(config)
     logits, source = load_logits(config)
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("sparsity")
-    out = common.prepare_out_dir(out, RESULT_FILES, config.force)
-    common.write_json(out / "config.json", dataclasses.asdict(config))
-    grid = [(a, t) for a in config.alphas for t in config.temperatures]
-    rows = [measure(logits, a, t) for a, t in common.progress(grid, desc="grid")]
-    for row in rows:
-        row["source"] = source
-        row["classes"] = int(logits.shape[1])
-        row["backend"] = jax.default_backend()
-    common.write_json(out / "sparsity.json", rows)
-    common.write_csv(out / "sparsity.csv", rows)
-    plot(rows, config, out)
+    with common.output_folder(out, OUTPUTS, config.force) as out:
+        if config.force:
+            common.remove_outputs(out, OUTPUTS)
+        common.write_json(out / "config.json", dataclasses.asdict(config))
+        grid = [(a, t) for a in config.alphas for t in config.temperatures]
+        rows = [measure(logits, a, t) for a, t in common.progress(grid, desc="grid")]
+        masked = float(np.mean(logits == -np.inf))
+        rows_used = int(np.sum((logits > -np.inf).any(-1)))
+        for row in rows:
+            row["source"] = source
+            row["shape"] = "x".join(map(str, logits.shape))
+            row["classes"] = int(logits.shape[-1])
+            row["rows"] = rows_used
+            row["masked_fraction"] = masked
+            row["backend"] = jax.default_backend()
+        common.write_json(out / "sparsity.json", rows)
+        common.write_csv(out / "sparsity.csv", rows)
+        plot(rows, config, out)
     return rows
 
 
@@ -161,12 +238,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str] | None) -> Config:
     """CLI flags -> :class:`Config`: the defaults, then QUICK under ``--quick``, then the flags."""
     defaults = Config()
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=f"--quick sets {QUICK} (flags given explicitly win)",
     )
     parser.add_argument("--out", help="results folder (default results/sparsity-<timestamp>)")
-    parser.add_argument("--logits", help=".npz with an array 'logits'")
+    parser.add_argument(
+        "--logits", help=".npz with an array 'logits' (last axis: classes; -inf entries: masked)"
+    )
     parser.add_argument("--from-run", help="a finetune_head.py folder")
     numbers = common.comma_separated(float)
     parser.add_argument("--alphas", type=numbers, help=f"default {defaults.alphas}")
@@ -174,7 +253,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--force", action="store_true", help="overwrite results in --out")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    return common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
+    config = common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
+    check_config(config)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def test_quick_synthetic_run_and_contents(tmp_path):
     for name in ("sparsity_vs_alpha.png", "support_vs_temperature.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "| 2 |" in done.stdout
+    # No progress bar: stderr is a pipe here, not a terminal.
+    assert "grid" not in done.stderr and "it/s" not in done.stderr, done.stderr[-2000:]
     # Refuses to overwrite, without touching the results.
     before = (out / "sparsity.json").read_bytes()
     again = run_script("--quick", "--out", out)
@@ -64,6 +67,31 @@ def test_logits_file_matches_direct_computation(tmp_path):
     assert row["support_size"] == 2.5 and row["sparsity"] == 0.375
 
 
+def test_masked_attention_scores(tmp_path):
+    # [batch, heads, q, k] scores with a causal mask (-inf), and one fully masked row.
+    neg = -np.inf
+    scores = np.array(
+        [[[[3.0, neg, neg, neg], [1.0, 1.0, neg, neg], [2.0, 2.0, 2.0, neg], [neg] * 4]]]
+    )  # float64: cast to float32, -inf kept
+    np.savez(tmp_path / "att.npz", logits=scores)
+    out = tmp_path / "out"
+    done = run_script("--logits", tmp_path / "att.npz", "--out", out, "--alphas", "2",
+                      "--temperatures", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((out / "sparsity.json").read_text())
+    # sparsemax over the unmasked entries of the three live rows: one-hot, then uniform.
+    assert row["support_size"] == pytest.approx((1 + 2 + 3) / 3)
+    assert row["sparsity"] == 0  # masked entries are not counted as zeros
+    assert row["rows"] == 3 and row["classes"] == 4 and row["shape"] == "1x1x4x4"
+    assert row["masked_fraction"] == pytest.approx(10 / 16)
+    # A masked -inf next to large logits: sparse, and matches the row alone.
+    logits = np.array([[5.0, 0.0, 0.0, neg], [5.0, 0.0, 0.0, 0.0]], np.float32)
+    masked = sparsity.measure(logits, 1.5, 1.0)
+    alone = sparsity.measure(logits[:1, :3], 1.5, 1.0)
+    assert masked["support_size"] == pytest.approx((alone["support_size"] + 1) / 2)
+    assert alone["sparsity"] == pytest.approx(2 / 3)
+
+
 def test_quick_keeps_the_flags_given():
     config = sparsity.parse_args(["--quick", "--temperatures", "3"])
     assert config.temperatures == (3.0,) and config.alphas == sparsity.QUICK["alphas"]
@@ -76,12 +104,27 @@ def test_quick_keeps_the_flags_given():
         (["--logits", "missing.npz"], None, "does not exist"),
         (["--logits", "bad.npz"], "not a zip", "is not a valid .npz of numeric arrays"),
         (["--logits", "bad.npz"], {"scores": np.ones((2, 2))}, "lacks an array 'logits'"),
-        (["--logits", "bad.npz"], {"logits": np.array([[1.0, np.nan]])}, "non-finite values"),
-        (["--logits", "bad.npz"], {"logits": np.zeros((0, 3))}, "at least one row"),
-        (["--logits", "bad.npz"], {"logits": np.ones(3)}, "2-D float array"),
+        (["--logits", "bad.npz"], {"logits": np.array([[1.0, np.nan]])}, "NaN or +inf"),
+        (["--logits", "bad.npz"], {"logits": np.array([[1.0, np.inf]])}, "NaN or +inf"),
+        (["--logits", "bad.npz"], {"logits": np.zeros((0, 3))}, "no empty axis"),
+        (["--logits", "bad.npz"], {"logits": np.float64(1.0)}, "float array (last axis"),
+        (["--logits", "bad.npz"], {"logits": np.ones((2, 3), int)}, "float array (last axis"),
+        (
+            ["--logits", "bad.npz"],
+            {"logits": np.array([[1e300, 0.0]])},
+            "beyond the float32 range (|x| up to 1e+300",
+        ),
+        (["--logits", "bad.npz"], {"logits": np.full((2, 3), -np.inf)}, "every row is fully"),
         (["--from-run", "."], None, "no test_logits.npz"),
-        (["--quick", "--alphas", "0.5"], None, "alphas must be >= 1"),
+        (["--quick", "--alphas", "0.5"], None, "alphas must be finite and >= 1, got 0.5"),
+        (["--alphas", "1,nan"], None, "alphas must be finite and >= 1, got nan"),
+        (["--alphas", "inf"], None, "alphas must be finite and >= 1, got inf"),
+        (["--temperatures", "inf"], None, "temperatures must be finite and > 0, got inf"),
+        (["--temperatures", "0"], None, "temperatures must be finite and > 0, got 0.0"),
+        (["--seed", "-1"], None, "--seed must be an integer >= 0, got -1"),
+        (["--seed", "x"], None, "argument --seed: invalid int value: 'x'"),
         (["--alphas", ""], None, "need at least one value"),
+        (["--logits", "a.npz", "--from-run", "."], None, "not both"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(
@@ -95,6 +138,16 @@ def test_errors_are_one_line_and_write_nothing(
     with pytest.raises(SystemExit) as exit_:
         common.run_main(sparsity.main, [*args, "--out", "out"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in err
+    assert exit_.value.code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not pathlib.Path("out").exists()
+
+
+def test_refuses_a_folder_in_use(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / common.LOCK_NAME).write_text(f"{os.getppid()}\n")  # a live process holds it
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(sparsity.main, ["--quick", "--out", str(out)])
+    assert exit_.value.code == 2 and "in use by another run" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == [common.LOCK_NAME]

@@ -1,0 +1,214 @@
+"""experiments/common.py: variant lists, output-folder lock, atomic files, SIGTERM, progress."""
+
+import errno
+import io
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import common  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("text", "specs"),
+    [
+        ("softmax", ("softmax",)),
+        ("softmax,sparsemax", ("softmax", "sparsemax")),
+        ("entmax:alpha=1.3,temperature=2", ("entmax:alpha=1.3,temperature=2",)),
+        (
+            "softmax,entmax:alpha=1.3,temperature=2,sparsemax",
+            ("softmax", "entmax:alpha=1.3,temperature=2", "sparsemax"),
+        ),
+        (
+            " entmax:alpha=1.3 , max_iter=20,, softmax:temperature=0.5,entmax:alpha=learned ",
+            ("entmax:alpha=1.3,max_iter=20", "softmax:temperature=0.5", "entmax:alpha=learned"),
+        ),
+        ("", ()),
+    ],
+)
+def test_split_specs_keeps_parameters_with_their_variant(text, specs):
+    assert common.split_specs(text) == specs
+
+
+def test_split_specs_refuses_a_leading_parameter():
+    with pytest.raises(common.UsageError, match="no variant before it"):
+        common.split_specs("alpha=1.3,softmax")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_progress_is_quiet_without_a_terminal(monkeypatch):
+    items = [1, 2, 3]
+    monkeypatch.setattr(sys, "stderr", _Stream(tty=False))
+    assert common.progress(items, desc="x") is items
+    monkeypatch.setattr(sys, "stderr", _Stream(tty=True))
+    bar = common.progress(items, desc="x")
+    assert bar is not items and list(bar) == items
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid is free
+    return child.pid
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / common.LOCK_NAME
+    # A live process (our parent) holds it: refused, and the folder is left as it was.
+    lock.write_text(f"{os.getppid()}\n")
+    with pytest.raises(common.UsageError, match="in use by another run"):
+        with common.output_folder(out, ["r.json"], force=False):
+            pass
+    assert lock.read_text() == f"{os.getppid()}\n"
+    # Its process is gone: taken over, held with our pid, removed at the end.
+    lock.write_text(f"{_dead_pid()}\n")
+    with common.output_folder(out, ["r.json"], force=False) as folder:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # A second run (here: the same process) on the folder in use is refused.
+        with pytest.raises(common.UsageError, match=f"process {os.getpid()}"):
+            with common.output_folder(folder, ["r.json"], force=False):
+                pass
+        assert lock.exists()
+    assert not lock.exists()
+
+
+def test_refusing_results_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "r.json").write_text("{}")
+    with pytest.raises(common.UsageError, match="already holds results"):
+        with common.output_folder(out, ["r.json"], force=False):
+            pass
+    assert [p.name for p in out.iterdir()] == ["r.json"]
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    stale = [out / ".metrics.json.0123.tmp", out / "runs" / ".softmax.json.4567.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (out / "notes.tmp").write_text("not ours")  # not a temporary file of the atomic writer
+    with common.output_folder(out, [], force=False, subfolders=("runs",)):
+        assert not any(path.exists() for path in stale)
+    assert (out / "notes.tmp").read_text() == "not ours"
+
+
+def test_atomic_file_removes_its_temporary_file_on_errors(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.atomic_file(path) as handle:
+            handle.write(b"new, half written")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+SIGTERM_SCRIPT = """
+import pathlib, sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+
+def main(argv):
+    out = pathlib.Path(argv[0])
+    with common.output_folder(out, ["result.json"], force=False):
+        with common.atomic_file(out / "result.json") as handle:
+            handle.write(b"partial")
+            print("ready", flush=True)
+            time.sleep(60)
+
+common.run_main(main, sys.argv[2:])
+"""
+
+
+def test_sigterm_removes_the_temporary_file_and_the_lock(tmp_path):
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(ROOT / "experiments"), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert {p.name for p in out.iterdir()} - {common.LOCK_NAME}  # the temporary file
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == [
+        "error: stopped by SIGTERM; finished parts stay in the output folder"
+    ]
+    assert list(out.iterdir()) == []  # no result, no temporary file, no lock
+
+
+def _refuse_writes_under(folder, monkeypatch):
+    """Makes ``folder`` read-only: chmod, or (root ignores modes) failing os.open/os.mkdir."""
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def denied(path):
+        return pathlib.Path(path).resolve().is_relative_to(folder.resolve())
+
+    def fake_open(path, flags, *args, **kwargs):
+        if denied(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if denied(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+def test_a_read_only_out_is_a_usage_error(tmp_path, monkeypatch):
+    read_only = tmp_path / "ro"
+    _refuse_writes_under(read_only, monkeypatch)
+    try:
+        for out in (read_only, read_only / "sub"):
+            with pytest.raises(common.UsageError, match="Permission denied"):
+                with common.output_folder(out, [], force=False):
+                    pass
+            assert list(read_only.iterdir()) == []
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_load_features_checks_labels_and_the_float32_range(tmp_path):
+    path = tmp_path / "f.npz"
+    np.savez(path, X=np.ones((3, 2)), y=np.array([0, 10**9, 1]))
+    with pytest.raises(common.UsageError, match=r"largest is 1000000000 but 2, 3, 4, 5, 6 and"):
+        common.load_features(path)
+    np.savez(path, X=np.ones((4, 2)), y=np.array([0, 1, 3, 5]))
+    with pytest.raises(common.UsageError, match="the largest is 5 but 2, 4 never occur"):
+        common.load_features(path)
+    np.savez(path, X=np.array([[1e300, 0.0], [0.0, 1.0]]), y=np.array([0, 1]))
+    with pytest.raises(common.UsageError, match="beyond the float32 range"):
+        common.load_features(path)
+    np.savez(path, X=np.array([[1e30, 0.0], [0.0, 1.0]]), y=np.array([1, 0]))
+    loaded = common.load_features(path)
+    assert loaded["X"].dtype == np.float32 and loaded["y"].tolist() == [1, 0]
