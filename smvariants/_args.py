@@ -1,10 +1,13 @@
-"""Argument checks, masking, dtype handling and the temperature, shared by every normalizer.
+"""Argument handling shared by every public function: checks, dtype policy, masks, nan policy.
 
 Every public normalizer and loss calls :func:`prepare` first. It validates the arguments (raising
 at trace time with a message that names the function and the argument), promotes half precision to
 float32 and folds the ``where`` mask into the logits as ``-inf``. The temperature is not applied
-here: it goes to the private cores, whose derivative rules need only their output (see
-:func:`logit_tangent`), so that no copy of the logits is kept for the backward pass.
+here: it goes to the private cores (see ``_variants``), whose derivative rules need only their
+output, so that no copy of the logits is kept for the backward pass.
+
+The nan policy: a parameter or label that is invalid but traced (so it cannot be checked at trace
+time) makes its rows ``nan``, in the value and in every derivative (:func:`nan_where`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
+
+from smvariants._numerics import reduced_shape
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -27,6 +31,43 @@ _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 Condition = tuple[Callable[[Any], Any], str]
 POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
 AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
+ABOVE_ONE: Condition = (lambda v: (v > 1) & (v < np.inf), "finite and > 1")
+
+
+def nan_where(invalid: jax.Array | None, value: jax.Array) -> jax.Array:
+    """``value`` with ``nan`` where ``invalid`` (a traced check that failed); as is for ``None``.
+
+    Applied to a parameter before the computation, so the output and every derivative of the
+    flagged rows are ``nan``: never a finite gradient from an invalid value. Added rather than
+    selected, so that the derivative in the parameter itself is ``nan`` too (a select would
+    pass it a zero).
+    """
+    return value if invalid is None else value + jnp.where(invalid, jnp.nan, 0).astype(value.dtype)
+
+
+def static_number(value: Any) -> float | None:
+    """``value`` as a Python float if it is a number known at trace time, else ``None``.
+
+    Python numbers, NumPy scalars and concrete 0-d arrays count, so that ``np.float32(1.5)`` or a
+    concrete ``jnp.float32(1.5)`` take the same compiled path as ``1.5``.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and is_concrete(value):
+        if jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer):
+            return float(value)
+    return None
+
+
+def check_int(name: str, arg: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
+    """``value`` as an int in ``[low, high]``; ``TypeError``/``ValueError`` naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: {arg} must be an int, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: {arg} must be an int in [{low}, {high}], got {value}.")
+    return int(value)
 
 
 def is_concrete(value: Any) -> bool:
@@ -65,11 +106,6 @@ def canonical_axis(name: str, axis: Any, ndim: int, arg: str = "x") -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}: axis {axis} is out of range for {arg} with {ndim} dimension(s).")
     return axis % ndim
-
-
-def reduced_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    """``shape`` with ``axis`` kept as size 1: the shape of one value per row."""
-    return shape[:axis] + (1,) + shape[axis + 1 :]
 
 
 def row_parameter(
@@ -147,16 +183,19 @@ class Prepared(NamedTuple):
     """Validated arguments of a normalizer or loss, as :func:`prepare` returns them."""
 
     x: jax.Array  # the logits in the compute dtype, -inf at masked entries
-    t: jax.Array | None  # the temperature (scalar or one per row); None for the number 1
+    t: jax.Array | None  # the temperature (scalar or one per row, nan where invalid); None for 1
     invalid: jax.Array | None  # rows whose traced temperature is invalid; None if none can be
     axis: int  # non-negative
     dtype: jnp.dtype  # the dtype of the result
 
     def finish(self, out: jax.Array) -> jax.Array:
-        """``out`` in the result dtype, with ``nan`` in the rows of an invalid temperature."""
+        """``out`` in the result dtype, with ``nan`` in the rows of an invalid temperature.
+
+        The cores already give those rows ``nan`` (their temperature is ``nan``, see
+        :func:`nan_where`); adding it to the output as well makes sure no fusion can fold it
+        away. Added rather than selected: the backward pass keeps no full-size mask for it.
+        """
         if self.invalid is not None:
-            # On the output, not the logits (XLA may fold a nan logit away), and added rather
-            # than selected: the backward pass keeps no full-size mask for it.
             out = out + jnp.where(self.invalid, jnp.nan, 0).astype(out.dtype)
         return out.astype(self.dtype)
 
@@ -166,19 +205,18 @@ def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str
 
     ``x`` is returned in the compute dtype (float32 for half precision) with ``-inf`` at the
     entries masked out by ``where``: a masked ``nan`` or ``inf`` is harmless and its gradient is
-    exactly zero. The cores compute ``x / t``; ``t`` is ``None`` for a Python-number temperature of
-    1 (the fast path: no mask, no temperature, no pass over the data here). A concrete invalid
-    temperature raises ``ValueError``; a traced one gives ``nan`` rows (:meth:`Prepared.finish`).
+    exactly zero. The cores compute ``(x - max x) / t``; ``t`` is ``None`` for a temperature of 1
+    known at trace time (the fast path: no temperature). A concrete invalid temperature raises
+    ``ValueError``; a traced one is ``nan`` in its rows, which makes them ``nan``.
     """
     x = check_float(name, arg, x)
     axis = canonical_axis(name, axis, x.ndim, arg)
     dtype = compute_dtype(x.dtype)
     mask = broadcast_mask(name, where, x.shape, arg)
-    t, invalid = row_parameter(
+    array, invalid = row_parameter(
         name, "temperature", temperature, x.shape, axis, dtype, POSITIVE, arg
     )
-    if isinstance(temperature, (int, float)) and temperature == 1:
-        t = None
+    t = None if static_number(temperature) == 1 else nan_where(invalid, array)
     z = x.astype(dtype)
     if mask is not None:
         z = _mask_out(z, mask)
@@ -193,33 +231,3 @@ def _mask_out(x: jax.Array, mask: jax.Array) -> jax.Array:
     full-size zero tangent for the ``-inf`` branch).
     """
     return jnp.where(mask, x, -jnp.inf)
-
-
-def logit_tangent(
-    x_dot: jax.Array | None, t: jax.Array | None, t_dot: jax.Array | None, phi: jax.Array
-) -> jax.Array:
-    """The tangent of the logits ``z = x / t`` as the Jacobian sees it, from the output alone.
-
-    ``dz = (x_dot - z t_dot) / t``. Every Jacobian here annihilates constants along a row and sees
-    only the support, on which ``z`` is a function ``phi`` of the output plus a constant (the
-    optimality conditions: ``phi(p) = log p`` for softmax, ``p`` for sparsemax, ``2 sqrt(p)`` for
-    entmax15). So ``z`` may be replaced by ``phi``: the backward pass needs no copy of the logits.
-    ``None`` stands for a zero tangent, or for no temperature.
-    """
-    dz = 0 if x_dot is None else x_dot
-    if t is None:
-        return dz
-    if t_dot is not None:
-        dz = dz - phi * t_dot
-    return dz / t
-
-
-def output_jvp(tangent: Callable[..., jax.Array], *args: Any) -> jax.Array:
-    """``tangent(*args)``, with ``jax.checkpoint`` so that the backward pass keeps only ``args``.
-
-    ``args`` are the output ``p``, per-row parameters and tangents (symbolic zeros are passed on as
-    ``None``). What the rule derives from ``p`` (``g = p^(2 - alpha)``, ``phi``) is recomputed in
-    the backward pass, in the same fused pass that reads ``p``, instead of being stored beside it.
-    """
-    args = [None if isinstance(a, SymbolicZero) else a for a in args]
-    return jax.checkpoint(tangent, prevent_cse=False)(*args)

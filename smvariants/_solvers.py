@@ -1,18 +1,23 @@
-"""Threshold solvers shared by the normalizers, and the one derivative rule they all use.
+"""Threshold solvers shared by the variants, and the block reduction of long rows.
 
-Every variant is ``p = argmax_{p in simplex} <p, z> + H_alpha(p)`` (Tsallis entropy ``H_alpha``).
-With ``d = alpha - 1`` its solution is
+Every variant is ``p = argmax_{p in C} <p, z> - Omega(p)`` for a convex set ``C`` (the simplex,
+or the capped simplex) and a regulariser ``Omega``; its solution is ``p_j = phi(z_j - t)`` for a
+per-row threshold ``t`` such that the output satisfies the constraint. The solvers here find
+``t`` for rows ``z`` shifted so that the row maximum is 0 (masked entries are ``-inf``), and
+each takes ``init``, a lower bound of ``t`` (or ``None``), so that the block reduction below can
+start them from the threshold of a subset of the row.
 
-    p_j = [1 + d (z_j - theta)]_+^(1/d)            (-> exp(z_j - theta) as d -> 0)
+alpha-entmax (Tsallis entropy) is solved in the "deformed exponential" parametrisation: with
+``d = alpha - 1``,
 
-for the one ``theta`` with ``sum_j p_j = 1``. This "deformed exponential" parametrisation is the
-usual ``p_j = [d z_j - tau]_+^(1/d)`` with ``tau = d theta - 1``; unlike ``tau`` it stays finite and
-well conditioned as alpha -> 1, so alpha = 1 (softmax), alpha = 2 (sparsemax) and everything in
-between or beyond are one formula with no 0/0.
+    p_j = [1 + d (z_j - theta)]_+^(1/d)            (-> exp(z_j - theta) as d -> 0),
 
-The solvers run on rows of ``z`` shifted so that the row maximum is 0 (masked entries are ``-inf``).
-They are never differentiated: the normalizers carry ``jax.custom_jvp`` rules built from the output
-alone (:func:`simplex_jvp`).
+the usual ``p_j = [d z_j - tau]_+^(1/d)`` with ``tau = d theta - 1``; unlike ``tau`` it stays
+finite and well conditioned as alpha -> 1, so alpha = 1 (softmax), alpha = 2 (sparsemax) and
+everything in between or beyond are one formula with no 0/0.
+
+The solvers are never differentiated: the variants carry ``jax.custom_jvp`` rules built from the
+output alone (``_variants``).
 """
 
 from __future__ import annotations
@@ -23,60 +28,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from smvariants._masking import reduced_shape
+from smvariants import _backend
+from smvariants._numerics import accurate_sum
+from smvariants._numerics import log1p_ratio
+from smvariants._numerics import reduced_shape
+from smvariants._numerics import row_max
+from smvariants._numerics import safe_divide
+
+_EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
-def row_max(z: jax.Array, axis: int) -> jax.Array:
-    """The row maximum (axis kept as size 1), clamped to the lowest finite float; 0 for empty rows.
-
-    Subtracting it leaves an all ``-inf`` (fully masked) row at ``-inf`` (-inf minus the lowest
-    float); a row with +inf gets nan there (inf - inf) and -inf elsewhere, a row with nan keeps it:
-    either way the row's output is nan. A clamp, not a ``where`` on the maximum: XLA:CPU then
-    fuses the shift into the reduction's consumers (a ``where`` made softmax 1.6x slower on
-    32-wide rows).
-    """
-    if z.shape[axis] == 0:
-        return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
-    return jnp.maximum(jnp.max(z, axis=axis, keepdims=True), jnp.finfo(z.dtype).min)
-
-
-def shift_rows(z: jax.Array, axis: int) -> jax.Array:
-    """Subtracts the row maximum (see :func:`row_max`)."""
-    return z - row_max(z, axis)
-
-
-def row_sum(a: jax.Array, axis: int) -> jax.Array:
-    """``jnp.sum(a, axis, keepdims=True)`` as a matrix-vector product with a vector of ones.
-
-    XLA:CPU's reduction loops are slow on short rows and its dot kernel is not: a Michelot pass,
-    whose summands are cheap to write out, costs about half as much on 32-wide rows. (Where the
-    summands are costly, as in the entmax solver, a fused reduction is faster.) ``HIGHEST``
-    precision keeps the sum in full float32 on GPUs (no TF32).
-    """
-    axis = axis % a.ndim
-    ones = jnp.ones((a.shape[axis],), a.dtype)
-    dims = (((axis,), (0,)), ((), ()))
-    return jnp.expand_dims(lax.dot_general(a, ones, dims, precision=lax.Precision.HIGHEST), axis)
-
-
-def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-    """``num / den`` for row sums ``den >= 0`` that are 0 only where ``num`` is 0 (empty rows).
-
-    Legitimate sums are >= the smallest normal float (at least one entry of p or g is O(1)).
-    """
-    return num / jnp.maximum(den, jnp.finfo(den.dtype).tiny)
-
-
-def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
-    """Jacobian-vector product of every variant: ``g * z_dot - g * sum(g z_dot) / sum(g)``.
-
-    The Jacobian of alpha-entmax is ``diag(g) - g g^T / sum(g)`` with ``g = p^(2 - alpha)`` on the
-    support and 0 off it (softmax: ``g = p``; sparsemax: the support indicator; entmax15:
-    ``sqrt(p)``).
-    It is symmetric, so this one rule, linear in ``z_dot``, also gives the VJP by transposition.
-    """
-    gz = jnp.sum(g * z_dot, axis=axis, keepdims=True)
-    return g * z_dot - g * safe_divide(gz, jnp.sum(g, axis=axis, keepdims=True))
+def _converged(new: jax.Array, old: jax.Array) -> jax.Array:
+    """True where a step is at the dtype's rounding level."""
+    eps = jnp.finfo(new.dtype).eps
+    return jnp.abs(new - old) <= 4 * eps * jnp.maximum(1, jnp.abs(new))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,10 +53,11 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 
     Michelot's algorithm, i.e. Newton's method from the left on the convex, piecewise-linear
     ``f(tau) = sum_j [z_j - tau]_+ - 1``: from any lower bound, ``tau <- (sum_S z - 1) / |S|`` with
-    ``S = {j : z_j > tau}``. ``tau`` increases, ``S`` shrinks, and as soon as ``|S|`` stops
-    changing ``tau`` is the closed form on the true support, so the result is exact, not a
-    tolerance. It starts at ``init``, a lower bound of ``tau``, or at ``tau = -1`` (a lower bound,
-    as ``p_max <= 1``), and needs a handful of fused passes.
+    ``S = {j : z_j > tau}``. ``tau`` increases, ``S`` shrinks, and once ``|S|`` stops changing
+    ``S`` is the support. It starts at ``init``, a lower bound of ``tau``, or at ``tau = -1`` (a
+    lower bound, as ``p_max <= 1``), and needs a handful of fused passes. The result is the closed
+    form on the support with an accurate (compensated) sum, so it is exact to rounding on rows of
+    any length and does not depend on the other rows of the batch.
     """
     tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
     if init is not None:
@@ -102,13 +68,13 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
         # (This form, with |S| = sum sign(r), fuses into one fast pass on XLA:CPU; a select-sum
         # and an integer count of the same comparison are several times slower.)
         r = jnp.maximum(z - tau, 0)
-        f = row_sum(r, axis)
-        k = row_sum(jnp.sign(r), axis)
+        f = _backend.row_sum(r, axis)
+        k = _backend.row_sum(jnp.sign(r), axis)
         # max() keeps tau monotone under rounding, which bounds the loop by the row length.
         return jnp.maximum(tau + (f - 1) / jnp.maximum(k, 1), tau), k
 
     def cond(state):
-        _, k, k_prev = state
+        tau, k, k_prev = state
         return jnp.any((k != k_prev) & ~jnp.isnan(k))  # a nan row is done: its output is nan
 
     def body(state):
@@ -118,21 +84,18 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 
     tau, k = step(tau0)
     tau, _, _ = lax.while_loop(cond, body, (tau, k, jnp.full_like(k, -1)))
-    return tau
+    # The closed form on the support, from an accurate sum.
+    support = z > tau
+    k = jnp.sum(support, axis=axis, keepdims=True).astype(z.dtype)
+    total = accurate_sum(jnp.where(support, z, 0), axis)
+    return jnp.where(jnp.isnan(tau), jnp.nan, (total - 1) / jnp.maximum(k, 1))
 
 
 # --------------------------------------------------------------------------------------------------
 # alpha-entmax: safeguarded Newton on theta.
 
 
-def _log1p_ratio(u: jax.Array) -> jax.Array:
-    """``log1p(u) / u`` with its limit 1 at ``u = 0``."""
-    nonzero = u != 0
-    return jnp.where(nonzero, jnp.log1p(u) / jnp.where(nonzero, u, 1), 1)
-
-
 _MAX_INTEGER_POWER = 16  # static alpha = 1 + 1/n up to this n uses integer powers
-_EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
 def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
@@ -145,9 +108,10 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
     y = jnp.where(finite, y, 0)
     n = round(1 / d) if isinstance(d, float) and d > 0 else 0
+    d_number = d if isinstance(d, float) else 0.0
     # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
     # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
-    if 1 <= n <= _MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
+    if 1 <= n <= _MAX_INTEGER_POWER and abs(d_number * n - 1) <= 8 * _EPS64:
         b = jnp.where(finite, jnp.maximum(1 + d * y, 0), 0)
         g = lax.integer_pow(b, n - 1) if n > 1 else (b > 0).astype(b.dtype)
         return (b * g if n > 1 else b), g
@@ -156,7 +120,7 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0. Clamping d y at -1
     # (log1p = -inf, so p = 0) rather than selecting with ``off`` keeps p right where XLA computes
     # ``base`` once with a fused multiply-add and once without (off = True in one fusion only).
-    p = jnp.where(off, 0, jnp.exp(y * _log1p_ratio(jnp.maximum(d * y, -1))))
+    p = jnp.where(off, 0, jnp.exp(y * log1p_ratio(jnp.maximum(d * y, -1))))
     g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
     return p, g
 
@@ -238,13 +202,204 @@ def entmax15_threshold(u: jax.Array, support: jax.Array, axis: int) -> jax.Array
     """Exact 1.5-entmax threshold ``tau`` (``p = [u - tau]_+^2``, ``u = z / 2``) on a known support.
 
     On the support ``S`` (size ``k``) the condition ``sum_S (u_j - tau)^2 = 1`` is a quadratic with
-    the smaller root ``tau = mean_S(u) - sqrt(1/k - var_S(u))`` (Peters et al., 2019).
+    the smaller root ``tau = mean_S(u) - sqrt(1/k - var_S(u))`` (Peters et al., 2019). The sums
+    are compensated: exact to rounding on long rows.
     """
     k = jnp.sum(support, axis=axis, keepdims=True).astype(u.dtype)
     k1 = jnp.maximum(k, 1)
-    mean = jnp.sum(jnp.where(support, u, 0), axis=axis, keepdims=True) / k1
-    var = jnp.sum(jnp.where(support, (u - mean) ** 2, 0), axis=axis, keepdims=True) / k1
+    mean = accurate_sum(jnp.where(support, u, 0), axis) / k1
+    var = accurate_sum(jnp.where(support, (u - mean) ** 2, 0), axis) / k1
     return mean - jnp.sqrt(jnp.maximum(1 / k1 - var, 0))
+
+
+_ENTMAX15_MAX_ITER = 64
+
+
+def entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None = None) -> jax.Array:
+    """Exact ``tau`` of ``p = [z / 2 - tau]_+^2`` from a lower bound ``init`` (or from scratch)."""
+    # Newton finds the support; the closed form on it makes the threshold exact.
+    theta_init = None if init is None else 2 * (init + 1)  # tau = theta / 2 - 1
+    theta, _ = entmax_theta(z, 0.5, axis, _ENTMAX15_MAX_ITER, theta_init)
+    support = 2 + (z - theta) > 0
+    return jnp.where(jnp.isnan(theta), jnp.nan, entmax15_threshold(0.5 * z, support, axis))
+
+
+_REFINE_STEPS = 6  # Newton steps on the low part of the threshold for alpha > 2
+
+
+def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, axis: int):
+    """alpha-entmax from its threshold, accurate also where ``alpha > 2`` makes it ill-conditioned.
+
+    For ``d <= 1`` the output is ``deformed_exp(z - theta)``, renormalised once. For ``d > 1``
+    (alpha > 2), ``g = p^(1 - d)`` is unbounded at the edge of the support: one ulp of ``theta``
+    moves the sum by ``sum(g) ulp(theta)`` (1e-3 on near-equal float32 rows at alpha = 4), and
+    the base ``1 + d (z - theta)`` of a small entry cancels. There the threshold is rewritten as
+    ``c = theta - 1/d``, so that the base is ``d (z - c)``, whose subtraction is exact near the
+    edge (Sterbenz), and ``c`` is carried beyond its own precision as ``c_hi + c_lo``: a few
+    Newton steps on ``sum p = 1`` in ``c_lo``, applied as ``(z - c_hi) - c_lo``. The iterate
+    with the smallest residual is kept, and used where it beats the plain output's.
+    """
+    p, g = deformed_exp(z - theta, d)
+    sp = jnp.sum(p, axis=axis, keepdims=True)
+    plain = safe_divide(p, sp)
+    if isinstance(d, float) and d <= 1:
+        return plain
+    steep = d > 1
+    d_steep = jnp.where(steep, d, 2.0)
+    y = z - (theta - 1 / d_steep)  # z - c_hi
+
+    def mass(c_lo):
+        base = d_steep * (y - c_lo)
+        on = base > 0
+        q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d_steep), 0)
+        return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
+
+    def step(_, state):
+        c_lo, best, best_residual = state
+        q, gq = mass(c_lo)
+        residual = jnp.sum(q, axis=axis, keepdims=True) - 1
+        improved = jnp.abs(residual) < best_residual
+        best = jnp.where(improved, c_lo, best)
+        best_residual = jnp.where(improved, jnp.abs(residual), best_residual)
+        # Newton: the sum decreases in c with slope -sum(g).
+        c_lo = c_lo + safe_divide(residual, d_steep * jnp.sum(gq, axis=axis, keepdims=True))
+        return c_lo, best, best_residual
+
+    zero = jnp.zeros_like(sp)
+    state = (zero, zero, jnp.abs(sp - 1))
+    _, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
+    refined, _ = mass(best)
+    better = steep & (best_residual < jnp.abs(sp - 1))
+    return jnp.where(better, safe_divide(refined, jnp.sum(refined, axis, keepdims=True)), plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# normmax: Newton on the norm, monotone from the left.
+
+
+def normmax_threshold(
+    z: jax.Array, alpha: jax.Array | float, axis: int, max_iter: int, init: jax.Array | None = None
+) -> jax.Array:
+    """``tau`` with ``||[z - tau]_+||_k = 1``, ``k = alpha / (alpha - 1)``, for rows of maximum 0.
+
+    normmax is ``p = q / sum(q)`` with ``q_j = [z_j - tau]_+^(1/(alpha - 1))`` and
+    ``sum_j q_j^alpha = 1``. ``G(tau) = ||[z - tau]_+||_k - 1`` is the norm of an affine map minus
+    1, so convex and decreasing (exactly linear while one entry is in the support): Newton's
+    method from the left, from ``tau = -1`` (the top entry alone has norm 1) or ``init``,
+    increases monotonically to the root, guarded above by ``-(1/n)^(1/k)`` (n equal entries).
+    """
+    k_minus_1 = 1 / (alpha - 1)  # k - 1
+    live = z != -jnp.inf
+    n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
+    hi = -jnp.exp(-jnp.log(jnp.maximum(n, 1)) / (1 + k_minus_1))
+    tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
+    if init is not None:
+        tau0 = jnp.maximum(tau0, init)
+
+    def power(b, e):
+        if isinstance(e, float) and e == round(e) and 1 <= e <= 16:
+            return lax.integer_pow(b, round(e))
+        on = b > 0
+        return jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
+
+    def body(state):
+        tau, _, it = state
+        b = jnp.maximum(z - tau, 0)  # -inf entries: 0
+        b_km1 = power(b, k_minus_1)
+        s_k = jnp.sum(b * b_km1, axis=axis, keepdims=True)  # ||b||_k^k
+        s_km1 = jnp.sum(b_km1, axis=axis, keepdims=True)
+        norm = jnp.exp(jnp.log(s_k) / (1 + k_minus_1))
+        # G / -G' = (norm - 1) norm^(k - 1) / s_(k - 1).
+        step = (norm - 1) * safe_divide(s_k / norm, s_km1)
+        new = jnp.clip(tau + step, tau, hi)  # monotone, in the bracket
+        new = jnp.where(jnp.isnan(step), jnp.nan, new)
+        done = _converged(new, tau) | jnp.isnan(new) | (n == 0)
+        return new, jnp.all(done), it + 1
+
+    def cond(state):
+        _, all_done, it = state
+        return ~all_done & (it < max_iter)
+
+    state = (tau0, jnp.array(False), jnp.array(0, jnp.int32))
+    tau, _, _ = lax.while_loop(cond, body, state)
+    return tau
+
+
+def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis: int):
+    """``q / sum(q)`` with ``q_j = [z_j - tau]_+^(1/(alpha - 1))``."""
+    b = jnp.maximum(z - tau, 0)
+    on = b > 0
+    q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, b, 1)) / (alpha - 1)), 0)
+    q = jnp.where(jnp.isnan(b), jnp.nan, q)
+    return safe_divide(q, jnp.sum(q, axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# budget sparsemax: the capped simplex, exact.
+
+
+def budget_threshold(
+    z: jax.Array, budget: jax.Array | float, axis: int, max_iter: int, init: jax.Array | None = None
+) -> jax.Array:
+    """Exact ``tau`` of ``p = clip(z - tau, 0, 1)`` with ``sum p = budget``, rows of maximum 0.
+
+    ``f(tau) = sum_j clip(z_j - tau, 0, 1) - budget`` is decreasing and piecewise linear, with
+    breakpoints at ``z_j`` and ``z_j - 1``. Each step takes the root of the current piece's line,
+    ``tau + f / |S|`` (``S``: the entries strictly between 0 and 1), when it lies in the bracket
+    ``[lo, hi]`` kept from the signs of ``f``, and bisects otherwise. Once a Newton step lands in
+    the piece it started from (the counts of entries above ``tau`` and above ``tau + 1`` do not
+    change), it is that piece's exact root; the result is then recomputed in closed form,
+    ``tau = (|U| + sum_S z - budget) / |S|``, with an accurate sum. Rows with fewer live entries
+    than ``budget`` have no solution: ``nan``.
+    """
+    live = z != -jnp.inf
+    n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
+    zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)
+    lo = zmin - budget / jnp.maximum(n, 1)  # f(lo) >= 0 when budget <= n
+    if init is not None:
+        lo = jnp.maximum(lo, init)
+    hi = -budget / jnp.maximum(n, 1)  # f(hi) <= 0
+    shape = jnp.broadcast_shapes(lo.shape, hi.shape)
+    lo, hi = jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape)
+
+    def pieces(tau):
+        r = z - tau
+        above = jnp.sum(r > 0, axis=axis, keepdims=True).astype(z.dtype)
+        capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
+        free = jnp.sum(jnp.where((r > 0) & (r < 1), r, 0), axis=axis, keepdims=True)
+        return above, capped, capped + free - budget
+
+    def body(state):
+        tau, lo, hi, counts, was_newton, _, it = state
+        above, capped, f = pieces(tau)
+        lo = jnp.where(f >= 0, tau, lo)
+        hi = jnp.where(f <= 0, tau, hi)
+        newton = tau + safe_divide(f, above - capped)
+        inside = (above > capped) & (newton >= lo) & (newton <= hi)
+        # A Newton step that stayed in its piece (same counts) landed on that piece's root.
+        same_piece = was_newton & (above == counts[0]) & (capped == counts[1])
+        done = (f == 0) | same_piece | jnp.isnan(f) | (n <= budget) | _converged(lo, hi)
+        new = jnp.where(done, tau, jnp.where(inside, newton, 0.5 * (lo + hi)))
+        return new, lo, hi, (above, capped), inside & ~done, jnp.all(done), it + 1
+
+    def cond(state):
+        *_, all_done, it = state
+        return ~all_done & (it < max_iter)
+
+    counts = (jnp.zeros(shape, z.dtype),) * 2
+    no = jnp.zeros(shape, bool)
+    state = (lo, lo, hi, counts, no, jnp.array(False), jnp.array(0, jnp.int32))
+    tau, *_ = lax.while_loop(cond, body, state)
+    # The closed form on the pieces at tau, from an accurate sum.
+    r = z - tau
+    free = (r > 0) & (r < 1)
+    k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
+    capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
+    closed = (capped + accurate_sum(jnp.where(free, z, 0), axis) - budget) / jnp.maximum(k, 1)
+    tau = jnp.where(k > 0, closed, tau)
+    tau = jnp.where(n < budget, jnp.nan, tau)  # infeasible: fewer entries than the budget
+    tau = jnp.where(n == budget, zmin - 1, tau)  # exactly the budget: every entry is 1
+    return jnp.where(n == 0, 0, tau)  # fully masked: zeros
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,11 +454,23 @@ def block_top3(z: jax.Array, axis: int, block: int = _BLOCK) -> tuple[jax.Array,
     return jnp.concatenate([first, second, tail], axis=axis), third
 
 
-def max_and_threshold(x, axis, solve, in_support, params=()):
-    """Every row's maximum ``m`` (as :func:`row_max`) and the exact threshold of ``x - m``.
+def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Array:
+    """``(x - m) / temperature``: logits over a temperature, shifted by their row maximum ``m``.
+
+    Shifted before the division, so the row maximum maps to exactly 0 at any temperature (a
+    ``x / T - max(x / T)`` that XLA computes as ``x * (1/T)`` in one fusion and ``x / T`` in
+    another is off by an ulp of ``x / T``: catastrophic for a small ``T``).
+    """
+    z = x - m
+    return z if temperature is None else z / temperature
+
+
+def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
+    """Every row's maximum ``m`` (as :func:`row_max`) and the exact threshold of ``(x - m) / T``.
 
     Args:
       x: rows along ``axis`` (masked entries ``-inf``).
+      temperature: ``T``, an array broadcastable to the rows' shape (axis kept as 1) or ``None``.
       axis: the row axis (non-negative).
       solve: ``solve(z, axis, init, *params) -> t``, the exact threshold of each row of ``z``
         (maximum 0) starting from a lower bound ``init`` (``None``: from scratch); ``t`` keeps
@@ -314,15 +481,15 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
         or Python numbers).
 
     Returns:
-      ``(m, t)`` with ``t`` as ``solve(x - m, axis, None, *params)`` would give it, up to
-      rounding. Rows longer
-      than ``_DIRECT`` are solved on :func:`block_top3`'s subset, certified and, where that fails,
-      re-solved; the maximum comes from the same pass.
+      ``(m, t)`` with ``t`` as ``solve(scale(x, m, T), axis, None, *params)`` would give it, up
+      to rounding. Rows longer than ``_DIRECT`` are solved on :func:`block_top3`'s subset,
+      certified and, where that fails, re-solved; the maximum comes from the same pass.
 
     Under ``vmap`` the mapped dimension joins the rows (the work is row-wise), so the choice of
     how many rows to re-solve stays one branch for the whole batch instead of a ``select`` that
     runs every branch.
     """
+    params = (temperature, *params)
     is_array = [isinstance(p, jax.Array) for p in params]
 
     def with_arrays(arrays):
@@ -331,7 +498,8 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
 
     @jax.custom_batching.custom_vmap
     def threshold(x, *arrays):
-        return _max_and_threshold(x, axis, solve, in_support, with_arrays(arrays))
+        temperature, *rest = with_arrays(arrays)
+        return _max_and_threshold(x, temperature, axis, solve, in_support, rest)
 
     @threshold.def_vmap
     def _batched(axis_size, in_batched, x, *arrays):
@@ -344,46 +512,42 @@ def max_and_threshold(x, axis, solve, in_support, params=()):
                 return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
             return a if a.ndim == 0 else a[None]
 
-        arrays = [leading(a, b) for a, b in zip(arrays, arrays_batched, strict=True)]
-        return max_and_threshold(x, axis + 1, solve, in_support, with_arrays(arrays)), (True, True)
+        leading_arrays = [leading(a, b) for a, b in zip(arrays, arrays_batched, strict=True)]
+        temperature, *rest = with_arrays(leading_arrays)
+        out = max_and_threshold(x, temperature, axis + 1, solve, in_support, rest)
+        return out, (True, True)
 
     return threshold(x, *(p for p, a in zip(params, is_array, strict=True) if a))
 
 
-def _own_buffer(x: jax.Array) -> jax.Array:
-    """``x``, computed into a buffer of its own on CPU (unchanged elsewhere).
-
-    XLA:CPU fuses an elementwise producer of ``x`` (a half-precision convert, a mask, a division
-    by the temperature) into :func:`block_top3`'s reduction, which then runs up to 10x slower
-    than on a stored array. A ``cond`` is a fusion boundary that XLA keeps (an
-    ``optimization_barrier`` is removed before fusion). Its predicate and second branch are only
-    there so that it cannot be folded away: that branch, taken when the first entry is nan, adds
-    0, which leaves every value as it is up to the sign of a zero.
-    """
-
-    def on_cpu(x):
-        first = x[(0,) * x.ndim]  # an index, not a reshape: no resharding of sharded rows
-        return lax.cond(first == first, lambda x: x, lambda x: x + 0, x)
-
-    return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)
-
-
-def _max_and_threshold(x, axis, solve, in_support, params, shifted=False):
-    """:func:`max_and_threshold` without the batching rule; ``shifted``: ``x``'s maximum is 0."""
+def _max_and_threshold(x, temperature, axis, solve, in_support, params):
+    """:func:`max_and_threshold` without the batching rule."""
     if x.shape[axis] <= _DIRECT or x.size == 0:
-        m = jnp.zeros((), x.dtype) if shifted else row_max(x, axis)
-        return m, solve(x - m, axis, None, *params)
-    if not shifted:
-        x = _own_buffer(x)
-    sub, third = block_top3(x, axis)
-    m = jnp.zeros((), x.dtype) if shifted else row_max(sub, axis)
-    _, t = _max_and_threshold(sub - m, axis, solve, in_support, params, shifted=True)
-    bad = jnp.any(in_support(third - m, t, *params), axis=axis, keepdims=True)
-    return m, _resolve_rows(x, m, axis, t, bad, solve, params)
+        m = row_max(x, axis)
+        return m, solve(scale(x, m, temperature), axis, None, *params)
+    x = _backend.own_buffer(x)
+    sub, third = block_top3(x, axis)  # of x: the order is that of x / T
+    m = row_max(sub, axis)
+    t = _shifted_threshold(scale(sub, m, temperature), axis, solve, in_support, params)
+    bad = jnp.any(in_support(scale(third, m, temperature), t, *params), axis=axis, keepdims=True)
+    # A subset can have no solution where the row has one (budget sparsemax: fewer entries than
+    # the budget); a nan row is re-solved too, and stays nan.
+    bad = bad | jnp.isnan(t)
+    return m, _resolve_rows(x, m, temperature, axis, t, bad, solve, params)
 
 
-def _resolve_rows(x, m, axis, t, bad, solve, params):
-    """``t`` with the rows flagged ``bad`` re-solved on ``x - m`` from their lower bound ``t``."""
+def _shifted_threshold(z, axis, solve, in_support, params):
+    """The threshold of rows ``z`` whose maximum is already 0, block-reduced if they are long."""
+    if z.shape[axis] <= _DIRECT:
+        return solve(z, axis, None, *params)
+    sub, third = block_top3(z, axis)
+    t = _shifted_threshold(sub, axis, solve, in_support, params)
+    bad = jnp.any(in_support(third, t, *params), axis=axis, keepdims=True) | jnp.isnan(t)
+    return _resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params)
+
+
+def _resolve_rows(x, m, temperature, axis, t, bad, solve, params):
+    """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``."""
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
     sizes = sorted({max(1, rows.shape[0] // f) for f in _FIX_FRACTIONS})
 
@@ -394,11 +558,13 @@ def _resolve_rows(x, m, axis, t, bad, solve, params):
         # Gather the failing rows; padding repeats row 0, whose re-solve is also exact.
         idx = jnp.nonzero(bad.reshape(-1), size=size, fill_value=0)[0]
         row_params = [as_rows(p)[idx] if isinstance(p, jax.Array) else p for p in params]
-        fixed = solve(rows[idx] - as_rows(m)[idx], 1, as_rows(t)[idx], *row_params)
+        row_t = None if temperature is None else as_rows(temperature)[idx]
+        z = scale(rows[idx], as_rows(m)[idx], row_t)
+        fixed = solve(z, 1, as_rows(t)[idx], *row_params)
         return as_rows(t).at[idx].set(fixed).reshape(t.shape)
 
     def every():
-        return solve(x - m, axis, t, *params)
+        return solve(scale(x, m, temperature), axis, t, *params)
 
     n_bad = jnp.sum(bad)
     branch = jnp.sum(n_bad > jnp.array([0, *sizes]))  # 0: none; i: the i-th size holds them

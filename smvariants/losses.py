@@ -1,243 +1,257 @@
-r"""Fenchel-Young losses, one per normalizer.
+r"""Fenchel-Young losses, one per variant, all derived from the variant table.
 
-For the Tsallis regulariser :math:`\Omega = -H_\alpha` restricted to the simplex, the Fenchel-Young
-loss of logits ``z`` against a target distribution ``y`` is
+For a variant ``p = argmax_{p in C} <p, z> - Omega(p)`` the Fenchel-Young loss of logits ``z``
+against a target ``y`` in ``C`` is
 
 .. math::
 
   L(z; y) = \Omega^*(z) + \Omega(y) - \langle z, y\rangle
-          = \langle z, p - y\rangle + H_\alpha(p) - H_\alpha(y), \qquad
-  p = \mathrm{entmax}_\alpha(z),
+          = \langle z, p - y\rangle - \Omega(p) + \Omega(y),
 
 which is >= 0, zero exactly when ``p == y``, finite where ``p`` has exact zeros (unlike the
-cross-entropy of a sparse output), and has gradient ``p - y`` in ``z``. alpha = 1 is the softmax
-cross-entropy, alpha = 2 the sparsemax loss.
+cross-entropy of a sparse output), and has gradient ``p - y`` in ``z``. For the Tsallis
+regulariser ``Omega = -H_alpha`` alpha = 1 is the softmax cross-entropy (up to the labels'
+entropy) and alpha = 2 the sparsemax loss. :func:`make_fenchel_young_loss` gives the loss of any
+variant by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from smvariants import _masking
-from smvariants._entmax import _entmax
-from smvariants._entmax import _entmax15
-from smvariants._entmax import _entmax_fixed
-from smvariants._entmax import alpha_parameter
-from smvariants._softmax import _softmax
-from smvariants._sparsemax import _sparsemax
-from smvariants._threshold import shift_rows
-from smvariants.stats import tsallis
+from smvariants import _args
+from smvariants import _variants
+from smvariants._numerics import row_max
+from smvariants._solvers import scale
 
-__all__ = ("entmax15_loss", "entmax_loss", "softmax_loss", "sparsemax_loss")
+__all__ = (
+    "budget_sparsemax_loss",
+    "entmax15_loss",
+    "entmax_loss",
+    "make_fenchel_young_loss",
+    "normmax_loss",
+    "softmax_loss",
+    "sparsemax_loss",
+)
 
-# variant -> (normalizer core on logits already divided by the temperature, alpha of its entropy;
-# None: "entmax" takes the caller's alpha, as an array).
-_CORES = {
-    "softmax": (lambda z, a, axis, max_iter: _softmax(z, None, axis), 1.0),
-    "sparsemax": (lambda z, a, axis, max_iter: _sparsemax(z, None, axis), 2.0),
-    "entmax15": (lambda z, a, axis, max_iter: _entmax15(z, None, axis), 1.5),
-    "entmax": (lambda z, a, axis, max_iter: _entmax(z, None, a, axis, max_iter), None),
-}
+Numeric = float | int | ArrayLike
 
 
-def _divide(x, t):
-    """``x / t``, with masked (``-inf``) entries kept out of the derivative in ``t``.
-
-    ``d(x / t)/dt = -x / t^2`` is infinite there and would turn rows of second derivatives into
-    ``nan``.
-    """
-    if t is None:
-        return x
-    masked = x == -jnp.inf
-    return jnp.where(masked, -jnp.inf, jnp.where(masked, 0, x) / t)
-
-
-def _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter):
+def _loss_and_prediction(x, t, y, arrays, axis, name, statics):
     """The loss of ``z = x / t`` (keeping ``axis``), the prediction ``p`` and ``zs``.
 
-    ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries.
+    ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries: the shift cancels in
+    ``<z, p - y>`` (both sum to the same total) and keeps the products small.
     """
-    z = _divide(x, t)
-    if isinstance(variant, tuple):  # ("entmax", d): a Python-number alpha = 1 + d, compiled in
-        p = _entmax_fixed(z, None, variant[1], axis, max_iter)
-    else:
-        p = _CORES[variant][0](z, alpha, axis, max_iter)
-    # The shift cancels in <z, p - y> (both sum to 1) and keeps the products small; masked
-    # entries (-inf) carry no mass in p or y and are zeroed before any product.
-    shifted = shift_rows(z, axis)
-    zs = jnp.where(z == -jnp.inf, 0, shifted)
-    if variant == "softmax":
-        # Omega*(z) = logsumexp(z): exact, rather than <z, p> + H(p) from a rounded p.
-        lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
-        loss = lse - jnp.sum(zs * y, axis=axis, keepdims=True) - tsallis(y, alpha, axis)
+    v = _variants.VARIANTS[name]
+    params = _variants._merge(arrays, statics)
+    p = _variants.CORES[name](x, t, arrays, axis, statics)
+    masked = x == -jnp.inf
+    m = row_max(x, axis)
+    # Masked entries are replaced before the division: d(x / t)/dt is infinite there, and would
+    # turn second derivatives in t into nan.
+    zs = jnp.where(masked, 0, scale(jnp.where(masked, m, x), m, t))
+    omega_y = v.regulariser(y, axis, *params)
+    if v.conjugate is not None:
+        # Omega*(z) exactly (softmax: logsumexp), rather than <z, p> - Omega(p) from a rounded p.
+        z = jnp.where(masked, -jnp.inf, zs)
+        loss = v.conjugate(z, axis, *params) - jnp.sum(zs * y, axis=axis, keepdims=True) + omega_y
     else:
         loss = jnp.sum(zs * (p - y), axis=axis, keepdims=True)
-        loss = loss + tsallis(p, alpha, axis) - tsallis(y, alpha, axis)
+        loss = loss - v.regulariser(p, axis, *params) + omega_y
     # Rounding can leave a tiny negative value where p == y; the loss is >= 0.
     return jnp.maximum(loss, 0), p, zs
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
-def _fy_loss(x, t, y, alpha, axis, variant, max_iter):
-    return _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter)[0]
+def _fy_loss(x, t, y, arrays, axis, name, statics):
+    return _loss_and_prediction(x, t, y, arrays, axis, name, statics)[0]
 
 
 @partial(_fy_loss.defjvp, symbolic_zeros=True)
-def _fy_loss_jvp(axis, variant, max_iter, primals, tangents):
-    x, t, y, alpha = primals
-    x_dot, t_dot, _, alpha_dot = tangents  # labels are constants (stop_gradient in the public API)
-    loss, p, zs = _loss_and_prediction(x, t, y, alpha, axis, variant, max_iter)
+def _fy_loss_jvp(axis, name, statics, primals, tangents):
+    x, t, y, arrays = primals
+    x_dot, t_dot, _, arrays_dot = _variants._nonzero(tuple(tangents))  # labels are constants
+    loss, p, zs = _loss_and_prediction(x, t, y, arrays, axis, name, statics)
     loss_dot = jnp.zeros_like(loss)
-    if not isinstance(x_dot, SymbolicZero):
+    if x_dot is not None:
         # dL/dz = p - y; masked entries have p = y = 0 and a zero tangent.
         dot = jnp.sum((p - y) * x_dot, axis=axis, keepdims=True)
         loss_dot = loss_dot + (dot if t is None else dot / t)
-    if t is not None and not isinstance(t_dot, SymbolicZero):
+    if t is not None and t_dot is not None:
         # dz/dt = -z / t: only a per-row inner product is kept for the backward pass.
         loss_dot = loss_dot - jnp.sum((p - y) * zs, axis=axis, keepdims=True) / t * t_dot
-    if not isinstance(alpha_dot, SymbolicZero):
-        # Envelope theorem: dL/dalpha = dH_alpha(p)/dalpha - dH_alpha(y)/dalpha at fixed p, y.
-        def entropy_gap(a):
-            return tsallis(p, a, axis) - tsallis(y, a, axis)
+    if any(a is not None for a in arrays_dot):
+        # Envelope theorem: dL/dparam = d(Omega(y) - Omega(p))/dparam at fixed p and y.
+        v = _variants.VARIANTS[name]
 
-        loss_dot = loss_dot + jax.jvp(entropy_gap, (alpha,), (alpha_dot,))[1]
+        def gap(arrays):
+            params = _variants._merge(arrays, statics)
+            return v.regulariser(y, axis, *params) - v.regulariser(p, axis, *params)
+
+        zero = [
+            jnp.zeros_like(a) if d is None else d for a, d in zip(arrays, arrays_dot, strict=True)
+        ]
+        loss_dot = loss_dot + jax.jvp(gap, (arrays,), (tuple(zero),))[1]
     return loss, loss_dot
 
 
-def _labels_as_distribution(name, labels, z, axis):
-    """Integer class ids or probability vectors -> ``(y, bad_rows)`` in ``z``'s dtype."""
+def _labels(name, labels, z, axis, total, capped, ignore_index):
+    """Integer class ids or target vectors -> ``(y, bad, ignored)`` in ``z``'s dtype.
+
+    ``bad`` flags rows whose labels are invalid but could not be checked at trace time (they get
+    ``nan``); ``ignored`` the rows whose class id is ``ignore_index`` (loss 0).
+    """
     # The values, if known at trace time: taken before the conversion, which traces under jit
     # (and after a first one, which turns a malformed list into a TypeError).
-    concrete = _masking.is_concrete(labels)
-    array = _masking.as_array(name, "labels", labels)
+    concrete = _args.is_concrete(labels)
+    array = _args.as_array(name, "labels", labels)
     known = np.asarray(labels) if concrete else None
-    labels = array
     k = z.shape[axis]
     row_shape = z.shape[:axis] + z.shape[axis + 1 :]
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        if labels.shape != row_shape:
+    empty = jnp.all(z == -jnp.inf, axis=axis, keepdims=True)  # fully masked: padding
+    ignored = None
+    if jnp.issubdtype(array.dtype, jnp.integer):
+        if total is not None:
+            raise TypeError(
+                f"{name}: labels must be multi-hot or soft target vectors of the logits' shape "
+                "(integer class ids sum to 1, not to the budget)."
+            )
+        if array.shape != row_shape:
             raise ValueError(
                 f"{name}: integer labels must have the logits' shape without axis {axis}, "
-                f"{row_shape}, got {labels.shape}."
+                f"{row_shape}, got {array.shape}."
             )
+        if ignore_index is not None:
+            ignored = jnp.expand_dims(array == ignore_index, axis)
+            array = jnp.where(array == ignore_index, 0, array)
+            if known is not None:
+                known = np.where(known == ignore_index, 0, known)
         if known is not None and known.size and (known.min() < 0 or known.max() >= k):
             bad = known[(known < 0) | (known >= k)][:3]
             raise ValueError(f"{name}: labels must be class ids in [0, {k}), got {bad}.")
-        y = jax.nn.one_hot(labels, k, dtype=z.dtype, axis=axis)
-        bad = jnp.expand_dims((labels < 0) | (labels >= k), axis)
-    elif jnp.issubdtype(labels.dtype, jnp.floating):
-        if labels.shape != z.shape:
+        y = jax.nn.one_hot(array, k, dtype=z.dtype, axis=axis)
+        bad = jnp.expand_dims((array < 0) | (array >= k), axis)
+    elif jnp.issubdtype(array.dtype, jnp.floating):
+        if array.shape != z.shape:
             raise ValueError(
                 f"{name}: probability labels must have the logits' shape {z.shape}, "
-                f"got {labels.shape}."
+                f"got {array.shape}."
             )
+        y = array.astype(z.dtype)
+        sums = jnp.sum(y, axis=axis, keepdims=True)
+        expected = 1 if total is None else total
+        # Rounding each entry to the labels' dtype moves the sum by at most its eps per unit.
+        tol = max(1e-3, float(jnp.finfo(array.dtype).eps))
+        scaled_tol = tol * jnp.maximum(expected, 1)
+        ok = (jnp.abs(sums - expected) <= scaled_tol) & jnp.all(y >= 0, axis=axis, keepdims=True)
+        if capped:
+            ok = ok & jnp.all(y <= 1 + tol, axis=axis, keepdims=True)
         # An all-zero label is the padding of a fully masked row, and wrong anywhere else.
-        empty = jnp.all(z == -jnp.inf, axis=axis, keepdims=True)
-        if known is not None:
-            known_empty = np.asarray(empty) if _masking.is_concrete(empty) else None
-            _check_distributions(name, known, labels.dtype, axis, known_empty)
-        y = labels.astype(z.dtype)
-        bad = ~empty & (jnp.sum(y, axis=axis, keepdims=True) == 0)
+        bad = ~ok & ~(empty & (sums == 0))
+        if known is not None and _args.is_concrete(expected):
+            # Where the mask is traced, a row of zeros may be padding: it is flagged, not raised.
+            padding = np.asarray(empty) if _args.is_concrete(empty) else True
+            _check_targets(name, known, axis, tol, padding, np.asarray(expected), capped)
     else:
-        raise TypeError(f"{name}: labels must be integer class ids or floats, got {labels.dtype}.")
+        raise TypeError(f"{name}: labels must be integer class ids or floats, got {array.dtype}.")
     on_masked = jnp.any((y != 0) & (z == -jnp.inf), axis=axis, keepdims=True)
-    if _masking.is_concrete(on_masked) and np.any(np.asarray(on_masked)):
+    if ignored is not None:
+        on_masked = on_masked & ~ignored
+    if _args.is_concrete(on_masked) and np.any(np.asarray(on_masked & ~empty)):
         raise ValueError(f"{name}: labels put probability on masked (or -inf) entries.")
-    return jax.lax.stop_gradient(y), bad | on_masked
+    return jax.lax.stop_gradient(y), (bad | on_masked) & ~empty, ignored
 
 
-def _check_distributions(name, labels, dtype, axis, empty):
-    """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a distribution.
+def _check_targets(name, labels, axis, tol, empty, expected, capped):
+    """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a valid target.
 
-    A row of zeros is accepted where ``empty`` (fully masked rows, ``axis`` kept) is True, or
-    everywhere if ``empty`` is ``None`` (unknown: the loss flags the others as ``nan``).
+    Valid: entries >= 0 (and <= 1 if ``capped``) summing to ``expected`` (to ``tol`` per unit),
+    or all zeros where ``empty`` (fully masked rows, ``axis`` kept; ``True``: wherever).
     """
     y = labels.astype(np.float64)
     if not np.all(y >= 0):  # also catches nan
         raise ValueError(f"{name}: probability labels must be >= 0, got {y[~(y >= 0)][:3]}.")
-    # Rounding each entry to the labels' dtype moves the sum by at most its eps.
-    tol = max(1e-3, float(jnp.finfo(dtype).eps))
-    sums = y.sum(axis)
-    padding = (sums == 0) & (True if empty is None else np.squeeze(empty, axis))
-    off = ~(np.abs(sums - 1) <= tol) & ~padding
+    if capped and not np.all(y <= 1 + tol):
+        raise ValueError(f"{name}: target labels must be <= 1, got {y[~(y <= 1 + tol)][:3]}.")
+    sums = y.sum(axis, keepdims=True)
+    expected = np.broadcast_to(expected, sums.shape)
+    off = ~(np.abs(sums - expected) <= tol * np.maximum(expected, 1)) & ~(empty & (sums == 0))
     if np.any(off):
+        target = "1" if not capped else "the budget"
         raise ValueError(
-            f"{name}: probability labels must sum to 1 along axis {axis} (to {tol:.0e}), "
+            f"{name}: probability labels must sum to {target} along axis {axis} (to {tol:.0e}), "
             f"got sums {sums[off][:3]}."
         )
 
 
-def _loss(name, variant, logits, labels, axis, where, temperature, alpha=None, max_iter=None):
-    args = _masking.prepare(name, logits, axis, where, temperature, arg="logits")
+def _smooth(y, z, axis, label_smoothing, total):
+    """``(1 - s) y + s u``, ``u`` the uniform target over the unmasked entries of the row."""
+    live = (z != -jnp.inf).astype(y.dtype)
+    n = jnp.sum(live, axis=axis, keepdims=True)
+    uniform = live * (1 if total is None else total) / jnp.maximum(n, 1)
+    return (1 - label_smoothing) * y + label_smoothing * uniform
+
+
+def _fenchel_young_loss(
+    name: str,
+    variant: str,
+    logits: Any,
+    labels: Any,
+    axis: Any = -1,
+    where: Any = None,
+    temperature: Any = 1.0,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    **values: Any,
+) -> jax.Array:
+    """The Fenchel-Young loss of the table's ``variant``, checked as the public ``name``."""
+    args = _args.prepare(name, logits, axis, where, temperature, arg="logits")
     x, axis = args.x, args.axis
-    _, fixed_alpha = _CORES[variant]
-    if fixed_alpha is None:
-        number = alpha if isinstance(alpha, (int, float)) else None
-        alpha, exact = alpha_parameter(name, alpha, x.shape, axis, x.dtype, max_iter, "logits")
-        if exact is not None:
-            variant = exact
-        elif number is not None:
-            variant = (variant, number - 1.0)  # as entmax does: alpha compiled into the solver
-    else:
-        alpha = jnp.asarray(fixed_alpha, x.dtype)
-    y, bad = _labels_as_distribution(name, labels, x, axis)
-    loss = _fy_loss(x, args.t, y, alpha, axis, variant, max_iter)
+    v, arrays, statics = _variants.parameters(
+        name, _variants.VARIANTS[variant], values, x.shape, axis, x.dtype, "logits"
+    )
+    if ignore_index is not None:
+        ignore_index = _args.check_int(name, "ignore_index", ignore_index, -(2**31))
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(
+            f"{name}: label_smoothing must be a number in [0, 1), got {label_smoothing!r}."
+        )
+    table = _variants.VARIANTS[variant]
+    total = None
+    if table.label_sum is not None:
+        # The labels' total (budget): fixed by the labels, so it is not differentiated here.
+        total = jax.lax.stop_gradient(
+            _variants._merge(arrays, statics)[0] if v is table else jnp.asarray(1.0, x.dtype)
+        )
+    y, bad, ignored = _labels(name, labels, x, axis, total, table.capped, ignore_index)
+    if label_smoothing:
+        y = _smooth(y, x, axis, label_smoothing, total)
+    loss = _fy_loss(x, args.t, y, arrays, axis, v.name, statics)
     # Invalid labels that could not be checked at trace time give nan, never a wrong number.
-    return args.finish(jnp.where(bad, jnp.nan, loss)).squeeze(axis)
+    loss = jnp.where(bad, jnp.nan, loss)
+    if ignored is not None:
+        loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
+    return args.finish(loss).squeeze(axis)
 
 
-_SHARED_DOC = """
-    Args:
-      logits: a floating-point array.
-      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target
-        distributions (one-hot or soft) of ``logits.shape``: entries >= 0 that sum to 1 along
-        ``axis`` (to 1e-3, or the labels' dtype's eps if larger); all zeros for a fully masked
-        (padding) row, whose loss is 0. Labels are constants: no gradient flows to them.
-      {alpha}axis: the class axis.
-      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
-        on its unmasked entries alone; ``-inf`` logits count as masked.
-      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
-        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
-
-    Returns:
-      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
-
-    Raises:
-      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
-        labels that are not distributions, or an invalid {params}, when they are known at trace
-        time (outside ``jit``, or constants under it). Traced values cannot be checked: the loss
-        of an example with such a class id, masked mass, an all-zero label on a row that is not
-        fully masked, or {params} is ``nan``; other soft labels are used as given (a row that is
-        not a distribution gives a number that is not a Fenchel-Young loss, clamped at 0).
-"""
-
-
-_ALPHA_DOC = """alpha: a finite number >= 1, or an array broadcastable to ``logits`` with ``axis``
-        kept as size 1 (per-row alpha). Differentiable (a learnable alpha).
-      """
-
-
-def _doc(fn, alpha=""):
-    params = "temperature or alpha" if alpha else "temperature"
-    shared = _SHARED_DOC.format(alpha=alpha, params=params)
-    fn.__doc__ = fn.__doc__.replace("{shared}", shared.strip("\n"))
-    return fn
-
-
-@_doc
 def softmax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     axis: int = -1,
     where: ArrayLike | None = None,
-    temperature: chex.Numeric = 1.0,
+    temperature: Numeric = 1.0,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     r"""Softmax cross-entropy, the Fenchel-Young loss of Shannon entropy.
 
@@ -245,33 +259,63 @@ def softmax_loss(
 
       L(z; y) = \log \sum_j e^{z_j} - \langle z, y\rangle - H_1(y), \qquad z = x / T,
 
-    i.e. ``optax.softmax_cross_entropy`` of ``logits / temperature`` minus the (constant) entropy
-    of the labels, so that the loss is 0 exactly when ``softmax(z) == y``. For one-hot labels the
-    two are equal. Gradient: ``(softmax(z) - y) / T``.
+    that is ``optax.softmax_cross_entropy`` of ``logits / temperature`` minus the entropy of the
+    labels ``H_1(y)``, so that the loss is 0 exactly when ``softmax(z) == y``. For one-hot labels
+    (and integer class ids) the two are equal; for soft labels they differ by that entropy, a
+    constant that does not change the gradient. Gradient: ``(softmax(z) - y) / T``.
 
-    {shared}
+    Args:
+      logits: a floating-point array.
+      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target vectors of
+        ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
+        or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
+        constants: no gradient flows to them.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient, whatever its label.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
+        with zero gradient (a masked mean works under ``jit``).
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
+        unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid temperature, when known at trace time.
+        Traced values cannot be checked: the loss of such an example is ``nan``.
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from smvariants import losses
       >>> logits = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
-      >>> losses.softmax_loss(logits, jnp.array([2, 0]))
-      Array([0.40760595, 2.407606  ], dtype=float32)
+      >>> print(np.asarray(losses.softmax_loss(logits, jnp.array([2, 0]))).round(4))
+      [0.4076 2.4076]
 
     References:
       Blondel, Martins & Niculae, `Learning with Fenchel-Young Losses
       <https://arxiv.org/abs/1901.02324>`_, 2020.
     """
-    return _loss("softmax_loss", "softmax", logits, labels, axis, where, temperature)
+    return _fenchel_young_loss(
+        "softmax_loss", "softmax", logits, labels, axis, where, temperature,
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+    )  # fmt: skip
 
 
-@_doc
 def sparsemax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     axis: int = -1,
     where: ArrayLike | None = None,
-    temperature: chex.Numeric = 1.0,
+    temperature: Numeric = 1.0,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     r"""Sparsemax loss, the Fenchel-Young loss of the Gini entropy (alpha = 2).
 
@@ -283,28 +327,58 @@ def sparsemax_loss(
     Equal to ``optax.losses.multiclass_sparsemax_loss`` for integer labels. Finite and
     informative even where the prediction has exact zeros. Gradient: ``(p - y) / T``.
 
-    {shared}
+    Args:
+      logits: a floating-point array.
+      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target vectors of
+        ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
+        or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
+        constants: no gradient flows to them.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient, whatever its label.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
+        with zero gradient (a masked mean works under ``jit``).
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
+        unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid temperature, when known at trace time.
+        Traced values cannot be checked: the loss of such an example is ``nan``.
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from smvariants import losses
-      >>> losses.sparsemax_loss(jnp.array([[0.5, 0.1, -2.0]]), jnp.array([0]))
-      Array([0.08999998], dtype=float32)
+      >>> logits = jnp.array([[0.5, 0.1, -2.0]])
+      >>> print(np.asarray(losses.sparsemax_loss(logits, jnp.array([0]))).round(4))
+      [0.09]
 
     References:
       Martins & Astudillo, `From Softmax to Sparsemax
       <https://arxiv.org/abs/1602.02068>`_, 2016.
     """
-    return _loss("sparsemax_loss", "sparsemax", logits, labels, axis, where, temperature)
+    return _fenchel_young_loss(
+        "sparsemax_loss", "sparsemax", logits, labels, axis, where, temperature,
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+    )  # fmt: skip
 
 
-@_doc
 def entmax15_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     axis: int = -1,
     where: ArrayLike | None = None,
-    temperature: chex.Numeric = 1.0,
+    temperature: Numeric = 1.0,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     r"""1.5-entmax loss, the Fenchel-Young loss of the Tsallis 1.5-entropy.
 
@@ -315,10 +389,34 @@ def entmax15_loss(
 
     Gradient: ``(p - y) / T``.
 
-    {shared}
+    Args:
+      logits: a floating-point array.
+      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target vectors of
+        ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
+        or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
+        constants: no gradient flows to them.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient, whatever its label.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
+        with zero gradient (a masked mean works under ``jit``).
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
+        unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid temperature, when known at trace time.
+        Traced values cannot be checked: the loss of such an example is ``nan``.
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from smvariants import losses
       >>> print(losses.entmax15_loss(jnp.array([[0.0, 5.0]]), jnp.array([1])))
       [0.]
@@ -327,19 +425,23 @@ def entmax15_loss(
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
       <https://arxiv.org/abs/1905.05702>`_, 2019.
     """
-    return _loss("entmax15_loss", "entmax15", logits, labels, axis, where, temperature)
+    return _fenchel_young_loss(
+        "entmax15_loss", "entmax15", logits, labels, axis, where, temperature,
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+    )  # fmt: skip
 
 
-@partial(_doc, alpha=_ALPHA_DOC)
 def entmax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
-    alpha: chex.Numeric = 1.5,
+    alpha: Numeric = 1.5,
     axis: int = -1,
     where: ArrayLike | None = None,
-    temperature: chex.Numeric = 1.0,
+    temperature: Numeric = 1.0,
     *,
     max_iter: int = 64,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     r"""alpha-entmax loss, the Fenchel-Young loss of the Tsallis alpha-entropy, any alpha >= 1.
 
@@ -349,17 +451,44 @@ def entmax_loss(
       p = \mathrm{entmax}_\alpha(z),\ z = x / T.
 
     alpha = 1 is :func:`softmax_loss`, 1.5 :func:`entmax15_loss`, 2 :func:`sparsemax_loss` (a
-    Python number of those values uses them). Gradient in the logits: ``(p - y) / T``; in alpha,
-    ``dH_alpha(p)/dalpha - dH_alpha(y)/dalpha`` (envelope theorem), stable through alpha = 1.
-    ``max_iter`` bounds the solver as in :func:`smvariants.entmax`.
+    number of those values known at trace time uses them). Gradient in the logits:
+    ``(p - y) / T``; in alpha, ``dH_alpha(p)/dalpha - dH_alpha(y)/dalpha`` (envelope theorem),
+    stable through alpha = 1.
 
-    {shared}
+    Args:
+      alpha: a finite number >= 1, or an array broadcastable to ``logits`` with ``axis`` kept as
+        size 1 (per-row alpha). Differentiable (a learnable alpha).
+      max_iter: bounds the solver as in :func:`smvariants.entmax`.
+      logits: a floating-point array.
+      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target vectors of
+        ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
+        or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
+        constants: no gradient flows to them.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient, whatever its label.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
+        with zero gradient (a masked mean works under ``jit``).
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
+        unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid temperature or alpha, when known at
+        trace time. Traced values cannot be checked: the loss of such an example is ``nan``.
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from smvariants import losses
       >>> logits = jnp.array([[1.0, 2.0, 3.0]])
-      >>> print(losses.entmax_loss(logits, jnp.array([2]), alpha=1.25).round(4))
+      >>> print(np.asarray(losses.entmax_loss(logits, jnp.array([2]), alpha=1.25)).round(4))
       [0.1646]
 
     References:
@@ -369,4 +498,197 @@ def entmax_loss(
       Correia, Niculae & Martins, `Adaptively Sparse Transformers
       <https://arxiv.org/abs/1909.00015>`_, 2019.
     """
-    return _loss("entmax_loss", "entmax", logits, labels, axis, where, temperature, alpha, max_iter)
+    return _fenchel_young_loss(
+        "entmax_loss", "entmax", logits, labels, axis, where, temperature,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, alpha=alpha, max_iter=max_iter,
+    )  # fmt: skip
+
+
+def normmax_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    alpha: Numeric = 2.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    temperature: Numeric = 1.0,
+    *,
+    max_iter: int = 64,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    r"""Normmax loss, the Fenchel-Young loss of the norm entropy ``H(p) = 1 - ||p||_alpha``.
+
+    .. math::
+
+      L(z; y) = \langle z, p - y\rangle - \|p\|_\alpha + \|y\|_\alpha, \qquad
+      p = \mathrm{normmax}_\alpha(z),\ z = x / T.
+
+    Gradient in the logits: ``(p - y) / T``; in alpha, ``d(||y||_alpha - ||p||_alpha)/dalpha``
+    at fixed ``p`` (envelope theorem).
+
+    Args:
+      alpha: a finite number > 1, or an array broadcastable to ``logits`` with ``axis`` kept as
+        size 1 (per-row alpha). Differentiable.
+      max_iter: bounds the solver as in :func:`smvariants.normmax`.
+      logits: a floating-point array.
+      labels: integer class ids of shape ``logits.shape`` without ``axis``, or target vectors of
+        ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
+        or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
+        constants: no gradient flows to them.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient, whatever its label.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
+        with zero gradient (a masked mean works under ``jit``).
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
+        unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      ValueError: for class ids out of range, labels that put mass on a masked entry, soft
+        labels that are not distributions, or an invalid temperature or alpha, when known at
+        trace time. Traced values cannot be checked: the loss of such an example is ``nan``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from smvariants import losses
+      >>> logits = jnp.array([[1.0, 1.5, 2.0]])
+      >>> print(np.asarray(losses.normmax_loss(logits, jnp.array([2]), alpha=2.0)).round(4))
+      [0.0886]
+
+    References:
+      Santos, Niculae, McNamee & Martins, `Sparse and Structured Hopfield Networks
+      <https://arxiv.org/abs/2402.13725>`_, 2024.
+    """
+    return _fenchel_young_loss(
+        "normmax_loss", "normmax", logits, labels, axis, where, temperature,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, alpha=alpha, max_iter=max_iter,
+    )  # fmt: skip
+
+
+def budget_sparsemax_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    budget: Numeric = 2.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    temperature: Numeric = 1.0,
+    *,
+    max_iter: int = 64,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    r"""Budget sparsemax loss: the Fenchel-Young loss of the capped simplex (multi-label).
+
+    .. math::
+
+      L(z; y) = \langle z, p - y\rangle + \tfrac12 (\|y\|^2 - \|p\|^2), \qquad
+      p = \mathrm{budget\_sparsemax}(z),\ z = x / T,
+
+    for targets ``y`` with ``0 <= y_j <= 1`` and ``sum_j y_j = budget``, e.g. a multi-hot vector
+    of ``budget`` labels. Zero exactly when the prediction equals ``y``. Gradient:
+    ``(p - y) / T``.
+
+    Args:
+      logits: a floating-point array.
+      labels: target vectors of ``logits.shape``: multi-hot or soft, entries in [0, 1] that sum
+        to ``budget`` along ``axis`` (to 1e-3 times the budget). A row of zeros pads a fully
+        masked row. Constants: no gradient flows to them.
+      budget: a finite number > 0, or an array broadcastable to ``logits`` with ``axis`` kept as
+        size 1 (per row). Fixed by the labels, so not differentiated here.
+      axis: the class axis.
+      where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
+        on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
+        padding: its loss is 0 with zero gradient.
+      temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
+        kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
+      max_iter: bounds the solver as in :func:`smvariants.budget_sparsemax`.
+      label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` spreading the
+        budget evenly over the unmasked classes.
+
+    Returns:
+      The per-example loss (no reduction), of ``logits``' shape without ``axis`` and its dtype.
+
+    Raises:
+      TypeError: for integer class ids (they sum to 1, not to a budget).
+      ValueError: for targets outside the capped simplex, mass on a masked entry, or an invalid
+        budget or temperature, when known at trace time. Traced values cannot be checked: the
+        loss of such an example is ``nan``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from smvariants import losses
+      >>> logits = jnp.array([[2.0, 1.5, -1.0, 0.0]])
+      >>> labels = jnp.array([[1.0, 1.0, 0.0, 0.0]])
+      >>> print(losses.budget_sparsemax_loss(logits, labels, budget=2.0))
+      [0.]
+
+    References:
+      Blondel, Martins & Niculae, `Learning with Fenchel-Young Losses
+      <https://arxiv.org/abs/1901.02324>`_, 2020.
+    """
+    return _fenchel_young_loss(
+        "budget_sparsemax_loss", "budget_sparsemax", logits, labels, axis, where, temperature,
+        label_smoothing=label_smoothing, budget=budget, max_iter=max_iter,
+    )  # fmt: skip
+
+
+def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Array]:
+    r"""The Fenchel-Young loss of any variant of the table, by name, with its parameters bound.
+
+    .. math::
+
+      L(z; y) = \Omega^*(z) + \Omega(y) - \langle z, y\rangle, \qquad
+      \Omega^*(z) = \max_{p \in C} \langle z, p\rangle - \Omega(p),
+
+    with ``Omega`` and ``C`` the variant's regulariser and set (the counterpart of
+    ``optax.losses.make_fenchel_young_loss``, built from the variant's exact solver and
+    hand-written derivatives rather than by differentiating through ``Omega*``).
+
+    Args:
+      variant: a name of :func:`smvariants.registry.names`.
+      **params: the variant's parameters (``alpha``, ``budget``, ``max_iter``).
+
+    Returns:
+      ``loss(logits, labels, axis=-1, where=None, temperature=1.0, *, ignore_index=None,
+      label_smoothing=0.0)``, as the named losses of this module.
+
+    Raises:
+      ValueError: for an unknown variant or parameter.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from smvariants import losses
+      >>> loss = losses.make_fenchel_young_loss("entmax", alpha=1.25)
+      >>> print(np.asarray(loss(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([2]))).round(4))
+      [0.1646]
+
+    References:
+      Blondel, Martins & Niculae, `Learning with Fenchel-Young Losses
+      <https://arxiv.org/abs/1901.02324>`_, 2020.
+    """
+    if variant not in _variants.VARIANTS:
+        known = ", ".join(sorted(_variants.VARIANTS))
+        raise ValueError(f"unknown variant {variant!r}; known variants: {known}.")
+    accepted = {q.name for q in _variants.VARIANTS[variant].params}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(
+            f"variant {variant!r} takes parameters {', '.join(sorted(accepted)) or 'none'}; "
+            f"got {', '.join(unknown)}."
+        )
+    name = f"{variant}_loss"
+
+    def loss(logits, labels, axis=-1, where=None, temperature=1.0, **options):
+        return _fenchel_young_loss(
+            name, variant, logits, labels, axis, where, temperature, **options, **params
+        )
+
+    return loss

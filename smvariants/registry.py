@@ -1,22 +1,23 @@
 """Variants by name: each normalizer with its matching Fenchel-Young loss.
 
 Experiments and users pick variants by name (``get("entmax", alpha=1.3)`` or
-``parse("entmax:alpha=1.3")``). Adding a variant is one entry in ``_VARIANTS``.
+``parse("entmax:alpha=1.3")``). The names and parameters come from the variant table
+(``_variants``): a variant added there is registered here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from smvariants import _entmax
-from smvariants import _softmax
-from smvariants import _sparsemax
+from smvariants import _normalizers
+from smvariants import _variants
 from smvariants import losses
 
 
@@ -43,12 +44,15 @@ class Variant:
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
 
 
+def _entry(name: str) -> tuple[Callable[..., Any], Callable[..., Any], tuple[str, ...]]:
+    """The normalizer, loss and accepted parameters of the table's variant ``name``."""
+    params = tuple(q.name for q in _variants.VARIANTS[name].params)
+    return getattr(_normalizers, name), getattr(losses, f"{name}_loss"), ("temperature", *params)
+
+
 # name -> (normalizer, loss, the keyword parameters it accepts).
 _VARIANTS: dict[str, tuple[Callable[..., Any], Callable[..., Any], tuple[str, ...]]] = {
-    "softmax": (_softmax.softmax, losses.softmax_loss, ("temperature",)),
-    "sparsemax": (_sparsemax.sparsemax, losses.sparsemax_loss, ("temperature",)),
-    "entmax15": (_entmax.entmax15, losses.entmax15_loss, ("temperature",)),
-    "entmax": (_entmax.entmax, losses.entmax_loss, ("alpha", "temperature", "max_iter")),
+    name: _entry(name) for name in _variants.VARIANTS
 }
 
 
@@ -57,6 +61,11 @@ def names() -> tuple[str, ...]:
 
     Returns:
       The names, sorted.
+
+    Examples:
+      >>> from smvariants import registry
+      >>> "budget_sparsemax" in registry.names()
+      True
     """
     return tuple(sorted(_VARIANTS))
 
@@ -66,8 +75,9 @@ def get(name: str, **params: Any) -> Variant:
 
     Args:
       name: a registered name (see :func:`names`).
-      **params: keyword parameters of the variant (``temperature``; for ``entmax`` also
-        ``alpha`` and ``max_iter``). They are validated now, not at first use.
+      **params: keyword parameters of the variant (``temperature``; ``alpha`` and ``max_iter``
+        for ``entmax`` and ``normmax``, ``budget`` and ``max_iter`` for ``budget_sparsemax``).
+        They are validated now, not at first use.
 
     Returns:
       A :class:`Variant`.
@@ -78,10 +88,11 @@ def get(name: str, **params: Any) -> Variant:
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from smvariants import registry
       >>> v = registry.get("entmax", alpha=2.0)
-      >>> v.normalize(jnp.array([0.5, 0.1, -2.0]))
-      Array([0.7       , 0.29999998, 0.        ], dtype=float32)
+      >>> print(np.asarray(v.normalize(jnp.array([0.5, 0.1, -2.0]))).round(4))
+      [0.7 0.3 0. ]
     """
     if name not in _VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(names())}.")
@@ -118,12 +129,23 @@ def parse(spec: str) -> Variant:
     name, _, rest = spec.strip().partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
             raise ValueError(f"bad variant spec {spec!r}: expected name:key=value,...")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"bad variant spec {spec!r}: {key.strip()} must be a number") from None
-        params[key.strip()] = int(number) if key.strip() == "max_iter" else number
+        if key in params:
+            raise ValueError(f"bad variant spec {spec!r}: {key} is given twice")
+        params[key] = _number(spec, key, value)
     return get(name.strip(), **params)
+
+
+def _number(spec: str, key: str, value: str) -> float | int:
+    """A spec's value: an int for ``max_iter``, else a float; ``ValueError`` naming the key."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"bad variant spec {spec!r}: {key} must be a number") from None
+    if key != "max_iter":
+        return number
+    if not (math.isfinite(number) and number == int(number)):
+        raise ValueError(f"bad variant spec {spec!r}: max_iter must be an int, got {value}")
+    return int(number)

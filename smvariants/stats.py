@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from smvariants import _masking
+from smvariants import _args
+from smvariants._numerics import tsallis
 
 __all__ = ("sparsity", "support_size", "tsallis_entropy")
 
 
 def _prepare(name: str, p: ArrayLike, axis: int, where: ArrayLike | None):
-    p = _masking.check_float(name, "p", p)
-    axis = _masking.canonical_axis(name, axis, p.ndim, "p")
-    mask = _masking.broadcast_mask(name, where, p.shape, "p")
+    p = _args.check_float(name, "p", p)
+    axis = _args.canonical_axis(name, axis, p.ndim, "p")
+    mask = _args.broadcast_mask(name, where, p.shape, "p")
     return p, axis, mask
 
 
@@ -39,8 +39,8 @@ def support_size(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
     References:
       Martins & Astudillo, `From Softmax to Sparsemax <https://arxiv.org/abs/1602.02068>`_, 2016.
     """
-    p, axis, mask = _prepare("support_size", p, axis, where)
-    on = p > 0 if mask is None else (p > 0) & mask
+    probs, axis, mask = _prepare("support_size", p, axis, where)
+    on = probs > 0 if mask is None else (probs > 0) & mask
     return jnp.sum(on, axis=axis, dtype=jnp.int32)
 
 
@@ -67,23 +67,20 @@ def sparsity(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> ja
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
       <https://arxiv.org/abs/1905.05702>`_, 2019.
     """
-    p, axis, mask = _prepare("sparsity", p, axis, where)
-    zero = p == 0
+    probs, axis, mask = _prepare("sparsity", p, axis, where)
+    zero = probs == 0
+    # Counted in int32 and divided in float32 (or float64): a half-precision count is wrong past
+    # 256 (bfloat16) or overflows past 65504 (float16).
+    dtype = probs.dtype if probs.dtype == jnp.float64 else jnp.dtype(jnp.float32)
     if mask is None:
-        return jnp.mean(zero.astype(p.dtype), axis=axis)
-    n = jnp.sum(mask, axis=axis).astype(p.dtype)
-    return jnp.sum(zero & mask, axis=axis).astype(p.dtype) / n
+        n = jnp.asarray(probs.shape[axis], dtype)
+    else:
+        zero = zero & mask
+        n = jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(dtype)
+    return (jnp.sum(zero, axis=axis, dtype=jnp.int32).astype(dtype) / n).astype(probs.dtype)
 
 
-def expm1_ratio(x: jax.Array) -> jax.Array:
-    """``expm1(x) / x`` with its limit 1 at 0, smooth (and differentiable) through 0."""
-    small = jnp.abs(x) < 1e-3
-    xs = jnp.where(small, 1, x)
-    series = 1 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x / 120)))
-    return jnp.where(small, series, jnp.expm1(xs) / xs)
-
-
-def tsallis_entropy(p: ArrayLike, alpha: chex.Numeric, axis: int = -1) -> jax.Array:
+def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: int = -1) -> jax.Array:
     r"""Tsallis alpha-entropy, the regulariser whose argmax over the simplex is alpha-entmax.
 
     .. math::
@@ -104,7 +101,7 @@ def tsallis_entropy(p: ArrayLike, alpha: chex.Numeric, axis: int = -1) -> jax.Ar
 
     Returns:
       An array of ``p``'s shape without ``axis`` and ``p``'s dtype (computed in float32 for half
-      precision).
+      precision); ``nan`` for a vector with a negative or ``nan`` entry.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -118,21 +115,12 @@ def tsallis_entropy(p: ArrayLike, alpha: chex.Numeric, axis: int = -1) -> jax.Ar
       <https://doi.org/10.1007/BF01016429>`_, 1988.
     """
     name = "tsallis_entropy"
-    p = _masking.check_float(name, "p", p)
-    axis = _masking.canonical_axis(name, axis, p.ndim, "p")
-    dtype = _masking.compute_dtype(p.dtype)
-    a, invalid = _masking.row_parameter(
-        name, "alpha", alpha, p.shape, axis, dtype, _masking.AT_LEAST_ONE, "p"
+    p = _args.check_float(name, "p", p)
+    axis = _args.canonical_axis(name, axis, p.ndim, "p")
+    dtype = _args.compute_dtype(p.dtype)
+    a, invalid = _args.row_parameter(
+        name, "alpha", alpha, p.shape, axis, dtype, _args.AT_LEAST_ONE, "p"
     )
-    h = tsallis(p.astype(dtype), a, axis)
-    if invalid is not None:  # a traced alpha that is not finite and >= 1
-        h = jnp.where(invalid, jnp.nan, h)
+    # A traced alpha that is not finite and >= 1 gives nan (value and gradients).
+    h = tsallis(p.astype(dtype), _args.nan_where(invalid, a), axis)
     return h.squeeze(axis).astype(p.dtype)
-
-
-def tsallis(p: jax.Array, alpha: jax.Array, axis: int) -> jax.Array:
-    """:func:`tsallis_entropy` without argument checks, keeping ``axis`` (used by the losses)."""
-    on = p > 0
-    log_p = jnp.log(jnp.where(on, p, 1))
-    terms = jnp.where(on, p * log_p * expm1_ratio((alpha - 1) * log_p), 0)
-    return -jnp.sum(terms, axis=axis, keepdims=True) / alpha

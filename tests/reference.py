@@ -146,3 +146,276 @@ def kkt_residual(p, z, alpha):
         tau = tau_j.mean()
         worst = max(worst, np.ptp(tau_j), np.max(d * zr[~on] - tau, initial=-1.0))
     return worst
+
+
+def _per_row(param, shape, axis):
+    """``param`` broadcast to one value per row along ``axis``, flattened in ``_rows`` order."""
+    row_shape = list(shape)
+    row_shape[axis] = 1
+    out = np.broadcast_to(np.asarray(param, np.float64), row_shape)
+    return np.moveaxis(out, axis, -1).reshape(-1)
+
+
+def _last_axis_param(param, p):
+    """Scalar or per-row ``param`` (shape ``p.shape[:-1] + (1,)``) as an array ``p.shape[:-1]``."""
+    param = np.asarray(param, np.float64)
+    return np.broadcast_to(param, p.shape[:-1] + (1,))[..., 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# normmax: p = argmax_{p in simplex} <p, z> - ||p||_alpha, alpha > 1.
+# KKT: q_j = p_j / ||p||_alpha = [z_j - tau]_+^(1/(alpha-1)), sum_j q_j^alpha = 1, p = q / sum q.
+
+
+def _normmax_sparsemax_row(z):
+    """Exact sort-based normmax for alpha == 2: sum_{top k} (s_i - tau)^2 = 1 is a quadratic."""
+    s = np.sort(z)[::-1]
+    k = np.arange(1, z.size + 1)
+    c1 = np.cumsum(s)
+    c2 = np.cumsum(s * s)
+    # tau_k = (c1 - sqrt(c1^2 - k (c2 - 1))) / k; the discriminant k - (k c2 - c1^2) is >= 0 while
+    # the top-k spread (k * sum of squared deviations) stays below k.
+    disc = c1 * c1 - k * (c2 - 1)
+    ok = disc >= 0
+    tau = np.where(ok, (c1 - np.sqrt(np.where(ok, disc, 0))) / k, np.inf)
+    # The support is the largest k whose root lies below s_k (the k-th largest entry).
+    support = ok & (tau < s)
+    kk = k[support][-1]
+    q = np.maximum(z - tau[kk - 1], 0)
+    return q / q.sum()
+
+
+def _normmax_bisect_row(z, alpha):
+    """Bisection on tau (z.max() == 0) to adjacent floats, then p on the support {z > tau}."""
+    r = 1 / (alpha - 1)
+
+    def q(tau):
+        return np.maximum(z - tau, 0) ** r
+
+    # f(tau) = sum q^alpha - 1 is decreasing; f(-1) >= 0 (the max entry alone gives q = 1) and
+    # f(-(1/n)^((alpha-1)/alpha)) <= 0 (every q_j^alpha <= 1/n).
+    lo, hi = -1.0, -((1 / z.size) ** ((alpha - 1) / alpha))
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if (q(mid) ** alpha).sum() >= 1:
+            lo = mid
+        else:
+            hi = mid
+    tau = 0.5 * (lo + hi)
+    support = z > tau
+    out = np.zeros_like(z)
+    out[support] = (z[support] - tau) ** r
+    return out / out.sum()
+
+
+def normmax(x, alpha=2.0, axis=-1, where=None, temperature=1.0, force_bisection=False):
+    """alpha-normmax: argmax_{p in simplex} <p, z> - ||p||_alpha along ``axis``, z = x / T.
+
+    ``alpha`` > 1, a scalar or one value per row (broadcastable to ``x.shape`` with 1 at ``axis``).
+    alpha == 2 uses an exact sort-based closed form unless ``force_bisection``; other alphas use a
+    float64 bisection on the threshold run to adjacent floats. Masked/-inf entries get 0, an
+    all-masked row gives zeros, a row with nan or +inf gives nan (``_rows``). Shift-invariant in z
+    but not scale-invariant (as alpha -> 1 it tends to argmax, not to softmax).
+    """
+    x = np.asarray(x, np.float64)
+    alpha_rows = _per_row(alpha, x.shape, axis)
+    if not np.all(alpha_rows > 1) or not np.all(np.isfinite(alpha_rows)):
+        raise ValueError(f"normmax needs finite alpha > 1, got {alpha!r}")
+
+    def row(z, i):
+        a = float(alpha_rows[i])
+        if a == 2 and not force_bisection:
+            return _normmax_sparsemax_row(z)
+        return _normmax_bisect_row(z, a)
+
+    return _rows(row, x, axis, where, temperature)
+
+
+def normmax_regulariser(p, alpha):
+    """||p||_alpha over the last axis; ``alpha`` scalar or of shape ``p.shape[:-1] + (1,)``."""
+    p = np.asarray(p, np.float64)
+    a = _last_axis_param(alpha, p)
+    return np.sum(np.abs(p) ** a[..., None], -1) ** (1 / a)
+
+
+def normmax_loss(z, y, alpha):
+    """Fenchel-Young loss L = <z, p - y> - ||p||_alpha + ||y||_alpha, p = normmax(z), last axis.
+
+    ``y`` is a distribution (0 on masked/-inf entries of z); the torch package writes the same loss
+    for one-hot y as 1 - ||p||_alpha + <p - e_y, z>.
+    """
+    z = np.asarray(z, np.float64)
+    y = np.asarray(y, np.float64)
+    p = normmax(z, _last_axis_param(alpha, z)[..., None])
+    zs = np.where(np.isfinite(z), z, 0)
+    return np.sum(zs * (p - y), -1) - normmax_regulariser(p, alpha) + normmax_regulariser(y, alpha)
+
+
+def normmax_jacobian(p_row, alpha):
+    """dp/dz of normmax at one row ``p_row`` (a 1-D distribution; zeros are off the support).
+
+    J = c [diag(g) - g p^T - p g^T + sum(g) p p^T], g = p^(2-alpha) on the support (0 off it),
+    c = ||p||_alpha^(alpha-1) / (alpha - 1). Symmetric; J 1 = 0.
+    """
+    p = np.asarray(p_row, np.float64)
+    on = p > 0
+    g = np.where(on, np.where(on, p, 1) ** (2 - alpha), 0)
+    c = normmax_regulariser(p, alpha) ** (alpha - 1) / (alpha - 1)
+    return c * (np.diag(g) - np.outer(g, p) - np.outer(p, g) + g.sum() * np.outer(p, p))
+
+
+def normmax_kkt_residual(p, z, alpha):
+    """Largest violation of the KKT conditions of normmax, rows along the last axis.
+
+    -inf entries of z are masked (p must be 0 there); a non-finite p gives inf. Checks sum p = 1,
+    p >= 0, and with
+    n = ||p||_alpha: z_j - (p_j / n)^(alpha-1) = tau is one constant on the support and
+    z_j <= tau off it. ``alpha`` scalar or of shape ``p.shape[:-1] + (1,)``.
+    """
+    p = np.asarray(p, np.float64)
+    z = np.asarray(z, np.float64)
+    alphas = _last_axis_param(alpha, p).reshape(-1)
+    p = p.reshape(-1, p.shape[-1])
+    z = z.reshape(p.shape)
+    worst = 0.0
+    for pr, zr, a in zip(p, z, alphas, strict=True):
+        if not np.isfinite(pr).all():
+            return np.inf
+        live = zr != -np.inf
+        worst = max(worst, abs(pr.sum() - 1), -pr.min(initial=0), np.abs(pr[~live]).max(initial=0))
+        zr = zr[live] - zr[live].max()
+        pr = pr[live]
+        on = pr > 0
+        norm = np.sum(pr**a) ** (1 / a)
+        tau_j = zr[on] - (pr[on] / norm) ** (a - 1)
+        tau = tau_j.mean()
+        worst = max(worst, np.ptp(tau_j), np.max(zr[~on] - tau, initial=-1.0))
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# budget sparsemax: p = argmin ||p - z||^2 over {0 <= p <= 1, sum p = budget} = clip(z - tau, 0, 1).
+
+
+def _budget_row(z, budget):
+    """Exact: f(t) = sum clip(z - t, 0, 1) is piecewise linear between the breakpoints z_j, z_j - 1.
+
+    Finds the piece [t_k, t_k+1] with f(t_k) >= budget >= f(t_k+1), reads which entries are at 1
+    and which are fractional at the piece's midpoint, and solves u + sum_M (z - tau) = budget.
+    """
+    n = z.size
+    if budget > n:
+        return np.full(n, np.nan)
+    if budget == n:
+        return np.ones(n)
+    t = np.unique(np.concatenate([z - 1, z]))  # ascending; f(t[0]) = n > budget, f(t[-1]) = 0
+    f = np.clip(z[None, :] - t[:, None], 0, 1).sum(1)
+    k = np.flatnonzero(f >= budget)[-1]
+    k = min(k, t.size - 2)
+    mid = 0.5 * (t[k] + t[k + 1])
+    d = z - mid
+    ones = d >= 1
+    frac = (d > 0) & ~ones
+    m = frac.sum()
+    tau = (ones.sum() + z[frac].sum() - budget) / m if m else mid
+    return np.clip(z - tau, 0, 1)
+
+
+def budget_sparsemax(x, budget=2.0, axis=-1, where=None, temperature=1.0):
+    """Budget sparsemax: Euclidean projection of z = x / T onto {0 <= p <= 1, sum p = budget}.
+
+    ``budget`` > 0, a scalar or one value per row (broadcastable to ``x.shape`` with 1 at
+    ``axis``). Computed exactly (sort/breakpoint based). Masked/-inf entries get 0 and do not
+    count; a row with exactly ``budget`` live entries gives ones on them; a row with fewer live
+    entries than ``budget`` (an empty set) gives nan on the whole row, masked entries included;
+    an all-masked row gives zeros; a row with nan or +inf gives nan. Shift-invariant, not
+    scale-invariant; budget == 1 is sparsemax.
+    """
+    x = np.asarray(x, np.float64)
+    budget_rows = _per_row(budget, x.shape, axis)
+    if not np.all(budget_rows > 0) or not np.all(np.isfinite(budget_rows)):
+        raise ValueError(f"budget_sparsemax needs finite budget > 0, got {budget!r}")
+    empty = []
+
+    def row(z, i):
+        b = float(budget_rows[i])
+        if b > z.size:
+            empty.append(i)
+        return _budget_row(z, b)
+
+    out = _rows(row, x, axis, where, temperature)
+    if empty:
+        moved = np.moveaxis(out, axis, -1).copy()
+        flat = moved.reshape(-1, moved.shape[-1])
+        flat[empty] = np.nan
+        out = np.moveaxis(flat.reshape(moved.shape), -1, axis)
+    return out
+
+
+def budget_regulariser(p):
+    """0.5 * ||p||^2 over the last axis."""
+    p = np.asarray(p, np.float64)
+    return 0.5 * np.sum(p * p, -1)
+
+
+def budget_loss(z, y, budget):
+    """Fenchel-Young loss L = <z, p - y> - 0.5 ||p||^2 + 0.5 ||y||^2, p = budget_sparsemax(z).
+
+    Rows along the last axis; ``y`` in the capped simplex (0 <= y <= 1, sum y = budget, 0 on
+    masked/-inf entries of z); ``budget`` scalar or of shape ``z.shape[:-1] + (1,)``.
+    """
+    z = np.asarray(z, np.float64)
+    y = np.asarray(y, np.float64)
+    p = budget_sparsemax(z, _last_axis_param(budget, z)[..., None])
+    zs = np.where(np.isfinite(z), z, 0)
+    return np.sum(zs * (p - y), -1) - budget_regulariser(p) + budget_regulariser(y)
+
+
+def budget_jacobian(p_row):
+    """dp/dz of budget sparsemax at one row: J = diag(s) - s s^T / |s|, s = 1[0 < p < 1].
+
+    J = 0 when no entry is fractional (integer budget, p all 0/1: tau sits inside a flat piece).
+    """
+    p = np.asarray(p_row, np.float64)
+    s = ((p > 0) & (p < 1)).astype(np.float64)
+    if not s.any():
+        return np.zeros((p.size, p.size))
+    return np.diag(s) - np.outer(s, s) / s.sum()
+
+
+def budget_kkt_residual(p, z, budget):
+    """Largest violation of the KKT conditions of budget sparsemax, rows along the last axis.
+
+    -inf entries of z are masked (p must be 0 there); a non-finite p gives inf. Checks
+    sum p = budget, 0 <= p <= 1, and for
+    one threshold tau: z_j - p_j = tau where 0 < p_j < 1, z_j <= tau where p_j == 0 and
+    z_j - 1 >= tau where p_j == 1 (when no p_j is fractional, that tau interval must be nonempty).
+    ``budget`` scalar or of shape ``p.shape[:-1] + (1,)``.
+    """
+    p = np.asarray(p, np.float64)
+    z = np.asarray(z, np.float64)
+    budgets = _last_axis_param(budget, p).reshape(-1)
+    p = p.reshape(-1, p.shape[-1])
+    z = z.reshape(p.shape)
+    worst = 0.0
+    for pr, zr, b in zip(p, z, budgets, strict=True):
+        if not np.isfinite(pr).all():
+            return np.inf
+        live = zr != -np.inf
+        worst = max(
+            worst,
+            abs(pr.sum() - b),
+            -pr.min(initial=0),
+            pr.max(initial=1) - 1,
+            np.abs(pr[~live]).max(initial=0),
+        )
+        zr = zr[live] - zr[live].max()
+        pr = pr[live]
+        zero, one = pr <= 0, pr >= 1
+        frac = ~zero & ~one
+        lo = max(zr[zero].max(initial=-np.inf), np.max(zr[frac] - pr[frac], initial=-np.inf))
+        hi = min((zr[one] - 1).min(initial=np.inf), np.min(zr[frac] - pr[frac], initial=np.inf))
+        worst = max(worst, lo - hi)
+    return worst

@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import smvariants as sm
-from smvariants import _threshold
+from smvariants import _solvers
 
 import reference
 
@@ -195,7 +195,7 @@ def test_solver_converges_with_entries_at_the_edge_of_the_support(alpha, dtype):
     x[:, 1:] = -(1 - rng.uniform(0, 0.01, (64, 7)) ** rng.uniform(1, 3, (64, 1))) / d
     x[:, 5:] -= rng.uniform(0, 20, (64, 3))
     x = x.astype(dtype)
-    _, iters = _threshold.entmax_theta(jnp.asarray(x), dtype(d), -1, 64)
+    _, iters = _solvers.entmax_theta(jnp.asarray(x), dtype(d), -1, 64)
     assert iters < 48  # converged, not stopped by max_iter
     # The map's own conditioning at the edge of the support: an error of eps^(1 / (alpha - 1)).
     tol = 4 * np.finfo(dtype).eps ** (1 / d)

@@ -45,7 +45,9 @@ def test_get_with_array_alpha_and_axis_kwargs():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"unknown variant 'softermax'; known variants: entmax, "):
+    with pytest.raises(
+        ValueError, match=r"unknown variant 'softermax'; known variants: budget_sparsemax, entmax, "
+    ):
         registry.get("softermax")
     with pytest.raises(ValueError, match=r"takes parameters temperature; got alpha"):
         registry.get("sparsemax", alpha=1.5)

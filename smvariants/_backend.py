@@ -1,0 +1,60 @@
+"""The backend seam: what is tuned for one XLA backend, chosen with ``lax.platform_dependent``.
+
+Everything here has a plain XLA default (taken on GPU and TPU, and shown by a lowering for
+``("cuda",)`` or ``("tpu",)``) and, where measurement found one, a CPU-only variant. The solvers
+call these helpers and never test the platform themselves. The Pallas GPU kernels of the speed
+issue plug in here too, as ``cuda=`` branches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows up to this length take the CPU's matrix-vector row sum (see ``row_sum``).
+_CPU_DOT_MAX = 64
+
+
+def row_sum(a: jax.Array, axis: int) -> jax.Array:
+    """``sum(a, axis, keepdims=True)`` for a solver's iterations, where rounding is harmless.
+
+    On XLA:CPU, rows of at most 64 entries are summed as a matrix-vector product with a vector of
+    ones: its reduction loops are slow on short rows and its dot kernel is not (a Michelot pass on
+    32-wide rows costs about half as much). Elsewhere, and for longer rows, a plain reduction. A
+    dot's accumulation order depends on the batch, so closed forms that need an accurate sum use
+    :func:`smvariants._numerics.accurate_sum` instead.
+    """
+
+    def plain(a):
+        return jnp.sum(a, axis=axis, keepdims=True)
+
+    if a.shape[axis] > _CPU_DOT_MAX:
+        return plain(a)
+
+    def on_cpu(a):
+        ones = jnp.ones((a.shape[axis],), a.dtype)
+        dims = (((axis,), (0,)), ((), ()))
+        return jnp.expand_dims(
+            lax.dot_general(a, ones, dims, precision=lax.Precision.HIGHEST), axis
+        )
+
+    return lax.platform_dependent(a, cpu=on_cpu, default=plain)
+
+
+def own_buffer(x: jax.Array) -> jax.Array:
+    """``x``, computed into a buffer of its own on CPU (unchanged elsewhere).
+
+    XLA:CPU fuses an elementwise producer of ``x`` (a half-precision convert, a mask) into the
+    block reduction of long rows, which then runs up to 10x slower than on a stored array. A
+    ``cond`` is a fusion boundary that XLA keeps (an ``optimization_barrier`` is removed before
+    fusion). Its predicate and second branch are only there so that it cannot be folded away:
+    that branch, taken when the first entry is nan, adds 0, which leaves every value as it is up
+    to the sign of a zero. On a GPU a ``cond`` would cost a round trip to the host.
+    """
+
+    def on_cpu(x):
+        first = x[(0,) * x.ndim]  # an index, not a reshape: no resharding of sharded rows
+        return lax.cond(first == first, lambda x: x, lambda x: x + 0, x)
+
+    return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)

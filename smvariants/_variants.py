@@ -1,0 +1,493 @@
+"""THE table of variants, and the factory that builds each one's jitted ``custom_jvp`` core.
+
+A variant maps logits to ``p = argmax_{p in C} <p, z> - Omega(p)``. Its entry states what it is:
+the threshold solver and support test, how the output is formed from the threshold, ``g(p)`` and
+``phi(p)`` for the derivative rule, its regulariser ``Omega`` for the Fenchel-Young loss, its
+parameters with their checks, and its exact special cases. The public normalizers
+(``_normalizers``), the losses, the registry and the tests' tables all read this table; adding a
+variant is one entry here plus its solver in ``_solvers``.
+
+The derivative rule every entry shares (unless it gives its own ``tangent``): the Jacobian is
+``diag(g) - g g^T / sum(g)``, symmetric, so one rule linear in the tangents gives the JVP and, by
+JAX's transposition, the VJP. It is built from the output alone: on the support the logits are
+``phi(p)`` plus a per-row constant, which every Jacobian here annihilates, so the temperature's
+derivative needs no copy of the logits either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from smvariants import _args
+from smvariants import _solvers
+from smvariants._numerics import expm1_ratio
+from smvariants._numerics import psi
+from smvariants._numerics import safe_divide
+from smvariants._numerics import tsallis
+
+# --------------------------------------------------------------------------------------------------
+# The derivative helpers every core shares.
+
+
+def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
+    """``g * z_dot - g * sum(g z_dot) / sum(g)``: the JVP of ``diag(g) - g g^T / sum(g)``."""
+    gz = jnp.sum(g * z_dot, axis=axis, keepdims=True)
+    return g * z_dot - g * safe_divide(gz, jnp.sum(g, axis=axis, keepdims=True))
+
+
+def _logit_tangent(x_dot, t, t_dot, phi: Callable[[], jax.Array]) -> Any:
+    """The tangent of the logits ``z = x / t`` as the Jacobian sees it: ``(x_dot - phi t_dot) / t``.
+
+    ``phi()`` gives the logits on the support up to a per-row constant, from the output alone.
+    ``None`` stands for a zero tangent, or for no temperature.
+    """
+    dz = 0 if x_dot is None else x_dot
+    if t is None:
+        return dz
+    if t_dot is not None:
+        dz = dz - phi() * t_dot
+    return dz / t
+
+
+def _nonzero(tangent: Any) -> Any:
+    """A tangent with symbolic zeros as ``None`` (also inside a tuple)."""
+    if isinstance(tangent, tuple):
+        return tuple(_nonzero(t) for t in tangent)
+    return None if isinstance(tangent, SymbolicZero) else tangent
+
+
+# --------------------------------------------------------------------------------------------------
+# The table.
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A parameter of a variant.
+
+    Attributes:
+      name: the keyword argument.
+      default: its default value.
+      condition: the valid values of a per-row float parameter (``_args.Condition``), checked at
+        trace time when concrete and turned into ``nan`` rows when traced; ``None`` for a static
+        int option of the solver (``max_iter``), which must be known at trace time.
+      low: the least value of an int option.
+    """
+
+    name: str
+    default: float | int
+    condition: _args.Condition | None = None
+    low: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a variant is; the factory and the public functions are derived from it.
+
+    Every callable takes the variant's parameters last, as positional ``*params`` in the order of
+    ``params``: each a Python number (compiled in) or an array broadcastable to the rows with the
+    axis kept as 1. ``z`` are logits over the temperature shifted to a row maximum of 0, masked
+    entries ``-inf``.
+
+    Attributes:
+      name: the registry name.
+      solve: ``solve(z, axis, init, *params) -> t``, the threshold of each row, from a lower bound
+        ``init`` (or ``None``).
+      in_support: ``in_support(z, t, *params)``, True where an entry is in the support at ``t``
+        (increasing in ``z``): the certificate of the block reduction of long rows.
+      output: ``output(z, t, axis, *params) -> p``.
+      g: ``g(p, *params)``, the weights of the Jacobian ``diag(g) - g g^T / sum(g)`` (0 off the
+        support; ``nan`` in a ``nan`` row).
+      phi: ``phi(p, axis, *params)``, the logits on the support up to a per-row constant.
+      regulariser: ``regulariser(p, axis, *params) -> Omega(p)`` (axis kept) of the loss.
+      params: the parameters, in order.
+      exact: ``exact(*params) -> name``: the variant that computes this one exactly for the given
+        static parameters (e.g. entmax at alpha = 2 is sparsemax), or ``None``.
+      tangent: ``tangent(p, z_dot, axis, *params)``: the JVP in the logits, where it is not the
+        ``g`` form above.
+      param_tangents: ``{name: dp_dparam(p, axis, *params)}`` for the differentiable
+        parameters.
+      conjugate: ``conjugate(z, axis, *params) -> Omega*(z)``, exact, where the loss should not
+        form it as ``<z, p> - Omega(p)`` from a rounded ``p`` (softmax: logsumexp).
+      label_sum: the parameter that the labels' rows must sum to (budget), or ``None`` for 1.
+      capped: labels and outputs are at most 1 (budget sparsemax).
+      reduce_rows: long rows use the block reduction (pointless where every entry is in the
+        support: softmax).
+    """
+
+    name: str
+    solve: Callable[..., jax.Array]
+    in_support: Callable[..., jax.Array]
+    output: Callable[..., jax.Array]
+    g: Callable[..., jax.Array]
+    phi: Callable[..., jax.Array]
+    regulariser: Callable[..., jax.Array]
+    params: tuple[Param, ...] = ()
+    exact: Callable[..., str | None] = lambda *params: None
+    tangent: Callable[..., jax.Array] | None = None
+    param_tangents: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
+    conjugate: Callable[..., jax.Array] | None = None
+    label_sum: str | None = None
+    capped: bool = False
+    reduce_rows: bool = True
+
+
+def _nan_like(p: jax.Array) -> jax.Array:
+    """0, or ``nan`` in a row with ``nan`` (whose support tests are all False)."""
+    return 0 * p
+
+
+# softmax ------------------------------------------------------------------------------------------
+
+
+def _softmax_solve(z, axis, init):
+    return jnp.log(jnp.sum(jnp.exp(z), axis=axis, keepdims=True))
+
+
+def _softmax_output(z, t, axis):
+    e = jnp.exp(z)
+    return safe_divide(e, jnp.sum(e, axis=axis, keepdims=True))
+
+
+def _log_p(p):
+    return jnp.log(jnp.where(p > 0, p, 1))
+
+
+SOFTMAX = Variant(
+    name="softmax",
+    solve=_softmax_solve,
+    in_support=lambda z, t: z > -jnp.inf,
+    output=_softmax_output,
+    g=lambda p: p,
+    phi=lambda p, axis: _log_p(p),
+    regulariser=lambda p, axis: -tsallis(p, 1.0, axis),
+    conjugate=lambda z, axis: _softmax_solve(z, axis, None),  # logsumexp of shifted logits
+    reduce_rows=False,
+)
+
+
+# sparsemax ----------------------------------------------------------------------------------------
+
+SPARSEMAX = Variant(
+    name="sparsemax",
+    solve=_solvers.sparsemax_threshold,
+    in_support=lambda z, t: z > t,
+    output=lambda z, t, axis: jnp.maximum(z - t, 0),
+    g=lambda p: (p > 0).astype(p.dtype) + _nan_like(p),
+    phi=lambda p, axis: p,
+    regulariser=lambda p, axis: -tsallis(p, 2.0, axis),
+)
+
+
+# entmax15 -----------------------------------------------------------------------------------------
+
+
+def _sqrt_on_support(p):
+    """``sqrt(p)`` on the support, 0 off it; the inner where keeps higher derivatives finite."""
+    on = p > 0
+    return jnp.where(on, jnp.sqrt(jnp.where(on, p, 1)), 0) + _nan_like(p)
+
+
+ENTMAX15 = Variant(
+    name="entmax15",
+    solve=_solvers.entmax15_tau,
+    in_support=lambda z, t: 0.5 * z > t,
+    output=lambda z, t, axis: jnp.maximum(0.5 * z - t, 0) ** 2,
+    g=_sqrt_on_support,
+    phi=lambda p, axis: 2 * _sqrt_on_support(p),
+    regulariser=lambda p, axis: -tsallis(p, 1.5, axis),
+)
+
+
+# alpha-entmax -------------------------------------------------------------------------------------
+
+
+def _entmax_g(p, alpha, max_iter=None):
+    """``g = p^(2 - alpha)`` on the support, 0 off it."""
+    on = p > 0
+    return jnp.where(on, jnp.exp((2 - alpha) * _log_p(p)), 0) + _nan_like(p)
+
+
+def _entmax_phi(p, axis, alpha, max_iter=None):
+    """On the support ``z = (p^d - 1) / d + const``, -> ``log p`` as ``d = alpha - 1 -> 0``."""
+    log_p = _log_p(p)
+    return log_p * expm1_ratio((alpha - 1) * log_p)
+
+
+def _entmax_dp_dalpha(p, axis, alpha, max_iter=None):
+    """Closed-form ``dp/dalpha`` of alpha-entmax, stable through alpha = 1 and alpha = 2.
+
+    Correia et al. (2019) give ``dp/dalpha = (p - g_hat) / d^2 - (p log p - g_hat H) / d`` with
+    ``d = alpha - 1``, ``g_hat = g / sum(g)`` and ``H = sum p log p``. Both terms are O(1/d) and
+    cancel as d -> 0. Writing ``p_j^-d = 1 - d l_j + R_j d^2`` (``l = log p``) the cancellation is
+    done by hand, leaving
+
+      dp_j/dalpha = (p_j Rbar - pR_j - d (p_j l_j Rbar - H pR_j)) / sum(g),
+
+    with ``pR_j = p_j R_j = p_j l_j^2 psi(-d l_j)``, ``psi(x) = (e^x - 1 - x) / x^2`` and
+    ``Rbar = sum pR``. At d = 0 it is the softmax limit ``p (sum p l^2 - l^2) / 2``.
+    """
+    d = alpha - 1
+    g = _entmax_g(p, alpha)
+    log_p = _log_p(p)
+    x = -d * log_p  # >= 0
+    small = x < 1
+    d_safe = jnp.where(d == 0, 1, d)
+    p_r = jnp.where(
+        small,
+        p * log_p**2 * psi(jnp.where(small, x, 0)),
+        (g - p - p * x) / (d_safe * d_safe),
+    )
+    p_r = jnp.where(p > 0, p_r, 0)
+    r_bar = jnp.sum(p_r, axis=axis, keepdims=True)
+    h = jnp.sum(p * log_p, axis=axis, keepdims=True)
+    num = p * r_bar - p_r - d * (p * log_p * r_bar - h * p_r)
+    return safe_divide(num, jnp.sum(g, axis=axis, keepdims=True))
+
+
+def _entmax_solve(z, axis, init, alpha, max_iter):
+    return _solvers.entmax_theta(z, alpha - 1, axis, max_iter, init)[0]
+
+
+ENTMAX = Variant(
+    name="entmax",
+    solve=_entmax_solve,
+    in_support=lambda z, t, alpha, max_iter: 1 + (alpha - 1) * (z - t) > 0,
+    output=lambda z, t, axis, alpha, max_iter: _solvers.entmax_refined_output(
+        z, t, alpha - 1, axis
+    ),
+    g=_entmax_g,
+    phi=_entmax_phi,
+    regulariser=lambda p, axis, alpha, max_iter: -tsallis(p, alpha, axis),
+    params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
+    exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),
+    param_tangents={"alpha": _entmax_dp_dalpha},
+)
+
+
+# normmax ------------------------------------------------------------------------------------------
+
+
+def _norm(p, axis, alpha):
+    """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0``."""
+    on = p > 0
+    s = jnp.sum(jnp.where(on, jnp.exp(alpha * _log_p(p)), 0), axis=axis, keepdims=True)
+    return jnp.exp(jnp.log(s) / alpha) + jnp.sum(_nan_like(p), axis=axis, keepdims=True)
+
+
+def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
+    """JVP of normmax: ``c [g dz - g <p, dz> - p <g, dz> + sum(g) p <p, dz>]``.
+
+    With ``g = p^(2 - alpha)`` on the support and ``c = ||p||_alpha^(alpha - 1) / (alpha - 1)``:
+    the implicit derivative of ``q_j = [z_j - tau]_+^(1/(alpha - 1))``, ``||q||_alpha = 1``,
+    through ``p = q / sum(q)``. Symmetric, like the others.
+    """
+    g = _entmax_g(p, alpha)
+    c = jnp.exp((alpha - 1) * jnp.log(_norm(p, axis, alpha))) / (alpha - 1)
+
+    def dot(a, b):
+        return jnp.sum(a * b, axis=axis, keepdims=True)
+
+    pz = dot(p, z_dot)
+    return c * (g * z_dot - g * pz - p * dot(g, z_dot) + jnp.sum(g, axis, keepdims=True) * p * pz)
+
+
+def _normmax_phi(p, axis, alpha, max_iter=None):
+    """On the support ``z = tau + (p / ||p||_alpha)^(alpha - 1)``."""
+    q = p / _norm(p, axis, alpha)
+    return jnp.where(p > 0, jnp.exp((alpha - 1) * _log_p(q)), 0)
+
+
+def _normmax_dp_dalpha(p, axis, alpha, max_iter=None):
+    """``dp/dalpha`` of normmax, by implicit differentiation.
+
+    With ``q = p / ||p||_alpha`` (so ``||q||_alpha = 1``), ``r = 1/(alpha - 1)``,
+    ``L = sum q^alpha log q`` and ``s = sum q``: ``dtau/dalpha = -L / (alpha s)``,
+    ``dq_j/dalpha = r (q_j^(2 - alpha) L / (alpha s) - q_j log q_j)``, and
+    ``dp = (dq - p sum(dq)) / s``.
+    """
+    on = p > 0
+    q = p / _norm(p, axis, alpha)
+    log_q = jnp.where(on, jnp.log(jnp.where(on, q, 1)), 0)
+    s = jnp.sum(q, axis=axis, keepdims=True)
+    big_l = jnp.sum(jnp.where(on, jnp.exp(alpha * log_q) * log_q, 0), axis=axis, keepdims=True)
+    g = jnp.where(on, jnp.exp((2 - alpha) * log_q), 0)
+    dq = (g * big_l / (alpha * s) - q * log_q) / (alpha - 1)
+    return (dq - p * jnp.sum(dq, axis=axis, keepdims=True)) / s
+
+
+NORMMAX = Variant(
+    name="normmax",
+    solve=lambda z, axis, init, alpha, max_iter: _solvers.normmax_threshold(
+        z, alpha, axis, max_iter, init
+    ),
+    in_support=lambda z, t, alpha, max_iter: z > t,
+    output=lambda z, t, axis, alpha, max_iter: _solvers.normmax_output(z, t, alpha, axis),
+    g=_entmax_g,  # unused: normmax has its own tangent
+    phi=_normmax_phi,
+    regulariser=lambda p, axis, alpha, max_iter: _norm(p, axis, alpha),
+    params=(Param("alpha", 2.0, _args.ABOVE_ONE), Param("max_iter", 64)),
+    tangent=_normmax_tangent,
+    param_tangents={"alpha": _normmax_dp_dalpha},
+)
+
+
+# budget sparsemax ---------------------------------------------------------------------------------
+
+
+def _budget_g(p, budget=None, max_iter=None):
+    """The indicator of the free entries, ``0 < p < 1``."""
+    return ((p > 0) & (p < 1)).astype(p.dtype) + _nan_like(p)
+
+
+def _budget_dp_dbudget(p, axis, budget, max_iter=None):
+    """``dp/dbudget = s / |s|``: the threshold moves by ``-1/|s|`` (``s``: the free entries)."""
+    g = _budget_g(p)
+    return safe_divide(g, jnp.sum(g, axis=axis, keepdims=True))
+
+
+BUDGET_SPARSEMAX = Variant(
+    name="budget_sparsemax",
+    solve=lambda z, axis, init, budget, max_iter: _solvers.budget_threshold(
+        z, budget, axis, max_iter, init
+    ),
+    in_support=lambda z, t, budget, max_iter: z > t,
+    output=lambda z, t, axis, budget, max_iter: jnp.clip(z - t, 0, 1),
+    g=_budget_g,
+    phi=lambda p, axis, budget, max_iter: p,
+    regulariser=lambda p, axis, budget, max_iter: 0.5 * jnp.sum(p * p, axis, keepdims=True),
+    params=(Param("budget", 2.0, _args.POSITIVE), Param("max_iter", 64)),
+    exact=lambda budget, max_iter: "sparsemax" if budget == 1 else None,
+    param_tangents={"budget": _budget_dp_dbudget},
+    label_sum="budget",
+    capped=True,
+)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in (SOFTMAX, SPARSEMAX, ENTMAX15, ENTMAX, NORMMAX, BUDGET_SPARSEMAX)
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The factory.
+
+
+def _merge(arrays: tuple, statics: tuple) -> tuple:
+    """The parameters in order: ``statics[i]``, or the next array where that is ``None``."""
+    it = iter(arrays)
+    return tuple(next(it) if s is None else s for s in statics)
+
+
+def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
+    """``v`` applied to ``x / t``: the threshold of each row, then the output."""
+    if v.reduce_rows:
+        m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
+    else:
+        m = _solvers.row_max(x, axis)
+        tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
+    p = v.output(_solvers.scale(x, m, t), tau, axis, *params)
+    if t is not None:
+        # x / T overflows: to +inf, a nan row (as jax.nn.softmax(x / T)); to -inf, masked.
+        top = m / t
+        p = jnp.where(top == jnp.inf, jnp.nan, jnp.where(top == -jnp.inf, 0, p))
+    return p
+
+
+def make_core(v: Variant) -> Callable[..., jax.Array]:
+    """The jitted ``custom_jvp`` core of ``v``: ``core(x, t, arrays, axis, statics)``.
+
+    ``x``: logits in the compute dtype with ``-inf`` at masked entries; ``t``: the temperature
+    (an array, or ``None`` for 1); ``arrays``: the parameters given as arrays; ``axis``
+    (non-negative) and ``statics`` (one entry per parameter: its Python value, or ``None`` where
+    it is in ``arrays``) are static. Differentiable in ``x``, ``t`` and ``arrays``; the backward
+    pass keeps only the output and the parameters.
+    """
+
+    @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+    @partial(jax.jit, static_argnums=(3, 4))
+    def core(x, t, arrays, axis, statics):
+        return forward(v, x, t, _merge(arrays, statics), axis)
+
+    def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics):
+        params = _merge(arrays, statics)
+        terms = []
+        if x_dot is not None or t_dot is not None:
+            dz = _logit_tangent(x_dot, t, t_dot, lambda: v.phi(p, axis, *params))
+            if v.tangent is None:
+                terms.append(simplex_jvp(v.g(p, *params), dz, axis))
+            else:
+                terms.append(v.tangent(p, dz, axis, *params))
+        names = [q.name for q, s in zip(v.params, statics, strict=True) if s is None]
+        for name, a_dot in zip(names, arrays_dot, strict=True):
+            if a_dot is not None:
+                terms.append(v.param_tangents[name](p, axis, *params) * a_dot)
+        return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
+
+    @partial(core.defjvp, symbolic_zeros=True)
+    def core_jvp(axis, statics, primals, tangents):
+        x, t, arrays = primals
+        p = core(x, t, arrays, axis, statics)
+        # Checkpointed: the backward pass keeps only p, t and the parameters; what the rule
+        # derives from p (g, phi) is recomputed in the pass that reads p.
+        rule = jax.checkpoint(partial(tangent, axis=axis, statics=statics), prevent_cse=False)
+        return p, rule(p, t, arrays, *_nonzero(tuple(tangents)))
+
+    return core
+
+
+CORES: dict[str, Callable[..., jax.Array]] = {name: make_core(v) for name, v in VARIANTS.items()}
+
+
+def parameters(
+    name: str,
+    v: Variant,
+    values: Mapping[str, Any],
+    shape: tuple[int, ...],
+    axis: int,
+    dtype: Any,
+    of: str = "x",
+) -> tuple[Variant, tuple, tuple]:
+    """Validates ``v``'s parameters; returns the variant to run, its ``arrays`` and ``statics``.
+
+    A parameter known at trace time (a Python or NumPy number, a concrete 0-d array) is checked
+    now and compiled into the core; where that makes the variant one of its exact special cases
+    (entmax at alpha = 2), that variant is returned. A traced or non-scalar one is checked now if
+    concrete and otherwise gives ``nan`` rows where invalid (``_args.nan_where``).
+    """
+    arrays: list[jax.Array] = []
+    statics: list[float | int | None] = []
+    for q in v.params:
+        value = values.get(q.name, q.default)
+        if q.condition is None:
+            statics.append(_args.check_int(name, q.name, value, q.low))
+            continue
+        number = _args.static_number(value)
+        array, invalid = _args.row_parameter(
+            name, q.name, value, shape, axis, dtype, q.condition, of
+        )
+        if number is not None:
+            statics.append(number)
+        else:
+            statics.append(None)
+            arrays.append(_args.nan_where(invalid, array))
+    exact = v.exact(*statics)
+    if exact is not None:
+        return VARIANTS[exact], (), ()
+    return v, tuple(arrays), tuple(statics)
+
+
+def normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperature: Any, **values):
+    """The public normalizer ``name`` of ``variant``: checks, then the core."""
+    args = _args.prepare(name, x, axis, where, temperature)
+    v, arrays, statics = parameters(
+        name, VARIANTS[variant], values, args.x.shape, args.axis, args.x.dtype
+    )
+    return args.finish(CORES[v.name](args.x, args.t, arrays, args.axis, statics))

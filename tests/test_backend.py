@@ -1,0 +1,78 @@
+"""The backend seam (_backend.py): every function lowers for GPU and TPU, CPU tuning stays on CPU.
+
+A lowering for another platform shows what that platform would run, without its hardware:
+``jax.jit(f).trace(x).lower(lowering_platforms=(...))``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smvariants as sm
+from smvariants import _variants
+from smvariants import losses
+
+# Every public normalizer, with a parameter given as an array where it has one (the general path).
+ARRAY_PARAMS = {
+    "entmax": {"alpha": 1.3},
+    "normmax": {"alpha": 1.7},
+    "budget_sparsemax": {"budget": 2},
+}
+FUNCTIONS = {"log_softmax": sm.log_softmax}
+for _name in _variants.VARIANTS:
+    FUNCTIONS[_name] = getattr(sm, _name)
+    if _name in ARRAY_PARAMS:
+        FUNCTIONS[f"{_name}_array"] = lambda x, _n=_name: getattr(sm, _n)(
+            x, **{k: jnp.full((x.shape[0], 1), v, x.dtype) for k, v in ARRAY_PARAMS[_n].items()}
+        )
+LOSSES = {name: getattr(losses, f"{name}_loss") for name in _variants.VARIANTS}
+
+
+def _lower(f, x, platform):
+    return jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _targets(x, name):
+    """Labels each loss accepts: class ids, or multi-hot targets of the budget (2)."""
+    if name == "budget_sparsemax":
+        return jnp.zeros(x.shape, x.dtype).at[:, :2].set(1)
+    return jnp.zeros(x.shape[0], jnp.int32)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("shape", [(8, 32), (2, 1024)])  # direct, and block-reduced rows
+def test_every_function_and_gradient_lowers_for_accelerators(platform, shape):
+    x = jnp.ones(shape, jnp.float32)
+    w = jnp.arange(shape[1], dtype=jnp.float32)[None]
+    for name, f in FUNCTIONS.items():
+        assert "func.func public @main" in _lower(f, x, platform), name
+        grad = jax.grad(lambda x, f=f: jnp.sum(jnp.where(jnp.isfinite(f(x)), f(x), 0) * w))
+        _lower(grad, x, platform)
+        _lower(lambda x, f=f: jax.jvp(f, (x,), (x,))[1], x, platform)
+    for name, loss in LOSSES.items():
+        y = _targets(x, name)
+        _lower(lambda x, loss=loss, y=y: loss(x, y), x, platform)
+        _lower(jax.grad(lambda x, loss=loss, y=y: jnp.sum(loss(x, y))), x, platform)
+
+
+def test_cpu_tuning_is_only_in_the_cpu_lowering():
+    # Short rows: the CPU sums a Michelot pass as a matrix-vector product with ones.
+    short = jnp.ones((64, 32), jnp.float32)
+    assert _lower(sm.sparsemax, short, "cpu").count("stablehlo.dot_general") > 0
+    for platform in ("cuda", "tpu"):
+        assert _lower(sm.sparsemax, short, platform).count("stablehlo.dot_general") == 0
+    # Long rows: the CPU computes the input into a buffer of its own (a cond) before the block
+    # reduction; other platforms have one conditional fewer.
+    long = jnp.ones((4, 2048), jnp.float32)
+    cases = {p: _lower(sm.entmax15, long, p).count("stablehlo.case") for p in ("cpu", "cuda")}
+    assert cases["cpu"] == cases["cuda"] + 1, cases
+
+
+def test_the_seam_gives_the_same_values_as_the_plain_path():
+    """The CPU-only helpers change speed, not results: compare them with their defaults."""
+    from smvariants import _backend
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32)), jnp.float32)
+    np.testing.assert_allclose(_backend.row_sum(x, 1), jnp.sum(x, 1, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(jax.jit(_backend.own_buffer)(x), x)

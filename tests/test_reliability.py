@@ -1,0 +1,260 @@
+"""Wrong results found by the adversarial review, each reproduced here (they failed before).
+
+Small temperatures, batch-dependent float32 sums on long rows, finite gradients of invalid traced
+parameters, float32 accuracy at alpha > 2, traced soft labels, half-precision statistics,
+``log_softmax`` at the float range, concrete NumPy/JAX scalars, and the losses' conveniences.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smvariants as sm
+from smvariants import losses
+from smvariants import stats
+
+import reference
+
+F32 = jnp.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Small temperatures.
+
+
+def test_small_temperatures_keep_the_row_maximum_exact():
+    x = jnp.array([0.3, 0.1], F32)
+    np.testing.assert_array_equal(sm.sparsemax(x, temperature=1e-8), [1, 0])
+    np.testing.assert_array_equal(sm.entmax15(x, temperature=1e-8), [1, 0])
+    np.testing.assert_array_equal(sm.softmax(x, temperature=1e-20), [1, 0])
+    out = sm.log_softmax(x, temperature=1e-8)
+    assert out[0] == 0 and out[1] < -1e6
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-8])
+@pytest.mark.parametrize("name", ["softmax", "sparsemax", "entmax15", "entmax", "normmax"])
+def test_rows_sum_to_one_at_small_temperatures(name, temperature):
+    x = jax.random.normal(jax.random.key(0), (2000, 10), F32)
+    f = getattr(sm, name)
+    p = f(x, temperature=temperature)
+    np.testing.assert_allclose(p.sum(-1), 1, atol=2e-6)
+    assert np.all(np.asarray(p).max(-1) > 0)  # no all-zero rows
+    np.testing.assert_allclose(jax.jit(lambda x: f(x, temperature=temperature))(x), p, atol=1e-6)
+
+
+def test_loss_at_the_prediction_is_zero_at_small_temperatures_under_jit():
+    x = jax.random.normal(jax.random.key(1), (256, 10), F32)
+
+    def loss(x):
+        return jnp.sum(losses.sparsemax_loss(x, jnp.argmax(x, -1), temperature=1e-6))
+
+    assert jax.jit(loss)(x) == 0
+    assert jnp.max(jnp.abs(jax.jit(jax.grad(loss))(x))) == 0
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-6, 0.5, 3.0, 1e30])
+def test_softmax_with_temperature_is_jax_nn_softmax_of_x_over_t(temperature):
+    x = jax.random.normal(jax.random.key(2), (64, 33), F32) * 10
+    np.testing.assert_allclose(
+        sm.softmax(x, temperature=temperature), jax.nn.softmax(x / temperature), atol=2e-7
+    )
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "sparsemax", "entmax15", "entmax"])
+def test_logits_over_the_temperature_that_overflow_give_a_nan_row(name):
+    x = jnp.array([[1e30, 0.0, -1.0], [1.0, 0.0, -1.0]], F32)
+    out = np.asarray(getattr(sm, name)(x, temperature=1e-10))
+    assert np.isnan(out[0]).all() and not np.isnan(out[1]).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Row sums do not depend on the batch, and are exact to rounding.
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "budget_sparsemax"])
+@pytest.mark.parametrize("k", [500, 128000])
+def test_equal_logits_sum_to_their_total_alone_and_in_a_batch(name, k):
+    f = getattr(sm, name)
+    total = 2 if name == "budget_sparsemax" else 1
+    batch = np.asarray(f(jnp.zeros((2, k), F32)), np.float64)
+    alone = np.asarray(f(jnp.zeros((1, k), F32)), np.float64)
+    np.testing.assert_allclose(batch.sum(-1), total, rtol=2e-6)
+    np.testing.assert_allclose(alone.sum(-1), total, rtol=2e-6)
+    np.testing.assert_allclose(batch[:1], alone, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [32, 700, 5000])
+def test_a_row_gives_the_same_result_alone_and_in_a_batch(k):
+    x = jax.random.normal(jax.random.key(3), (64, k), F32)
+    full = np.asarray(sm.sparsemax(x))
+    for i in (0, 17, 63):
+        np.testing.assert_allclose(sm.sparsemax(x[i : i + 1])[0], full[i], atol=2e-7)
+    np.testing.assert_allclose(full.sum(-1), 1, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Invalid traced parameters: nan output and nan gradients.
+
+W = jnp.array([1.0, 2.0, 3.0], F32)
+X3 = jnp.array([0.1, 0.5, 0.3], F32)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "sparsemax", "entmax15", "normmax"])
+def test_invalid_traced_temperature_gives_nan_gradients(name):
+    f = getattr(sm, name)
+    grad = jax.jit(jax.grad(lambda x, t: jnp.sum(f(x, temperature=t) * W), argnums=(0, 1)))
+    dx, dt = grad(X3, F32(-1.0))
+    assert np.isnan(dx).all() and np.isnan(dt)
+
+
+def test_invalid_traced_alpha_or_budget_gives_nan_gradients():
+    for f in (
+        lambda a: sm.entmax(X3, alpha=a),
+        lambda a: sm.normmax(X3, alpha=a),
+        lambda a: sm.budget_sparsemax(X3, budget=a - 1),
+    ):
+        assert np.isnan(jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(a) * W)))(F32(0.5)))
+    loss = jax.jit(jax.grad(lambda a: losses.entmax_loss(X3[None], jnp.array([1]), alpha=a)[0]))
+    assert np.isnan(loss(F32(0.5)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. float32 accuracy at alpha > 2.
+
+
+@pytest.mark.parametrize("alpha", [3.0, 4.0, 5.0])
+def test_float32_alpha_above_two_on_the_reported_point(alpha):
+    x = np.array([0.1933, 0.3250, 0.3118], np.float32)
+    expected = reference.entmax(x.astype(np.float64), alpha=alpha)
+    for a in (alpha, jnp.array(alpha, F32)):  # the compiled and the general path
+        np.testing.assert_allclose(sm.entmax(x, alpha=a), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(("alpha", "k"), [(2.5, 2000), (3.0, 100), (3.0, 2000), (4.0, 100)])
+def test_float32_alpha_above_two_on_near_equal_rows(alpha, k):
+    x = (np.random.default_rng(0).normal(size=(16, k)) * 0.01).astype(np.float32)
+    expected = reference.entmax(x.astype(np.float64), alpha=alpha)
+    np.testing.assert_allclose(sm.entmax(x, alpha=alpha), expected, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Traced soft labels that are not distributions.
+
+
+def test_traced_soft_labels_that_do_not_sum_to_one_give_nan():
+    x = jnp.array([[0.1, 0.5, 0.3], [0.1, 0.5, 0.3]], F32)
+    y = jnp.array([[0.2, 0.2, 0.3], [0.2, 0.5, 0.3]], F32)
+    out = np.asarray(jax.jit(losses.sparsemax_loss)(x, y))
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+    with pytest.raises(ValueError, match="must sum to 1"):
+        losses.sparsemax_loss(x, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Smaller ones.
+
+
+def test_sparsity_counts_in_half_precision():
+    p = jnp.array([0.0] * 997 + [1.0] * 3, jnp.bfloat16)
+    assert abs(float(stats.sparsity(p)) - 0.997) < 4e-3  # bfloat16's resolution, not 1.0
+    assert float(stats.sparsity(p, where=jnp.ones(1000, bool))) < 1
+    assert float(stats.sparsity(jnp.zeros(70000, jnp.float16))) == 1
+
+
+def test_tsallis_entropy_of_nan_or_negative_entries_is_nan():
+    assert np.isnan(stats.tsallis_entropy(jnp.array([0.5, jnp.nan, 0.5]), 1.5))
+    assert np.isnan(stats.tsallis_entropy(jnp.array([1.5, -0.5]), 1.5))
+    assert np.isnan(stats.tsallis_entropy(jnp.array([1.5, -0.5]), 1.0))
+
+
+def test_log_softmax_at_the_float_range_and_with_inf():
+    x = jnp.array([3e38, -3e38], F32)
+    for i in (0, 1):
+        np.testing.assert_array_equal(
+            jax.grad(lambda x, i=i: sm.log_softmax(x)[i])(x),
+            jax.grad(lambda x, i=i: jax.nn.log_softmax(x)[i])(x),
+        )
+    assert np.isnan(sm.log_softmax(jnp.array([jnp.inf, -jnp.inf]))).all()
+
+
+@pytest.mark.parametrize("alpha", [1.0003, 1.001, 1.005, 1.01])
+def test_float32_derivative_of_tsallis_entropy_in_alpha(alpha):
+    p = np.array([0.5, 0.3, 0.2])
+    s, ds = np.sum(p**alpha), np.sum(p**alpha * np.log(p))
+    a2 = alpha * (alpha - 1)
+    exact = (-ds * a2 - (1 - s) * (2 * alpha - 1)) / a2**2
+    got = jax.grad(lambda a: stats.tsallis_entropy(jnp.asarray(p, F32), a))(F32(alpha))
+    np.testing.assert_allclose(got, exact, rtol=1e-5)
+    loss = jax.grad(lambda a: losses.entmax_loss(jnp.asarray([p], F32), jnp.array([0]), alpha=a)[0])
+    assert np.isfinite(loss(F32(alpha)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. A concrete NumPy or JAX scalar takes the Python number's path.
+
+
+@pytest.mark.parametrize("alpha", [np.float32(1.5), jnp.float32(1.5), np.float64(2.0)])
+def test_concrete_scalar_alpha_takes_the_exact_path(alpha):
+    x = jnp.array([1.0, 2.0, 3.0, 0.5], F32)
+    exact = sm.entmax15 if float(alpha) == 1.5 else sm.sparsemax
+    np.testing.assert_array_equal(sm.entmax(x, alpha=alpha), exact(x))
+    # Compiled in: no alpha array, no exp/log1p of the general solver.
+    jaxpr = str(jax.make_jaxpr(lambda x: sm.entmax(x, alpha=alpha))(x))
+    assert "log1p" not in jaxpr and "log1p" in str(jax.make_jaxpr(sm.entmax)(x, jnp.array(1.5)))
+
+
+# ------------------------------------------------------------------------------------------------
+# What users of the PyTorch package and of optax expect from the losses.
+
+
+def test_ignore_index_gives_loss_zero_and_zero_gradient():
+    x = jax.random.normal(jax.random.key(4), (4, 5), F32)
+    labels = jnp.array([1, -100, 3, -100])
+
+    def mean_loss(x):
+        per = losses.entmax15_loss(x, labels, ignore_index=-100)
+        return jnp.sum(per) / jnp.sum(labels != -100).astype(F32)
+
+    per = jax.jit(lambda x: losses.entmax15_loss(x, labels, ignore_index=-100))(x)
+    np.testing.assert_array_equal(per[jnp.array([1, 3])], 0)
+    np.testing.assert_allclose(per[0], losses.entmax15_loss(x[:1], labels[:1])[0], rtol=1e-6)
+    grad = jax.jit(jax.grad(mean_loss))(x)
+    assert np.all(np.asarray(grad)[[1, 3]] == 0) and np.isfinite(grad).all()
+
+
+def test_fully_masked_row_is_padding_whatever_its_integer_label():
+    x = jax.random.normal(jax.random.key(5), (3, 4), F32)
+    where = jnp.ones((3, 4), bool).at[1].set(False)
+    labels = jnp.array([0, 2, 3])
+    for fn in (losses.softmax_loss, losses.sparsemax_loss, losses.entmax_loss):
+        out = jax.jit(lambda x, fn=fn: fn(x, labels, where=where))(x)
+        assert out[1] == 0 and np.isfinite(out).all()
+        grad = jax.grad(lambda x, fn=fn: jnp.sum(fn(x, labels, where=where)))(x)
+        assert np.all(np.asarray(grad)[1] == 0)
+
+
+def test_label_smoothing_spreads_mass_over_unmasked_classes_only():
+    x = jax.random.normal(jax.random.key(6), (2, 5), F32)
+    where = jnp.array([[True, True, True, False, True]] * 2)
+    labels = jnp.array([0, 4])
+    out = losses.sparsemax_loss(x, labels, where=where, label_smoothing=0.2)
+    y = 0.8 * jax.nn.one_hot(labels, 5, dtype=F32) + 0.2 * where.astype(F32) / 4
+    np.testing.assert_allclose(out, losses.sparsemax_loss(x, y, where=where), rtol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        losses.sparsemax_loss(x, labels, label_smoothing=1.0)
+
+
+def test_make_fenchel_young_loss_of_every_variant():
+    x = jax.random.normal(jax.random.key(7), (3, 6), F32)
+    np.testing.assert_allclose(
+        losses.make_fenchel_young_loss("entmax", alpha=1.3)(x, jnp.array([0, 1, 2])),
+        losses.entmax_loss(x, jnp.array([0, 1, 2]), alpha=1.3),
+    )
+    y = jnp.zeros((3, 6)).at[:, :2].set(1)
+    np.testing.assert_allclose(
+        losses.make_fenchel_young_loss("budget_sparsemax", budget=2.0)(x, y),
+        losses.budget_sparsemax_loss(x, y, budget=2.0),
+    )
+    with pytest.raises(ValueError, match="takes parameters alpha, max_iter; got budget"):
+        losses.make_fenchel_young_loss("normmax", budget=2)
