@@ -81,6 +81,8 @@ VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "entmax a=1.25": lambda x: sm.entmax(x, alpha=1.25),
     "entmax a=1.5 (array)": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.5, 1.5)),
     "entmax a=1.1..1.9 per row": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.1, 1.9)),
+    "normmax a=2": lambda x: sm.normmax(x, alpha=2.0),
+    "budget_sparsemax b=2": lambda x: sm.budget_sparsemax(x, budget=2.0),
     "optax projection_simplex": jax.vmap(optax.projections.projection_simplex),
 }
 
@@ -120,6 +122,8 @@ TORCH_VARIANTS = (
     "torch entmax.sparsemax",
     "torch entmax.entmax15",
     "torch entmax.entmax_bisect a=1.5",
+    "torch entmax.normmax_bisect a=2",
+    "torch entmax.budget_bisect b=2",
 )
 
 
@@ -138,6 +142,8 @@ def _torch_cases(shape, dtype, names):
         "torch entmax.sparsemax": entmax.sparsemax,
         "torch entmax.entmax15": entmax.entmax15,
         "torch entmax.entmax_bisect a=1.5": lambda t: entmax.entmax_bisect(t, alpha=1.5),
+        "torch entmax.normmax_bisect a=2": lambda t: entmax.normmax_bisect(t, alpha=2.0),
+        "torch entmax.budget_bisect b=2": lambda t: entmax.budget_bisect(t, budget=2.0),
     }
     cases = {}
     for name, fn in fns.items():

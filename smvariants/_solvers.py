@@ -224,7 +224,7 @@ def entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None = None) -> jax.
     return jnp.where(jnp.isnan(theta), jnp.nan, entmax15_threshold(0.5 * z, support, axis))
 
 
-_REFINE_STEPS = 6  # Newton steps on the low part of the threshold for alpha > 2
+_REFINE_STEPS = 16  # steps on the low part of the threshold for alpha > 2
 
 
 def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, axis: int):
@@ -242,8 +242,16 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
     p, g = deformed_exp(z - theta, d)
     sp = jnp.sum(p, axis=axis, keepdims=True)
     plain = safe_divide(p, sp)
-    if isinstance(d, float) and d <= 1:
-        return plain
+    if isinstance(d, float):
+        return plain if d <= 1 else _refined(z, theta, sp, plain, d=d, axis=axis)
+    # An array alpha: the refinement's passes only when some row needs them.
+    steep = jnp.any(d > 1)
+    refine = partial(_refined, d=d, axis=axis)
+    return lax.cond(steep, refine, lambda z, theta, sp, plain: plain, z, theta, sp, plain)
+
+
+def _refined(z, theta, sp, plain, *, d, axis):
+    """:func:`entmax_refined_output` for ``d > 1`` (other rows: ``plain``)."""
     steep = d > 1
     d_steep = jnp.where(steep, d, 2.0)
     y = z - (theta - 1 / d_steep)  # z - c_hi
@@ -255,19 +263,30 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
         return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
 
     def step(_, state):
-        c_lo, best, best_residual = state
-        q, gq = mass(c_lo)
-        residual = jnp.sum(q, axis=axis, keepdims=True) - 1
-        improved = jnp.abs(residual) < best_residual
-        best = jnp.where(improved, c_lo, best)
-        best_residual = jnp.where(improved, jnp.abs(residual), best_residual)
-        # Newton: the sum decreases in c with slope -sum(g).
-        c_lo = c_lo + safe_divide(residual, d_steep * jnp.sum(gq, axis=axis, keepdims=True))
-        return c_lo, best, best_residual
+        # Illinois (regula falsi that halves a stale end's residual) once the root is bracketed,
+        # Newton before that: near the edge of the support the sum behaves like a power below 1
+        # of c_lo, where Newton alone creeps up on the root.
+        c, a, fa, b, fb, last, best, best_residual = state
+        q, gq = mass(c)
+        f = jnp.sum(q, axis=axis, keepdims=True) - 1  # decreasing in c
+        improved = jnp.abs(f) < best_residual
+        best = jnp.where(improved, c, best)
+        best_residual = jnp.where(improved, jnp.abs(f), best_residual)
+        left = f > 0  # c is below the root
+        fb = jnp.where(left & (last == 1), 0.5 * fb, fb)  # a replaced twice in a row: halve fb
+        fa = jnp.where(~left & (last == -1), 0.5 * fa, fa)
+        a, fa = jnp.where(left, c, a), jnp.where(left, f, fa)
+        b, fb = jnp.where(left, b, c), jnp.where(left, fb, f)
+        last = jnp.where(left, 1, -1).astype(last.dtype)
+        bracketed = (fa > 0) & (fb < 0)
+        newton = c + safe_divide(f, d_steep * jnp.sum(gq, axis=axis, keepdims=True))
+        falsi = a + (b - a) * safe_divide(fa, fa - fb)
+        c = jnp.where(bracketed, falsi, newton)
+        return c, a, fa, b, fb, last, best, best_residual
 
     zero = jnp.zeros_like(sp)
-    state = (zero, zero, jnp.abs(sp - 1))
-    _, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
+    state = (zero, zero, zero, zero, zero, jnp.zeros(sp.shape, jnp.int32), zero, jnp.abs(sp - 1))
+    *_, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
     refined, _ = mass(best)
     better = steep & (best_residual < jnp.abs(sp - 1))
     return jnp.where(better, safe_divide(refined, jnp.sum(refined, axis, keepdims=True)), plain)
