@@ -195,9 +195,7 @@ class Prepared(NamedTuple):
         :func:`nan_where`); adding it to the output as well makes sure no fusion can fold it
         away. Added rather than selected: the backward pass keeps no full-size mask for it.
         """
-        if self.invalid is not None:
-            out = out + jnp.where(self.invalid, jnp.nan, 0).astype(out.dtype)
-        return out.astype(self.dtype)
+        return nan_where(self.invalid, out).astype(self.dtype)
 
 
 def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str = "x") -> Prepared:

@@ -43,12 +43,12 @@ def _log_softmax_jvp(axis, primals, tangents):
         # d log p = dz - <p, dz> on the unmasked entries, where z = log p + const; masked entries
         # are the constant -inf.
         live = out != -jnp.inf
-        dz = _variants._logit_tangent(x_dot, t, t_dot, lambda: jnp.where(live, out, 0))
+        dz = _variants.logit_tangent(x_dot, t, t_dot, lambda: jnp.where(live, out, 0))
         dz = jnp.where(live, dz, 0)
         return jnp.where(live, dz - jnp.sum(jnp.exp(out) * dz, axis=axis, keepdims=True), 0)
 
     rule = jax.checkpoint(tangent, prevent_cse=False)
-    return out, rule(out, t, *_variants._nonzero(tuple(tangents)))
+    return out, rule(out, t, *_variants.nonzero_tangents(tuple(tangents)))
 
 
 def softmax(

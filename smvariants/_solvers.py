@@ -230,36 +230,27 @@ _REFINE_STEPS = 16  # steps on the low part of the threshold for alpha > 2
 def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, axis: int):
     """alpha-entmax from its threshold, accurate also where ``alpha > 2`` makes it ill-conditioned.
 
-    For ``d <= 1`` the output is ``deformed_exp(z - theta)``, renormalised once. For ``d > 1``
+    The output is ``deformed_exp(z - theta)``, renormalised once. For a Python-number ``d > 1``
     (alpha > 2), ``g = p^(1 - d)`` is unbounded at the edge of the support: one ulp of ``theta``
     moves the sum by ``sum(g) ulp(theta)`` (1e-3 on near-equal float32 rows at alpha = 4), and
     the base ``1 + d (z - theta)`` of a small entry cancels. There the threshold is rewritten as
     ``c = theta - 1/d``, so that the base is ``d (z - c)``, whose subtraction is exact near the
     edge (Sterbenz), and ``c`` is carried beyond its own precision as ``c_hi + c_lo``: a few
-    Newton steps on ``sum p = 1`` in ``c_lo``, applied as ``(z - c_hi) - c_lo``. The iterate
-    with the smallest residual is kept, and used where it beats the plain output's.
+    root-finding steps on ``sum p = 1`` in ``c_lo``, applied as ``(z - c_hi) - c_lo``. The iterate
+    with the smallest residual is kept, and used where it beats the plain output's. (An array
+    alpha is not refined: the extra passes and buffers would be paid by every learned alpha.)
     """
-    p, g = deformed_exp(z - theta, d)
+    p, _ = deformed_exp(z - theta, d)
     sp = jnp.sum(p, axis=axis, keepdims=True)
-    plain = safe_divide(p, sp)
-    if isinstance(d, float):
-        return plain if d <= 1 else _refined(z, theta, sp, plain, d=d, axis=axis)
-    # An array alpha: the refinement's passes only when some row needs them.
-    steep = jnp.any(d > 1)
-    refine = partial(_refined, d=d, axis=axis)
-    return lax.cond(steep, refine, lambda z, theta, sp, plain: plain, z, theta, sp, plain)
-
-
-def _refined(z, theta, sp, plain, *, d, axis):
-    """:func:`entmax_refined_output` for ``d > 1`` (other rows: ``plain``)."""
-    steep = d > 1
-    d_steep = jnp.where(steep, d, 2.0)
-    y = z - (theta - 1 / d_steep)  # z - c_hi
+    if not isinstance(d, float) or d <= 1:
+        return safe_divide(p, sp)
+    c_hi = theta - 1 / d
 
     def mass(c_lo):
-        base = d_steep * (y - c_lo)
+        # Recomputed from z in every pass (no full-size buffer kept across the loop but z).
+        base = d * ((z - c_hi) - c_lo)
         on = base > 0
-        q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d_steep), 0)
+        q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d), 0)
         return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
 
     def step(_, state):
@@ -279,17 +270,18 @@ def _refined(z, theta, sp, plain, *, d, axis):
         b, fb = jnp.where(left, b, c), jnp.where(left, fb, f)
         last = jnp.where(left, 1, -1).astype(last.dtype)
         bracketed = (fa > 0) & (fb < 0)
-        newton = c + safe_divide(f, d_steep * jnp.sum(gq, axis=axis, keepdims=True))
+        newton = c + safe_divide(f, d * jnp.sum(gq, axis=axis, keepdims=True))
         falsi = a + (b - a) * safe_divide(fa, fa - fb)
         c = jnp.where(bracketed, falsi, newton)
         return c, a, fa, b, fb, last, best, best_residual
 
     zero = jnp.zeros_like(sp)
-    state = (zero, zero, zero, zero, zero, jnp.zeros(sp.shape, jnp.int32), zero, jnp.abs(sp - 1))
+    state = (zero, zero, zero, zero, zero, zero, zero, jnp.abs(sp - 1))
     *_, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
     refined, _ = mass(best)
-    better = steep & (best_residual < jnp.abs(sp - 1))
-    return jnp.where(better, safe_divide(refined, jnp.sum(refined, axis, keepdims=True)), plain)
+    better = best_residual < jnp.abs(sp - 1)
+    sr = jnp.sum(refined, axis, keepdims=True)
+    return jnp.where(better, safe_divide(refined, sr), safe_divide(p, sp))
 
 
 # --------------------------------------------------------------------------------------------------

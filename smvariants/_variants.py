@@ -43,7 +43,7 @@ def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int) -> jax.Array:
     return g * z_dot - g * safe_divide(gz, jnp.sum(g, axis=axis, keepdims=True))
 
 
-def _logit_tangent(x_dot, t, t_dot, phi: Callable[[], jax.Array]) -> Any:
+def logit_tangent(x_dot, t, t_dot, phi: Callable[[], jax.Array]) -> Any:
     """The tangent of the logits ``z = x / t`` as the Jacobian sees it: ``(x_dot - phi t_dot) / t``.
 
     ``phi()`` gives the logits on the support up to a per-row constant, from the output alone.
@@ -57,10 +57,10 @@ def _logit_tangent(x_dot, t, t_dot, phi: Callable[[], jax.Array]) -> Any:
     return dz / t
 
 
-def _nonzero(tangent: Any) -> Any:
+def nonzero_tangents(tangent: Any) -> Any:
     """A tangent with symbolic zeros as ``None`` (also inside a tuple)."""
     if isinstance(tangent, tuple):
-        return tuple(_nonzero(t) for t in tangent)
+        return tuple(nonzero_tangents(t) for t in tangent)
     return None if isinstance(tangent, SymbolicZero) else tangent
 
 
@@ -330,7 +330,7 @@ NORMMAX = Variant(
     ),
     in_support=lambda z, t, alpha, max_iter: z > t,
     output=lambda z, t, axis, alpha, max_iter: _solvers.normmax_output(z, t, alpha, axis),
-    g=_entmax_g,  # unused: normmax has its own tangent
+    g=_entmax_g,  # p^(2 - alpha), as its own tangent uses it
     phi=_normmax_phi,
     regulariser=lambda p, axis, alpha, max_iter: _norm(p, axis, alpha),
     params=(Param("alpha", 2.0, _args.ABOVE_ONE), Param("max_iter", 64)),
@@ -380,7 +380,7 @@ VARIANTS: dict[str, Variant] = {
 # The factory.
 
 
-def _merge(arrays: tuple, statics: tuple) -> tuple:
+def merge_params(arrays: tuple, statics: tuple) -> tuple:
     """The parameters in order: ``statics[i]``, or the next array where that is ``None``."""
     it = iter(arrays)
     return tuple(next(it) if s is None else s for s in statics)
@@ -414,13 +414,13 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
     @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
     @partial(jax.jit, static_argnums=(3, 4))
     def core(x, t, arrays, axis, statics):
-        return forward(v, x, t, _merge(arrays, statics), axis)
+        return forward(v, x, t, merge_params(arrays, statics), axis)
 
     def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics):
-        params = _merge(arrays, statics)
+        params = merge_params(arrays, statics)
         terms = []
         if x_dot is not None or t_dot is not None:
-            dz = _logit_tangent(x_dot, t, t_dot, lambda: v.phi(p, axis, *params))
+            dz = logit_tangent(x_dot, t, t_dot, lambda: v.phi(p, axis, *params))
             if v.tangent is None:
                 terms.append(simplex_jvp(v.g(p, *params), dz, axis))
             else:
@@ -438,7 +438,7 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
         # Checkpointed: the backward pass keeps only p, t and the parameters; what the rule
         # derives from p (g, phi) is recomputed in the pass that reads p.
         rule = jax.checkpoint(partial(tangent, axis=axis, statics=statics), prevent_cse=False)
-        return p, rule(p, t, arrays, *_nonzero(tuple(tangents)))
+        return p, rule(p, t, arrays, *nonzero_tangents(tuple(tangents)))
 
     return core
 

@@ -51,7 +51,7 @@ def _loss_and_prediction(x, t, y, arrays, axis, name, statics):
     ``<z, p - y>`` (both sum to the same total) and keeps the products small.
     """
     v = _variants.VARIANTS[name]
-    params = _variants._merge(arrays, statics)
+    params = _variants.merge_params(arrays, statics)
     p = _variants.CORES[name](x, t, arrays, axis, statics)
     masked = x == -jnp.inf
     m = row_max(x, axis)
@@ -78,7 +78,9 @@ def _fy_loss(x, t, y, arrays, axis, name, statics):
 @partial(_fy_loss.defjvp, symbolic_zeros=True)
 def _fy_loss_jvp(axis, name, statics, primals, tangents):
     x, t, y, arrays = primals
-    x_dot, t_dot, _, arrays_dot = _variants._nonzero(tuple(tangents))  # labels are constants
+    x_dot, t_dot, _, arrays_dot = _variants.nonzero_tangents(
+        tuple(tangents)
+    )  # labels are constants
     loss, p, zs = _loss_and_prediction(x, t, y, arrays, axis, name, statics)
     loss_dot = jnp.zeros_like(loss)
     if x_dot is not None:
@@ -93,7 +95,7 @@ def _fy_loss_jvp(axis, name, statics, primals, tangents):
         v = _variants.VARIANTS[name]
 
         def gap(arrays):
-            params = _variants._merge(arrays, statics)
+            params = _variants.merge_params(arrays, statics)
             return v.regulariser(y, axis, *params) - v.regulariser(p, axis, *params)
 
         zero = [
@@ -230,14 +232,14 @@ def _fenchel_young_loss(
     if table.label_sum is not None:
         # The labels' total (budget): fixed by the labels, so it is not differentiated here.
         total = jax.lax.stop_gradient(
-            _variants._merge(arrays, statics)[0] if v is table else jnp.asarray(1.0, x.dtype)
+            _variants.merge_params(arrays, statics)[0] if v is table else jnp.asarray(1.0, x.dtype)
         )
     y, bad, ignored = _labels(name, labels, x, axis, total, table.capped, ignore_index)
     if label_smoothing:
         y = _smooth(y, x, axis, label_smoothing, total)
     loss = _fy_loss(x, args.t, y, arrays, axis, v.name, statics)
     # Invalid labels that could not be checked at trace time give nan, never a wrong number.
-    loss = jnp.where(bad, jnp.nan, loss)
+    loss = _args.nan_where(bad, loss)
     if ignored is not None:
         loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
     return args.finish(loss).squeeze(axis)
