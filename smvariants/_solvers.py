@@ -355,13 +355,13 @@ def budget_threshold(
     """Exact ``tau`` of ``p = clip(z - tau, 0, 1)`` with ``sum p = budget``, rows of maximum 0.
 
     ``f(tau) = sum_j clip(z_j - tau, 0, 1) - budget`` is decreasing and piecewise linear, with
-    breakpoints at ``z_j`` and ``z_j - 1``. Each step takes the root of the current piece's line,
-    ``tau + f / |S|`` (``S``: the entries strictly between 0 and 1), when it lies in the bracket
-    ``[lo, hi]`` kept from the signs of ``f``, and bisects otherwise. Once a Newton step lands in
-    the piece it started from (the counts of entries above ``tau`` and above ``tau + 1`` do not
-    change), it is that piece's exact root; the result is then recomputed in closed form,
-    ``tau = (|U| + sum_S z - budget) / |S|``, with an accurate sum. Rows with fewer live entries
-    than ``budget`` have no solution: ``nan``.
+    breakpoints at ``z_j`` and ``z_j - 1``. Each pass evaluates ``f`` at ``tau`` together with the
+    piece around it (the nearest breakpoints below and above): when the root of the piece's line,
+    ``tau + f / |S|`` (``S``: the entries strictly between 0 and 1), lies in the piece, it is the
+    root, recomputed in closed form ``(|U| + sum_S z - budget) / |S|`` with an accurate sum.
+    Otherwise the next ``tau`` is that root if it is inside the bracket ``[lo, hi]`` kept from the
+    signs of ``f``, or a regula falsi step (Illinois) in it. Rows with fewer live entries than
+    ``budget`` have no solution: ``nan``.
     """
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
@@ -369,45 +369,62 @@ def budget_threshold(
     lo = zmin - budget / jnp.maximum(n, 1)  # f(lo) >= 0 when budget <= n
     if init is not None:
         lo = jnp.maximum(lo, init)
-    hi = -budget / jnp.maximum(n, 1)  # f(hi) <= 0
+    hi = -budget / jnp.maximum(n, 1)  # f(hi) <= 0 (every entry at most budget / n)
     shape = jnp.broadcast_shapes(lo.shape, hi.shape)
     lo, hi = jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape)
 
-    def pieces(tau):
-        r = z - tau
-        above = jnp.sum(r > 0, axis=axis, keepdims=True).astype(z.dtype)
+    def evaluate(tau):
+        """``f(tau)``, ``|S|``, and where the root of the piece's line lies: in the piece?"""
+        r = z - tau  # -inf where masked
+        free = (r > 0) & (r < 1)
+        k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
         capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
-        free = jnp.sum(jnp.where((r > 0) & (r < 1), r, 0), axis=axis, keepdims=True)
-        return above, capped, capped + free - budget
+        f = capped + jnp.sum(jnp.where(free, r, 0), axis=axis, keepdims=True) - budget
+        # The breakpoints nearest below and above tau, relative to it.
+        below = jnp.max(
+            jnp.where(r <= 0, r, jnp.where(r <= 1, r - 1, -jnp.inf)), axis, keepdims=True
+        )
+        above = jnp.min(jnp.where(r > 1, r - 1, jnp.where(r > 0, r, jnp.inf)), axis, keepdims=True)
+        step = safe_divide(f, k)
+        in_piece = (k > 0) & (step >= below) & (step <= above)
+        return f, step, in_piece | (f == 0)
 
     def body(state):
-        tau, lo, hi, counts, was_newton, _, it = state
-        above, capped, f = pieces(tau)
-        lo = jnp.where(f >= 0, tau, lo)
-        hi = jnp.where(f <= 0, tau, hi)
-        newton = tau + safe_divide(f, above - capped)
-        inside = (above > capped) & (newton >= lo) & (newton <= hi)
-        # A Newton step that stayed in its piece (same counts) landed on that piece's root.
-        same_piece = was_newton & (above == counts[0]) & (capped == counts[1])
-        done = (f == 0) | same_piece | jnp.isnan(f) | (n <= budget) | _converged(lo, hi)
-        new = jnp.where(done, tau, jnp.where(inside, newton, 0.5 * (lo + hi)))
-        return new, lo, hi, (above, capped), inside & ~done, jnp.all(done), it + 1
+        tau, lo, f_lo, hi, f_hi, side, _, it = state
+        f, step, done = evaluate(tau)
+        done = done | jnp.isnan(f) | (n <= budget)
+        # Illinois: an end kept twice in a row has its residual halved.
+        right = f < 0
+        f_lo = jnp.where(right & (side == 1), 0.5 * f_lo, f_lo)
+        f_hi = jnp.where(~right & (side == -1), 0.5 * f_hi, f_hi)
+        lo, f_lo = jnp.where(right, lo, tau), jnp.where(right, f_lo, f)
+        hi, f_hi = jnp.where(right, tau, hi), jnp.where(right, f, f_hi)
+        side = jnp.where(right, 1, -1).astype(side.dtype)
+        newton = tau + step
+        falsi = lo + (hi - lo) * safe_divide(f_lo, f_lo - f_hi)
+        new = jnp.where((newton > lo) & (newton < hi), newton, falsi)
+        # Done: tau + step is the root, on tau's piece (or at its edge); the closed form below
+        # takes the pieces at the root itself, which is exact whichever side of an edge it is.
+        new = jnp.where(done, jnp.where(f == 0, tau, newton), new)
+        return new, lo, f_lo, hi, f_hi, side, jnp.all(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    counts = (jnp.zeros(shape, z.dtype),) * 2
-    no = jnp.zeros(shape, bool)
-    state = (lo, lo, hi, counts, no, jnp.array(False), jnp.array(0, jnp.int32))
+    zero = jnp.zeros(shape, z.dtype)
+    f_lo, _, _ = evaluate(lo)
+    state = (lo, lo, f_lo, hi, -jnp.ones(shape, z.dtype), zero, jnp.array(False), 0)
     tau, *_ = lax.while_loop(cond, body, state)
-    # The closed form on the pieces at tau, from an accurate sum.
+    # The closed form on the pieces at the root, from an accurate sum.
     r = z - tau
     free = (r > 0) & (r < 1)
     k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
     capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
     closed = (capped + accurate_sum(jnp.where(free, z, 0), axis) - budget) / jnp.maximum(k, 1)
     tau = jnp.where(k > 0, closed, tau)
+    # A nan entry is in no piece: the row is nan.
+    tau = tau + 0 * jnp.sum(jnp.where(live, r, 0), axis=axis, keepdims=True)
     tau = jnp.where(n < budget, jnp.nan, tau)  # infeasible: fewer entries than the budget
     tau = jnp.where(n == budget, zmin - 1, tau)  # exactly the budget: every entry is 1
     return jnp.where(n == 0, 0, tau)  # fully masked: zeros
