@@ -307,16 +307,10 @@ def normmax_threshold(
     if init is not None:
         tau0 = jnp.maximum(tau0, init)
 
-    def power(b, e):
-        if isinstance(e, float) and e == round(e) and 1 <= e <= 16:
-            return lax.integer_pow(b, round(e))
-        on = b > 0
-        return jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
-
     def body(state):
         tau, _, it = state
         b = jnp.maximum(z - tau, 0)  # -inf entries: 0
-        b_km1 = power(b, k_minus_1)
+        b_km1 = _power(b, k_minus_1)
         s_k = jnp.sum(b * b_km1, axis=axis, keepdims=True)  # ||b||_k^k
         s_km1 = jnp.sum(b_km1, axis=axis, keepdims=True)
         norm = jnp.exp(jnp.log(s_k) / (1 + k_minus_1))
@@ -336,12 +330,18 @@ def normmax_threshold(
     return tau
 
 
+def _power(b: jax.Array, e: jax.Array | float) -> jax.Array:
+    """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan); integer powers for a static integer ``e``."""
+    if isinstance(e, float) and e == round(e) and 1 <= e <= _MAX_INTEGER_POWER:
+        return lax.integer_pow(b, round(e))
+    on = b > 0
+    out = jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
+    return jnp.where(jnp.isnan(b), jnp.nan, out)
+
+
 def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis: int):
     """``q / sum(q)`` with ``q_j = [z_j - tau]_+^(1/(alpha - 1))``."""
-    b = jnp.maximum(z - tau, 0)
-    on = b > 0
-    q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, b, 1)) / (alpha - 1)), 0)
-    q = jnp.where(jnp.isnan(b), jnp.nan, q)
+    q = _power(jnp.maximum(z - tau, 0), 1 / (alpha - 1))
     return safe_divide(q, jnp.sum(q, axis=axis, keepdims=True))
 
 
