@@ -315,7 +315,8 @@ def normmax_threshold(
         s_km1 = jnp.sum(b_km1, axis=axis, keepdims=True)
         norm = jnp.exp(jnp.log(s_k) / (1 + k_minus_1))
         # G / -G' = (norm - 1) norm^(k - 1) / s_(k - 1).
-        step = (norm - 1) * safe_divide(s_k / norm, s_km1)
+        step = (norm - 1) * safe_divide(s_k / jnp.maximum(norm, jnp.finfo(z.dtype).tiny), s_km1)
+        step = jnp.where(n == 0, 0, step)  # a fully masked row has no root: zeros
         new = jnp.clip(tau + step, tau, hi)  # monotone, in the bracket
         new = jnp.where(jnp.isnan(step), jnp.nan, new)
         done = _converged(new, tau) | jnp.isnan(new) | (n == 0)
@@ -376,9 +377,11 @@ def budget_threshold(
     def evaluate(tau):
         """``f(tau)``, ``|S|``, and where the root of the piece's line lies: in the piece?"""
         r = z - tau  # -inf where masked
-        free = (r > 0) & (r < 1)
+        # The pieces just above tau (an entry at r = 1 is free there, one at r = 0 is not), whose
+        # extent is [tau + below, tau + above]; f itself is the same either way.
+        free = (r > 0) & (r <= 1)
         k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
-        capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
+        capped = jnp.sum(r > 1, axis=axis, keepdims=True).astype(z.dtype)
         f = capped + jnp.sum(jnp.where(free, r, 0), axis=axis, keepdims=True) - budget
         # The breakpoints nearest below and above tau, relative to it.
         below = jnp.max(

@@ -231,9 +231,14 @@ def _fenchel_young_loss(
     total = None
     if table.label_sum is not None:
         # The labels' total (budget): fixed by the labels, so it is not differentiated here.
-        total = jax.lax.stop_gradient(
-            _variants.merge_params(arrays, statics)[0] if v is table else jnp.asarray(1.0, x.dtype)
-        )
+        raw = values.get(table.label_sum, table.params[0].default)
+        if v is not table:  # an exact special case (budget 1: sparsemax)
+            total = 1.0
+        elif _args.is_concrete(raw):  # known at trace time: the labels are checked against it
+            total = np.asarray(raw, x.dtype)
+            total = total.reshape((1,) * (x.ndim - total.ndim) + total.shape)
+        else:
+            total = jax.lax.stop_gradient(_variants.merge_params(arrays, statics)[0])
     y, bad, ignored = _labels(name, labels, x, axis, total, table.capped, ignore_index)
     if label_smoothing:
         y = _smooth(y, x, axis, label_smoothing, total)

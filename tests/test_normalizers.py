@@ -1,10 +1,13 @@
 """Properties every normalizer shares, checked against the float64 NumPy reference.
 
-Variant-specific closed forms live in test_softmax.py, test_sparsemax.py and test_entmax.py.
+The cases (variants and parameter settings) come from the library's table of variants through
+cases.py. Variant-specific closed forms live in test_softmax.py, test_sparsemax.py,
+test_entmax.py and test_variants.py.
 """
 
 import functools
 
+import cases
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -15,51 +18,35 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-import smvariants as sm
+from smvariants import _variants
 
 import reference
 
-# name -> (ours, reference, alpha for the KKT check).
-VARIANTS = {
-    "softmax": (sm.softmax, reference.softmax, 1.0),
-    "sparsemax": (sm.sparsemax, reference.sparsemax, 2.0),
-    "entmax15": (sm.entmax15, reference.entmax15, 1.5),
-    "entmax_1.25": (
-        functools.partial(sm.entmax, alpha=1.25),
-        functools.partial(reference.entmax, alpha=1.25),
-        1.25,
-    ),
-    # A 0-d array alpha takes the general solver even for the special values.
-    "entmax_array_1.5": (
-        functools.partial(sm.entmax, alpha=jnp.array(1.5)),
-        functools.partial(reference.entmax, alpha=1.5),
-        1.5,
-    ),
-    "entmax_array_2": (
-        functools.partial(sm.entmax, alpha=jnp.array(2.0)),
-        functools.partial(reference.entmax, alpha=2.0),
-        2.0,
-    ),
-    "entmax_array_1": (
-        functools.partial(sm.entmax, alpha=jnp.array(1.0)),
-        functools.partial(reference.entmax, alpha=1.0),
-        1.0,
-    ),
-    "entmax_3": (
-        functools.partial(sm.entmax, alpha=3.0),
-        functools.partial(reference.entmax, alpha=3.0),
-        3.0,
-    ),
-}
 EXACT = {"softmax", "sparsemax", "entmax15"}
 
 settings.register_profile("smvariants", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("smvariants")
 
 
-@pytest.fixture(params=sorted(VARIANTS), scope="module")
-def variant(request):
-    return request.param
+each_case = cases.each(cases.CASES)
+
+
+def test_every_variant_has_cases():
+    assert cases.missing(cases.REFERENCES) == set()
+    assert cases.missing(cases.PARAMS) == set()
+    assert {c.name for c in cases.CASES} == set(_variants.VARIANTS)
+
+
+@each_case
+def test_array_parameters_take_the_general_path(case):
+    """A (1,) array parameter is not compiled in: no dispatch to an exact special case."""
+    v, arrays, statics = _variants.parameters(
+        case.name, case.variant, case.params, (2, 5), 1, jnp.float64
+    )
+    if case.has_arrays:
+        assert v is case.variant and len(arrays) == sum(s is None for s in statics) > 0
+    else:
+        assert arrays == ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,32 +74,41 @@ def logits(draw, dtype=np.float64):
     return x.astype(dtype), where
 
 
-def tolerance(name, dtype):
+def tolerance(case, dtype):
     if dtype == np.float64:
-        return 1e-12 if name in EXACT else 1e-10
+        return 1e-12 if case.id in EXACT else 1e-10
     return 2e-6
 
 
+def live_entries(x, where):
+    return np.isfinite(x) if where is None else np.isfinite(x) & where
+
+
+@each_case
 @given(data=logits())
-def test_matches_float64_reference(variant, data):
-    ours, ref, _ = VARIANTS[variant]
+def test_matches_float64_reference(case, data):
     x, where = data
-    tol = tolerance(variant, np.float64)
-    np.testing.assert_allclose(ours(x, where=where), ref(x, where=where), rtol=tol, atol=tol)
+    tol = tolerance(case, np.float64)
+    np.testing.assert_allclose(
+        case.ours(x, where=where), case.ref(x, where=where), rtol=tol, atol=tol
+    )
 
 
+@each_case
 @given(data=logits(np.float32))
-def test_float32_matches_reference(variant, data):
-    ours, ref, _ = VARIANTS[variant]
+def test_float32_matches_reference(case, data):
     x, where = data
-    tol = tolerance(variant, np.float32)
-    np.testing.assert_allclose(ours(x, where=where), ref(x, where=where), rtol=tol, atol=tol)
+    tol = tolerance(case, np.float32)
+    np.testing.assert_allclose(
+        case.ours(x, where=where), case.ref(x, where=where), rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("inputs", ["random", "ties"])
 @pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0])
 def test_references_satisfy_the_kkt_conditions(alpha, inputs):
-    """The references are checked too: the closed forms and the bisection, on their own."""
+    """The references are checked too: the closed forms and the bisection, on their own (the
+    normmax and budget references in test_peers.py)."""
     rng = np.random.default_rng(8)
     if inputs == "random":
         x = rng.normal(size=(20, 9)) * 3
@@ -128,95 +124,100 @@ def test_references_satisfy_the_kkt_conditions(alpha, inputs):
         assert reference.kkt_residual(ref(x)[rows], x[rows], alpha) < 1e-11
 
 
+@each_case
 @given(data=logits())
-def test_kkt_conditions(variant, data):
-    ours, _, alpha = VARIANTS[variant]
+def test_kkt_conditions(case, data):
     x, where = data
-    p = np.asarray(ours(x, where=where))
+    p = np.asarray(case.ours(x, where=where))
+    live = live_entries(x, where)
+    # Fewer live entries than the budget: no solution, a nan row (and only those rows).
+    short = case.too_short(live)
+    assert np.isnan(p[short]).all() and not np.isnan(p[~short]).any()
+    p, live, x = p[~short], live[~short], x[~short]
     assert (p >= 0).all()
-    live = np.isfinite(x) if where is None else np.isfinite(x) & where
     rows = live.any(axis=-1)
-    np.testing.assert_allclose(p[rows].sum(-1), 1, atol=1e-12)
+    np.testing.assert_allclose(p[rows].sum(-1), case.total, atol=1e-12)
     assert (p[~live] == 0).all()
     z = np.where(live, x, -np.inf)
-    assert reference.kkt_residual(p[rows], z[rows], alpha) < 1e-8
+    assert case.kkt(p[rows], z[rows]) < 1e-8
 
 
+@each_case
 @given(
     x=hnp.arrays(np.float64, (3, 6), elements=st.floats(-3, 3)),
     perm=st.permutations(range(6)),
     shift=st.floats(-100, 100),
 )
-def test_permutation_equivariant_and_shift_invariant(variant, x, perm, shift):
-    ours, _, _ = VARIANTS[variant]
-    p = np.asarray(ours(x))
-    np.testing.assert_allclose(ours(x[:, perm]), p[:, perm], atol=1e-12)
-    np.testing.assert_allclose(ours(x + shift), p, atol=1e-11)
+def test_permutation_equivariant_and_shift_invariant(case, x, perm, shift):
+    p = np.asarray(case.ours(x))
+    np.testing.assert_allclose(case.ours(x[:, perm]), p[:, perm], atol=1e-12)
+    np.testing.assert_allclose(case.ours(x + shift), p, atol=1e-11)
 
 
-def test_seed_example_rows_sum_to_one(variant):
-    ours, ref, _ = VARIANTS[variant]
+@each_case
+def test_seed_example_rows_sum_to_the_total(case):
     x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    p = ours(x)
-    np.testing.assert_allclose(p, ref(x), atol=1e-12)
+    p = case.ours(x)
+    np.testing.assert_allclose(p, case.ref(x), atol=1e-12)
+    if case.total > 3:  # more than the row holds: nan, as the reference
+        assert np.isnan(p).all()
+        return
     np.testing.assert_allclose(p[0], p[1], atol=1e-12)  # shift invariance
-    np.testing.assert_allclose(p.sum(-1), 1, atol=1e-12)
+    np.testing.assert_allclose(p.sum(-1), case.total, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
 # Axis, temperature.
 
 
-@pytest.mark.parametrize("axis", [0, 1, -3])
-def test_axis_other_than_last(variant, axis):
-    ours, ref, _ = VARIANTS[variant]
+@cases.each(cases.CASES, axis=[0, 1, -3])
+def test_axis_other_than_last(case, axis):
     x = np.random.default_rng(0).normal(size=(3, 4, 5)) * 2
-    np.testing.assert_allclose(ours(x, axis=axis), ref(x, axis=axis), atol=1e-10)
-    moved = np.moveaxis(np.asarray(ours(np.moveaxis(x, axis, -1))), -1, axis)
-    np.testing.assert_allclose(ours(x, axis=axis), moved, atol=1e-12)
+    np.testing.assert_allclose(case.ours(x, axis=axis), case.ref(x, axis=axis), atol=1e-10)
+    moved = np.moveaxis(np.asarray(case.ours(np.moveaxis(x, axis, -1))), -1, axis)
+    np.testing.assert_allclose(case.ours(x, axis=axis), moved, atol=1e-12)
 
 
-def test_temperature_scalar_and_per_row(variant):
-    ours, ref, _ = VARIANTS[variant]
+@each_case
+def test_temperature_scalar_and_per_row(case):
     x = np.random.default_rng(1).normal(size=(3, 7))
-    np.testing.assert_allclose(ours(x, temperature=0.5), ref(x / 0.5), atol=1e-10)
+    np.testing.assert_allclose(case.ours(x, temperature=0.5), case.ref(x / 0.5), atol=1e-10)
     t = np.array([[0.5], [1.0], [3.0]])
-    np.testing.assert_allclose(ours(x, temperature=t), ref(x / t), atol=1e-10)
+    np.testing.assert_allclose(case.ours(x, temperature=t), case.ref(x / t), atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------
-# Gradients: hand-written rules against finite differences, both modes, order 2.
-
-# Entries well away from the support boundary, so finite differences do not cross a kink.
-X_GRAD = np.array([[0.3, -1.2, 0.9, 0.5, -3.0], [4.0, 5.0, 6.0, 5.7, 1.0]])
+# Gradients: hand-written rules against finite differences, both modes, order 2, at points well
+# away from the support boundary (cases.X_GRAD), so finite differences do not cross a kink.
 
 
-def test_check_grads_order_two(variant):
-    ours, _, _ = VARIANTS[variant]
-    check_grads(ours, (X_GRAD,), order=2, modes=("fwd", "rev"))
+@each_case
+def test_check_grads_order_two(case):
+    check_grads(case.ours, (case.grad_point,), order=2, modes=("fwd", "rev"))
 
 
-def test_temperature_gradient(variant):
-    ours, _, _ = VARIANTS[variant]
+@each_case
+def test_temperature_gradient(case):
     t = np.array([[0.7], [1.3]])
-    check_grads(lambda t: ours(X_GRAD, temperature=t), (t,), order=2, modes=("fwd", "rev"))
+    x = case.grad_point
+    check_grads(lambda t: case.ours(x, temperature=t), (t,), order=2, modes=("fwd", "rev"))
 
 
-def test_jacobian_is_closed_form(variant):
-    """jacfwd, jacrev and the closed form diag(g) - g g^T / sum(g), g = p^(2 - alpha), agree."""
-    ours, _, alpha = VARIANTS[variant]
-    x = X_GRAD[0]
-    p = np.asarray(ours(x))
-    g = np.zeros_like(p)
-    g[p > 0] = p[p > 0] ** (2 - alpha)
-    expected = np.diag(g) - np.outer(g, g) / g.sum()
-    np.testing.assert_allclose(jax.jacfwd(ours)(x), expected, atol=1e-10)
-    np.testing.assert_allclose(jax.jacrev(ours)(x), expected, atol=1e-10)
-    jax.hessian(lambda x: ours(x)[2])(x)  # forward-over-reverse composes
+@each_case
+def test_jacobian_is_closed_form(case):
+    """jacfwd, jacrev and the closed form agree: diag(g) - g g^T / sum(g), g = p^(2 - alpha), for
+    the Tsallis family; the normmax and capped-simplex forms of reference.py for the others."""
+    for x in case.grad_point:
+        p = np.asarray(case.ours(x))
+        expected = case.jacobian(p)
+        np.testing.assert_allclose(jax.jacfwd(case.ours)(x), expected, atol=1e-10)
+        np.testing.assert_allclose(jax.jacrev(case.ours)(x), expected, atol=1e-10)
+    jax.hessian(lambda x: case.ours(x)[2])(x)  # forward-over-reverse composes
 
 
-def test_vjp_jvp_and_grad_under_jit_and_vmap(variant):
-    ours, _, _ = VARIANTS[variant]
+@each_case
+def test_vjp_jvp_and_grad_under_jit_and_vmap(case):
+    ours = case.ours
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 5))
     w = rng.normal(size=(1, 5))
@@ -238,21 +239,19 @@ def test_vjp_jvp_and_grad_under_jit_and_vmap(variant):
     np.testing.assert_allclose(np.sum(jvp * w), np.sum(jw * t), atol=1e-10)
 
 
-@pytest.mark.parametrize("where", [False, True])
-@pytest.mark.parametrize("temperature", ["none", "scalar", "per_row"])
-def test_backward_keeps_only_the_output_and_the_mask(variant, where, temperature):
+@cases.each(cases.CASES, where=[False, True], temperature=["none", "scalar", "per_row"])
+def test_backward_keeps_only_the_output_and_the_mask(case, where, temperature):
     """The output (and a boolean where mask) is all the backward pass keeps at full size: no
     sort, no solver state, no copy of the logits, also for a learned temperature."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    ours, _, _ = VARIANTS[variant]
     x = jnp.ones((4, 7))
     w = jnp.arange(7.0)[None, :]
     mask = jnp.arange(7) < 5 if where else None
     t = {"none": None, "scalar": jnp.array(0.7), "per_row": jnp.full((4, 1), 0.7)}[temperature]
 
     def loss(x, t):
-        return jnp.sum(ours(x, where=mask, temperature=t) * w)
+        return jnp.sum(case.ours(x, where=mask, temperature=t) * w)
 
     if temperature == "none":
         residuals = saved_residuals(lambda x: loss(x, 1.0), x)

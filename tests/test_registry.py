@@ -1,11 +1,11 @@
-"""Variants by name (registry.py)."""
+"""Variants by name (registry.py); the variants and their parameters come from cases.py."""
 
+import cases
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import smvariants as sm
-from smvariants import losses
+from smvariants import _variants
 from smvariants import registry
 
 X = np.random.default_rng(0).normal(size=(4, 6))
@@ -13,35 +13,72 @@ IDS = np.array([0, 1, 2, 3])
 
 
 def test_names():
+    assert set(registry.names()) == set(_variants.VARIANTS)
     assert set(registry.names()) >= {"softmax", "sparsemax", "entmax15", "entmax"}
 
 
+def _spec(case, temperature=None):
+    params = {k: float(v) for k, v in case.params.items()}
+    if temperature is not None:
+        params["temperature"] = temperature
+    return case.name + "".join(
+        (":" if i == 0 else ",") + f"{k}={v!r}" for i, (k, v) in enumerate(sorted(params.items()))
+    )
+
+
+# Every case whose parameters are numbers (an array has no spec), and each variant once with a
+# temperature.
+SPEC_CASES = [cases.make_loss_case(c.name, **c.params) for c in cases.CASES if not c.has_arrays]
+FIRST = {c.name: c for c in reversed(SPEC_CASES)}
+
+
 @pytest.mark.parametrize(
-    ("spec", "normalize", "loss"),
-    [
-        ("softmax", sm.softmax, losses.softmax_loss),
-        ("softmax:temperature=0.5", lambda x: sm.softmax(x / 0.5),
-         lambda z, y: losses.softmax_loss(z / 0.5, y)),
-        ("sparsemax", sm.sparsemax, losses.sparsemax_loss),
-        ("entmax15", sm.entmax15, losses.entmax15_loss),
-        ("entmax:alpha=1.3", lambda x: sm.entmax(x, alpha=1.3),
-         lambda z, y: losses.entmax_loss(z, y, alpha=1.3)),
-    ],
-)  # fmt: skip
-def test_parse_binds_normalizer_and_loss(spec, normalize, loss):
+    ("case", "temperature"),
+    [(c, None) for c in SPEC_CASES] + [(c, 0.5) for c in FIRST.values()],
+    ids=lambda v: getattr(v, "id", str(v)),
+)
+def test_parse_binds_normalizer_and_loss(case, temperature):
+    spec = _spec(case, temperature)
     variant = registry.parse(spec)
-    np.testing.assert_allclose(variant.normalize(X), normalize(X), atol=1e-12)
-    np.testing.assert_allclose(variant.loss(X, IDS), loss(X, IDS), atol=1e-12)
+    t = 1.0 if temperature is None else temperature
+    labels = case.hard(IDS, 6)
+    np.testing.assert_allclose(variant.normalize(X), case.fn(X / t), atol=1e-12)
+    np.testing.assert_allclose(variant.loss(X, labels), case.loss(X / t, labels), atol=1e-12)
     assert str(variant) == spec and str(registry.parse(str(variant))) == spec
 
 
-def test_get_with_array_alpha_and_axis_kwargs():
-    alpha = jnp.array([[1.2], [1.5], [2.0], [2.5]])
-    variant = registry.get("entmax", alpha=alpha)
-    np.testing.assert_allclose(variant.normalize(X), sm.entmax(X, alpha=alpha), atol=1e-12)
-    scalar = registry.get("entmax", alpha=1.3)
-    np.testing.assert_allclose(scalar.normalize(X.T, axis=0), sm.entmax(X, alpha=1.3).T, atol=1e-12)
-    np.testing.assert_allclose(scalar.loss(X.T, IDS, axis=0), losses.entmax_loss(X, IDS, alpha=1.3))
+def test_every_variant_has_a_spec():
+    assert set(FIRST) == set(_variants.VARIANTS)
+
+
+# Per-row values of each variant's float parameter.
+ROW_VALUES = {
+    "entmax": ("alpha", [[1.2], [1.5], [2.0], [2.5]]),
+    "normmax": ("alpha", [[1.2], [1.5], [2.0], [3.0]]),
+    "budget_sparsemax": ("budget", [[1.0], [1.5], [2.0], [3.5]]),
+}
+
+
+def test_every_variant_with_a_float_parameter_has_row_values():
+    with_floats = {
+        name for name, v in _variants.VARIANTS.items() if any(q.condition for q in v.params)
+    }
+    assert set(ROW_VALUES) == with_floats
+
+
+@pytest.mark.parametrize("name", sorted(ROW_VALUES))
+def test_get_with_array_parameter_and_axis_kwargs(name):
+    param, values = ROW_VALUES[name]
+    case = FIRST[name]
+    array = jnp.array(values)
+    variant = registry.get(name, **{param: array})
+    expected = case.fn.func(X, **{param: array})
+    np.testing.assert_allclose(variant.normalize(X), expected, atol=1e-12)
+    scalar = registry.get(name, **case.params)
+    np.testing.assert_allclose(scalar.normalize(X.T, axis=0), case.fn(X).T, atol=1e-12)
+    labels = case.hard(IDS, 6)
+    labels_t = labels if case.integer_labels else labels.T
+    np.testing.assert_allclose(scalar.loss(X.T, labels_t, axis=0), case.loss(X, labels))
 
 
 def test_errors():
@@ -53,6 +90,12 @@ def test_errors():
         registry.get("sparsemax", alpha=1.5)
     with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1"):
         registry.get("entmax", alpha=0.5)
+    with pytest.raises(ValueError, match=r"normmax: alpha must be finite and > 1"):
+        registry.get("normmax", alpha=1.0)
+    with pytest.raises(ValueError, match=r"budget_sparsemax: budget must be finite and > 0"):
+        registry.get("budget_sparsemax", budget=0.0)
+    with pytest.raises(ValueError, match=r"takes parameters temperature, budget, max_iter; got al"):
+        registry.get("budget_sparsemax", alpha=1.5)
     with pytest.raises(ValueError, match=r"bad variant spec 'entmax:alpha'"):
         registry.parse("entmax:alpha")
     with pytest.raises(ValueError, match=r"alpha must be a number"):

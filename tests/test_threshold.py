@@ -7,6 +7,9 @@ re-solved in a batch of 1/32 or 1/4 of the rows) and batches where most fail (al
 check every output against the float64 NumPy reference.
 """
 
+import functools
+
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +18,7 @@ import pytest
 import smvariants as sm
 from smvariants import _backend
 from smvariants import _solvers
-
-import reference
+from smvariants import _variants
 
 K = 2048  # > _DIRECT: reduced twice (2048 -> 256)
 
@@ -26,17 +28,13 @@ def _stride(k):
     return k // (8 * _solvers._BLOCK) * 8
 
 
-def _entmax_array(x, axis=-1, where=None):
-    shape = list(np.shape(x))
-    shape[axis] = 1
-    return sm.entmax(x, alpha=jnp.full(shape, 1.3), axis=axis, where=where)
+each_case = cases.each(cases.LONG_ROW_CASES)
 
 
-VARIANTS = {
-    "sparsemax": (sm.sparsemax, reference.sparsemax),
-    "entmax15": (sm.entmax15, reference.entmax15),
-    "entmax_array_1.3": (_entmax_array, lambda x, **kw: reference.entmax(x, 1.3, **kw)),
-}
+def test_every_variant_that_reduces_long_rows_has_a_case():
+    reducing = {name for name, v in _variants.VARIANTS.items() if v.reduce_rows}
+    assert set(cases.LONG_ROW_PARAMS) == reducing
+    assert {c.name for c in cases.LONG_ROW_CASES} == reducing
 
 
 def _collide(x, rows, value=50.0):
@@ -66,47 +64,63 @@ def test_block_top3_keeps_each_blocks_two_largest_and_bounds_the_rest():
     np.testing.assert_array_equal(sub[:, 2 * n :], z[:, n * _solvers._BLOCK :])
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize(
-    "case",
-    [
-        "certified",  # sparse rows: the reduction's answer holds everywhere
-        "few_rows_fail",  # 2 of 64 rows have a block with 3 support entries
-        "several_rows_fail",  # 9 of 64: re-solved in the larger gathered batch
-        "most_rows_fail",  # dense rows: the whole batch is re-solved
-        "all_equal",
-    ],
-)
-def test_exact_on_every_branch(name, case):
-    f, ref = VARIANTS[name]
+# certified: sparse rows, the reduction's answer holds everywhere; few_rows_fail: 2 of 64 rows have
+# a block with 3 support entries; several_rows_fail: 9 of 64, re-solved in the larger gathered
+# batch; most_rows_fail: dense rows, the whole batch is re-solved.
+BRANCHES = ["certified", "few_rows_fail", "several_rows_fail", "most_rows_fail", "all_equal"]
+
+
+@cases.each(cases.LONG_ROW_CASES, branch=BRANCHES)
+def test_exact_on_every_branch(case, branch):
+    f, ref = case.ours, functools.partial(_reference, case)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(64, K)) * 3
-    if case == "few_rows_fail":
+    if branch == "few_rows_fail":
         x = _collide(x, rows=[5, 40])
-    elif case == "several_rows_fail":
+    elif branch == "several_rows_fail":
         x = _collide(x, rows=range(3, 64, 7))
-    elif case == "most_rows_fail":
+    elif branch == "most_rows_fail":
         x = x / 100
-    elif case == "all_equal":
+    elif branch == "all_equal":
         x = np.full((64, K), 0.25)
     p = np.asarray(f(x))
     np.testing.assert_allclose(p, ref(x), atol=1e-12)
-    np.testing.assert_allclose(p.sum(-1), 1, atol=1e-12)
-    if case == "few_rows_fail":  # the three colliding entries share the mass
+    np.testing.assert_allclose(p.sum(-1), case.total, atol=1e-12)
+    if branch == "few_rows_fail":  # the three colliding entries share the mass
         assert np.all(np.sum(p[[5, 40]] > 0, axis=-1) >= 3)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_float32_wide_rows(name):
-    f, ref = VARIANTS[name]
+def _reference(case, x, m=256):
+    """``case.ref(x)`` along the last axis, computed on the ``m`` largest entries of each row
+    where that is exact: where the smallest entry kept is out of the support, so is every entry
+    left out. Budget sparsemax's reference needs time and memory quadratic in the row length;
+    the other references run on the whole row."""
+    if case.family != "budget":
+        return case.ref(x)
+    x = np.asarray(x, np.float64)
+    rows = x.reshape(-1, x.shape[-1])
+    top = np.argsort(rows, -1)[:, -m:]  # ascending: the smallest kept entry first
+    kept = case.ref(np.take_along_axis(rows, top, -1))
+    p = np.zeros(rows.shape)
+    np.put_along_axis(p, top, kept, -1)
+    redo = ~(kept[:, 0] == 0)
+    if np.any(redo):
+        assert rows.shape[-1] <= 4096, "a wide row whose support is not among its largest entries"
+        p[redo] = case.ref(rows[redo])
+    return p.reshape(x.shape)
+
+
+@each_case
+def test_float32_wide_rows(case):
+    f, ref = case.ours, functools.partial(_reference, case, m=1024)
     x = np.random.default_rng(2).normal(size=(8, 40000)).astype(np.float32) * 3
     x = _collide(x, rows=[3])
     np.testing.assert_allclose(np.asarray(f(x)), ref(x), atol=2e-6)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_axis_mask_inf_and_nan_rows(name):
-    f, ref = VARIANTS[name]
+@each_case
+def test_axis_mask_inf_and_nan_rows(case):
+    f, ref = case.ours, case.ref
     rng = np.random.default_rng(3)
     x = _collide(rng.normal(size=(6, K)) * 3, rows=[1])
     x[2, ::3] = -np.inf
@@ -120,9 +134,9 @@ def test_axis_mask_inf_and_nan_rows(name):
     assert not np.any(np.isnan(np.delete(p, 4, axis=1)))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_vmap_jit_and_gradient(name):
-    f, ref = VARIANTS[name]
+@each_case
+def test_vmap_jit_and_gradient(case):
+    f, ref = case.ours, functools.partial(_reference, case)
     x = _collide(np.random.default_rng(4).normal(size=(2, 16, K)) * 3, rows=[0])
     p = jax.jit(jax.vmap(f))(x)
     np.testing.assert_allclose(p, ref(x), atol=1e-12)
@@ -144,14 +158,31 @@ def test_reduced_equals_direct_solve(in_block):
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
 
 
-def test_vmap_over_alpha_only_and_nested():
+# The values a vmap over the parameter alone maps over, per variant with a parameter.
+MAPPED = {
+    "entmax": [1.2, 1.5, 1.8],
+    "normmax": [1.5, 2.0, 3.0],
+    "budget_sparsemax": [1.5, 2.0, 3.5],
+}
+
+
+@cases.each([c for c in cases.LONG_ROW_CASES if c.has_arrays])
+def test_vmap_over_the_parameter_only(case):
     x = _collide(np.random.default_rng(7).normal(size=(40, K)) * 3, rows=[2])
-    alphas = np.array([1.2, 1.5, 1.8])
-    mapped = jax.vmap(lambda a: sm.entmax(x, alpha=a[None, None]))(alphas)
-    for a, p in zip(alphas, mapped, strict=True):
-        np.testing.assert_allclose(p, reference.entmax(x, a), atol=1e-12)
-    nested = jax.vmap(jax.vmap(sm.sparsemax))(x.reshape(4, 10, K))
-    np.testing.assert_allclose(nested.reshape(40, K), reference.sparsemax(x), atol=1e-12)
+    (param,) = case.params
+    values = np.array(MAPPED[case.name])
+    fn = getattr(sm, case.name)
+    mapped = jax.vmap(lambda a: fn(x, **{param: a[None, None]}))(values)
+    for a, p in zip(values, mapped, strict=True):
+        one = cases.make_case(case.name, **{param: a})
+        np.testing.assert_allclose(p, _reference(one, x), atol=1e-12)
+
+
+@each_case
+def test_nested_vmap(case):
+    x = _collide(np.random.default_rng(7).normal(size=(40, K)) * 3, rows=[2])
+    nested = jax.vmap(jax.vmap(case.ours))(x.reshape(4, 10, K))
+    np.testing.assert_allclose(nested.reshape(40, K), _reference(case, x), atol=1e-12)
 
 
 @pytest.mark.parametrize("first", [1.5, np.nan])  # nan: the cond's other branch

@@ -1,0 +1,420 @@
+"""normmax and budget sparsemax specifically: the PyTorch ``entmax`` package in float64 (values,
+VJPs, the normmax loss), derivatives in alpha and in the budget, edge cases and the losses.
+
+What every variant shares (references, KKT, axis, temperature, check_grads, Jacobians, long rows)
+is tested for these two in test_normalizers.py, test_threshold.py and test_losses.py.
+"""
+
+import math
+
+import cases
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import smvariants as sm
+from smvariants import losses
+
+import reference
+
+N_ITER = 100  # float64: the peers' bisection brackets shrink below an ulp well before this
+VALUE_TOL = 1e-7
+GRAD_TOL = 1e-6
+KINDS = ("random", "tied", "masked", "large")
+SHAPE = (6, 9)  # one shape: each parameter value compiles once
+
+
+def _inputs(kind, seed, min_live=1):
+    """Float64 logits of ``kind``; "masked" puts -inf on ~30% of entries, keeping ``min_live``."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=SHAPE) * 2
+    if kind == "tied":
+        x = rng.choice(np.array([-1.0, 0.0, 0.5, 2.0]), size=SHAPE)
+    elif kind == "large":  # large magnitudes, yet a few entries close enough to share the support
+        x = x * 1e3
+        x[:, ::2] = x.max(-1, keepdims=True) - rng.random(x[:, ::2].shape)
+    elif kind == "masked":
+        drop = rng.random(SHAPE) < 0.3
+        rank = np.argsort(np.argsort(rng.random(SHAPE), -1), -1)  # a random order per row
+        x = np.where(drop & (rank >= min_live), -np.inf, x)
+    return x
+
+
+def _kink_distance(z, tau, kinks):
+    """How far the live entries of ``z - tau`` are from the points where the map has a kink."""
+    live = np.isfinite(z)
+    return min(np.abs(z[live] - tau - k).min() for k in kinks)
+
+
+def _normmax_tau(p, z, alpha):
+    on = p > 0
+    norm = np.sum(p**alpha) ** (1 / alpha)
+    return np.mean(z[on] - (p[on] / norm) ** (alpha - 1))
+
+
+def _budget_tau(p, z):
+    frac = (p > 0) & (p < 1)
+    if frac.any():
+        return np.mean(z[frac] - p[frac])
+    return None  # p all 0/1: tau anywhere in a flat piece, where the Jacobian is 0
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) The PyTorch entmax package, float64: values and VJPs (torch backward).
+
+
+@pytest.fixture(scope="module")
+def peer():
+    torch = pytest.importorskip("torch")
+    entmax = pytest.importorskip("entmax")
+    return torch, entmax
+
+
+def _tensor(torch, x, grad=False):
+    return torch.tensor(np.array(x, np.float64)).requires_grad_(grad)  # a copy: writable
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 3.0, "array"])
+def test_normmax_matches_peer_values_and_vjps(peer, alpha):
+    torch, entmax = peer
+    rng = np.random.default_rng(0)
+    if alpha == "array":  # per row, the general path
+        alpha = jnp.asarray(rng.choice(np.array([1.25, 2.0, 3.0]), size=(SHAPE[0], 1)))
+    torch_alpha = _tensor(torch, alpha) if isinstance(alpha, jax.Array) else alpha
+    checked = 0
+    for kind in KINDS:
+        x = _inputs(kind, seed=KINDS.index(kind))
+        v = rng.normal(size=SHAPE)
+        p, vjp = jax.vjp(lambda x: sm.normmax(x, alpha=alpha), x)
+        (grad,) = vjp(v)
+        xt = _tensor(torch, x, grad=True)
+        peer_p = entmax.normmax_bisect(xt, alpha=torch_alpha, n_iter=N_ITER)
+        np.testing.assert_allclose(p, peer_p.detach().numpy(), rtol=0, atol=VALUE_TOL, err_msg=kind)
+        peer_p.backward(_tensor(torch, v))
+        peer_grad = xt.grad.numpy()
+        alphas = np.broadcast_to(np.asarray(alpha), (SHAPE[0], 1))[:, 0]
+        for i, a in enumerate(alphas):
+            live = np.isfinite(x[i])
+            if live.sum() > 1 and _kink_distance(x[i], _normmax_tau(p[i], x[i], a), (0,)) < 1e-6:
+                continue  # an entry at the threshold: not differentiable there
+            np.testing.assert_allclose(
+                grad[i][live], peer_grad[i][live], rtol=GRAD_TOL, atol=GRAD_TOL, err_msg=kind
+            )
+            assert np.all(grad[i][~live] == 0)
+            checked += 1
+    assert checked >= 3 * SHAPE[0]
+
+
+@pytest.mark.parametrize("budget", [2.0, 3.5, "array"])
+def test_budget_matches_peer_values_and_vjps(peer, budget):
+    torch, entmax = peer
+    rng = np.random.default_rng(1)
+    if budget == "array":  # per row, the general path
+        budget = jnp.asarray(rng.choice(np.array([1.0, 2.0, 2.5]), size=(SHAPE[0], 1)))
+    budgets = np.broadcast_to(np.asarray(budget), (SHAPE[0], 1))[:, 0]
+    checked = 0
+    for kind in KINDS:
+        x = _inputs(kind, seed=10 + KINDS.index(kind), min_live=math.ceil(budgets.max()))
+        v = rng.normal(size=SHAPE)
+        p, vjp = jax.vjp(lambda x: sm.budget_sparsemax(x, budget=budget), x)
+        (grad,) = vjp(v)
+        p, grad = np.asarray(p), np.asarray(grad)
+        for i, b in enumerate(budgets):
+            # The peer gives nan on a row holding -inf: it sees the live entries only.
+            live = np.isfinite(x[i])
+            xt = _tensor(torch, x[i][live][None], grad=True)
+            peer_p = entmax.budget_bisect(xt, budget=float(b), n_iter=N_ITER)
+            np.testing.assert_allclose(
+                p[i][live], peer_p[0].detach().numpy(), rtol=0, atol=VALUE_TOL, err_msg=kind
+            )
+            assert np.all(p[i][~live] == 0) and np.all(grad[i][~live] == 0)
+            tau = _budget_tau(p[i], x[i])
+            if tau is not None and _kink_distance(x[i], tau, (0, 1)) < 1e-6:
+                continue  # an entry at a breakpoint of clip(z - tau, 0, 1)
+            peer_p.backward(_tensor(torch, v[i][live][None]))
+            np.testing.assert_allclose(
+                grad[i][live], xt.grad.numpy()[0], rtol=GRAD_TOL, atol=GRAD_TOL, err_msg=kind
+            )
+            checked += 1
+    assert checked >= 3 * SHAPE[0]
+
+
+def test_normmax_loss_matches_peer(peer):
+    torch, entmax = peer
+    if not hasattr(entmax.losses, "normmax_bisect_loss"):  # entmax >= 1.3
+        pytest.skip("this entmax package has no normmax_bisect_loss")
+    rng = np.random.default_rng(13)
+    for alpha in (1.5, 2.0, 3.0):
+        z = rng.normal(size=(7, 6)) * 2
+        target = rng.integers(0, 6, size=7)
+        zt = _tensor(torch, z, grad=True)
+        peer_loss = entmax.losses.normmax_bisect_loss(zt, torch.as_tensor(target), alpha, N_ITER)
+        ours, vjp = jax.vjp(lambda z, t=target, a=alpha: losses.normmax_loss(z, t, alpha=a), z)
+        np.testing.assert_allclose(ours, peer_loss.detach().numpy(), rtol=0, atol=VALUE_TOL)
+        w = rng.normal(size=7)
+        peer_loss.backward(_tensor(torch, w))
+        np.testing.assert_allclose(vjp(w)[0], zt.grad.numpy(), rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) Derivatives in alpha and in the budget, against finite differences.
+
+# Parameter values per row at which cases.X_GRAD_NORMMAX / X_GRAD_BUDGET are away from every kink.
+ALPHAS = [np.array([[1.5], [2.5]]), np.array([[2.0], [3.0]])]
+BUDGETS = [
+    np.array([[2.0], [2.5]]),
+    np.array([[3.5], [1.0]]),
+]
+
+
+@pytest.mark.parametrize("alpha", ALPHAS, ids=str)
+def test_normmax_alpha_derivative(alpha):
+    x = cases.X_GRAD_NORMMAX
+    check_grads(lambda a: sm.normmax(x, alpha=a), (alpha,), order=1, modes=("fwd", "rev"))
+    # Jointly with the logits and the temperature.
+    t = np.array([[0.9], [1.1]])
+    check_grads(
+        lambda x, a, t: sm.normmax(x, alpha=a, temperature=t), (x, alpha, t), order=1,
+        modes=("fwd", "rev"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=str)
+def test_budget_derivative(budget):
+    x = cases.X_GRAD_BUDGET
+    check_grads(
+        lambda b: sm.budget_sparsemax(x, budget=b), (budget,), order=1, modes=("fwd", "rev")
+    )
+    # dp/dbudget is 1/|S| on the entries S strictly between 0 and 1, and sums to 1.
+    p = np.asarray(sm.budget_sparsemax(x, budget=budget))
+    d = jax.jacfwd(lambda b: sm.budget_sparsemax(x, budget=b))(budget)[:, :, :, 0]
+    d = np.stack([d[i, :, i] for i in range(2)])
+    free = (p > 0) & (p < 1)
+    np.testing.assert_allclose(d, free / free.sum(-1, keepdims=True), atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS, ids=str)
+def test_normmax_loss_alpha_derivative(alpha):
+    z = cases.X_GRAD_NORMMAX
+    y = np.array([[0.2, 0.5, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    check_grads(
+        lambda a: losses.normmax_loss(z, y, alpha=a), (alpha,), order=1, modes=("fwd", "rev")
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) Edge cases.
+
+
+def test_budget_rows_with_too_few_live_entries_are_nan_and_only_those():
+    x = np.array(
+        [
+            [0.3, -np.inf, -np.inf, -np.inf],  # 1 live entry < budget 2: nan
+            [0.3, 1.0, -0.5, 0.2],
+            [0.3, -np.inf, 1.0, -np.inf],  # exactly 2: ones
+            [-np.inf] * 4,  # fully masked: zeros
+        ]
+    )
+    for f in (lambda x: sm.budget_sparsemax(x, budget=2.0), jax.jit(sm.budget_sparsemax)):
+        p = np.asarray(f(x))
+        assert np.isnan(p[0]).all() and not np.isnan(p[1:]).any()
+        np.testing.assert_allclose(p, reference.budget_sparsemax(x, 2.0), atol=1e-15)
+        np.testing.assert_array_equal(p[2], [1, 0, 1, 0])
+        np.testing.assert_array_equal(p[3], 0)
+    # A per-row budget: each row against its own count.
+    budget = jnp.array([[1.0], [4.5], [2.0], [3.0]])
+    p = np.asarray(sm.budget_sparsemax(x, budget=budget))
+    np.testing.assert_array_equal(p[0], [1, 0, 0, 0])
+    assert np.isnan(p[1]).all()  # 4 entries < 4.5
+    np.testing.assert_array_equal(p[2], [1, 0, 1, 0])
+    np.testing.assert_array_equal(p[3], 0)
+    # Gradients outside the nan row: finite, and zero on a row of ones and on a fully masked row.
+    w = np.arange(4.0)[None]
+    g = np.asarray(jax.grad(lambda x: jnp.nansum(sm.budget_sparsemax(x, budget=2.0) * w))(x))
+    assert np.isfinite(g[1:]).all()
+    np.testing.assert_array_equal(g[2:], 0)
+
+
+@pytest.mark.parametrize("budget", [1.0, 2.0, 3.0])
+def test_budget_exactly_as_many_live_entries_as_the_budget_gives_ones(budget):
+    n = int(budget)
+    x = np.random.default_rng(2).normal(size=(3, 6)) * 5
+    where = np.zeros((3, 6), bool)
+    where[:, :n] = True
+    for b in (budget, jnp.array([budget])):
+        p = np.asarray(sm.budget_sparsemax(x, budget=b, where=where))
+        np.testing.assert_array_equal(p, where.astype(float))
+
+
+def test_budget_one_is_sparsemax():
+    x = np.random.default_rng(3).normal(size=(50, 7)) * 2
+    x[::3, 1] = -np.inf
+    np.testing.assert_array_equal(sm.budget_sparsemax(x, budget=1), sm.sparsemax(x))
+    # An array budget runs the budget solver: the same values and derivatives.
+    general = lambda x: sm.budget_sparsemax(x, budget=jnp.array([1.0]))  # noqa: E731
+    np.testing.assert_allclose(general(x), sm.sparsemax(x), atol=1e-12)
+    np.testing.assert_allclose(general(x), reference.sparsemax(x), atol=1e-12)
+    w = np.random.default_rng(4).normal(size=x.shape)
+    g = jax.grad(lambda x: jnp.sum(general(x) * w))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(sm.sparsemax(x) * w))(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_normmax_near_alpha_one_tends_to_argmax_and_is_finite(dtype):
+    """Unlike entmax, normmax tends to argmax (uniform on tied maxima) as alpha -> 1."""
+    x = np.array([[0.3, 0.1, -2.0, 0.3], [0.3, 0.1, -2.0, 0.25]], dtype)
+    argmax = np.array([[0.5, 0, 0, 0.5], [1, 0, 0, 0]])
+    for alpha in (1.1, 1.01, 1.001, 1 + 1e-6):
+        for a in (alpha, jnp.array([alpha], dtype)):
+            p = np.asarray(sm.normmax(x, alpha=a))
+            assert p.dtype == dtype and np.isfinite(p).all()
+            np.testing.assert_allclose(p.sum(-1), 1, atol=1e-6)
+            if alpha >= 1.001:
+                tol = 1e-12 if dtype == np.float64 else 1e-5
+                np.testing.assert_allclose(p, reference.normmax(x, alpha), atol=tol)
+            g = jax.grad(lambda x, a=a: jnp.sum(sm.normmax(x, alpha=a)[:, 0]))(x)
+            assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(sm.normmax(x, alpha=1.001), argmax, atol=1e-20)
+
+
+@pytest.mark.parametrize(
+    "name, param, values",
+    [
+        ("normmax", "alpha", [2.0, 1.0, 0.5, np.inf, np.nan]),
+        ("budget_sparsemax", "budget", [2.0, 0.0, -1.0, np.inf, np.nan]),
+    ],
+)
+def test_traced_invalid_parameters_give_nan_rows_and_nan_gradients(name, param, values):
+    fn = getattr(sm, name)
+    x = np.random.default_rng(5).normal(size=(5, 6))
+    a = np.array(values)[:, None]
+    w = np.arange(6.0)[None]
+
+    def f(x, a):
+        return fn(x, **{param: a})
+
+    p = np.asarray(jax.jit(f)(x, a))
+    assert np.isnan(p[1:]).all()
+    np.testing.assert_allclose(p[0], fn(x[:1], **{param: values[0]})[0], atol=1e-14)
+    gx, ga = jax.jit(jax.grad(lambda x, a: jnp.sum(f(x, a) * w), argnums=(0, 1)))(x, a)
+    assert np.isnan(np.asarray(gx)[1:]).all() and np.isnan(np.asarray(ga)[1:]).all()
+    assert np.isfinite(np.asarray(gx)[0]).all() and np.isfinite(np.asarray(ga)[0]).all()
+    # A traced scalar: every row.
+    assert np.isnan(jax.jit(f)(x, values[1])).all()
+    # A concrete invalid value is an error naming the argument.
+    with pytest.raises(ValueError, match=rf"{name}: {param} must be finite and > "):
+        f(x, values[1])
+
+
+@pytest.mark.parametrize("name", ["normmax", "budget_sparsemax"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtypes_are_preserved(name, dtype):
+    fn = getattr(sm, name)
+    x = np.random.default_rng(6).normal(size=(4, 7)) * 2
+    xd = jnp.asarray(x, dtype)
+    p = fn(xd)
+    assert p.dtype == dtype
+    expected = fn(np.asarray(xd, np.float32))
+    tol = 2e-6 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(p, np.float32), expected, atol=tol)
+    g = jax.grad(lambda x: jnp.sum(fn(x)[:, 0]).astype(jnp.float32))(xd)
+    assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
+
+
+@pytest.mark.parametrize(
+    "x, budget",
+    [
+        ([-2.6, -2.1, 0.0], 2.0),  # iterates -3.27, -2.6, -3.1: z_1 - tau == 1 there
+        ([-2.6, -2.1, 0.0], jnp.array([2.0])),
+        ([0.5, 1.6, -0.3, 3.0, 2.4], jnp.array([1.0])),  # [0, 0, 0, 1, 0.4], not [.., 0.8, 0.2]
+    ],
+    ids=["static", "array", "array_one"],
+)
+def test_budget_threshold_on_a_breakpoint(x, budget):
+    x = np.array(x)
+    p = np.asarray(sm.budget_sparsemax(x, budget=budget))
+    b = float(np.ravel(budget)[0])
+    np.testing.assert_allclose(p, reference.budget_sparsemax(x, b), atol=1e-12)
+    assert reference.budget_kkt_residual(p, x, b) < 1e-12
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, jnp.array([3.0])], ids=str)
+@pytest.mark.parametrize("how", ["-inf", "where"])
+def test_normmax_fully_masked_rows_are_zeros(alpha, how):
+    x = np.array([[0.5, -1.0, 0.2], [0.3, 1.0, -0.5]])
+    where = np.array([[False] * 3, [True] * 3])
+    if how == "-inf":
+        x, where = np.where(where, x, -np.inf), None
+    p = np.asarray(sm.normmax(x, alpha=alpha, where=where))
+    np.testing.assert_allclose(p[1], reference.normmax(x[1], float(np.ravel(alpha)[0])), atol=1e-12)
+    np.testing.assert_array_equal(p[0], 0)
+    g = jax.grad(lambda x: jnp.sum(sm.normmax(x, alpha=alpha, where=where) * np.arange(3.0)[None]))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0], 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) The budget sparsemax loss.
+
+Z = np.random.default_rng(7).normal(size=(6, 5)) * 2
+MULTI_HOT = np.array(
+    [
+        [1, 1, 0, 0, 0],
+        [0, 1, 0, 1, 0],
+        [0, 0, 1, 0, 1],
+        [1, 0, 0, 0, 1],
+        [0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1],
+    ],
+    np.float64,
+)
+
+
+@pytest.mark.parametrize("budget", [2.0, "array"])
+def test_budget_loss_fenchel_young_properties(budget):
+    if budget == "array":
+        budget = jnp.array([[2.0]] * 6)
+    loss = lambda z, y: losses.budget_sparsemax_loss(z, y, budget=budget)  # noqa: E731
+    p = np.asarray(sm.budget_sparsemax(Z, budget=budget))
+    np.testing.assert_allclose(loss(Z, p), 0, atol=1e-12)  # zero at the prediction
+    values = np.asarray(loss(Z, MULTI_HOT))
+    assert (values > 0).all()
+    np.testing.assert_allclose(values, reference.budget_loss(Z, MULTI_HOT, 2.0), atol=1e-12)
+    soft = reference.budget_sparsemax(np.random.default_rng(8).normal(size=Z.shape) * 3, 2.0)
+    assert (np.asarray(loss(Z, soft)) >= 0).all()
+    for y in (MULTI_HOT, soft):  # gradient p - y
+        g = jax.grad(lambda z, y=y: jnp.sum(loss(z, y)))(Z)
+        np.testing.assert_allclose(g, p - y, atol=1e-12)
+
+
+def test_budget_loss_label_errors():
+    with pytest.raises(TypeError, match=r"budget_sparsemax_loss: labels must be multi-hot or soft"):
+        losses.budget_sparsemax_loss(Z, np.array([0, 1, 2, 3, 4, 0]))
+    off = MULTI_HOT.copy()
+    off[2, 0] = 1  # sums to 3
+    with pytest.raises(ValueError, match=r"labels must sum to the budget along axis 1 .* got sums"):
+        losses.budget_sparsemax_loss(Z, off, budget=2.0)
+    over = MULTI_HOT.copy()
+    over[0] = [2, 0, 0, 0, 0]  # sums to 2, but an entry above 1
+    with pytest.raises(ValueError, match=r"target labels must be <= 1, got \[2.\]"):
+        losses.budget_sparsemax_loss(Z, over)
+    # Traced labels cannot be checked: nan for that example only.
+    out = np.asarray(jax.jit(losses.budget_sparsemax_loss)(Z, off))
+    assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
+    # A per-row budget that the labels match.
+    budget = MULTI_HOT.sum(-1, keepdims=True) + np.eye(6, 1)  # row 0: 3
+    y = MULTI_HOT.copy()
+    y[0, 2] = 1
+    np.testing.assert_allclose(
+        losses.budget_sparsemax_loss(Z, y, budget=budget),
+        reference.budget_loss(Z, y, budget),
+        atol=1e-12,
+    )
+
+
+def test_budget_loss_checks_labels_known_at_trace_time_under_jit():
+    off = MULTI_HOT.copy()
+    off[2, 0] = 1  # sums to 3
+    with pytest.raises(ValueError, match=r"labels must sum to the budget along axis 1"):
+        jax.jit(lambda z: losses.budget_sparsemax_loss(z, off, budget=2.0))(Z)
