@@ -385,7 +385,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         out=args.out,
         shapes=shapes,
         dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
-        variants=common.split_specs(args.variants),
+        variants=tuple(filter(None, (v.strip() for v in args.variants.split(",")))),
         repeats=args.repeats,
         force=args.force,
         quick=args.quick,

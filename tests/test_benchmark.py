@@ -117,3 +117,8 @@ def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, m
     assert exit_.value.code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_variant_names_with_parameters_are_split_on_commas():
+    config, _ = benchmark.parse_args(["--variants", "softmax T=0.5,entmax a=1.25,sparsemax"])
+    assert config.variants == ("softmax T=0.5", "entmax a=1.25", "sparsemax")

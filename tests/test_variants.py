@@ -350,7 +350,9 @@ def test_normmax_fully_masked_rows_are_zeros(alpha, how):
     p = np.asarray(sm.normmax(x, alpha=alpha, where=where))
     np.testing.assert_allclose(p[1], reference.normmax(x[1], float(np.ravel(alpha)[0])), atol=1e-12)
     np.testing.assert_array_equal(p[0], 0)
-    g = jax.grad(lambda x: jnp.sum(sm.normmax(x, alpha=alpha, where=where) * np.arange(3.0)[None]))(x)
+    g = jax.grad(lambda x: jnp.sum(sm.normmax(x, alpha=alpha, where=where) * np.arange(3.0)[None]))(
+        x
+    )
     np.testing.assert_array_equal(np.asarray(g)[0], 0)
 
 
