@@ -228,7 +228,7 @@ def _fenchel_young_loss(
             f"{name}: label_smoothing must be a number in [0, 1), got {label_smoothing!r}."
         )
     table = _variants.VARIANTS[variant]
-    total = None
+    total: Any = None
     if table.label_sum is not None:
         # The labels' total (budget): fixed by the labels, so it is not differentiated here.
         raw = values.get(table.label_sum, table.params[0].default)
