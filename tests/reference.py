@@ -266,6 +266,13 @@ def normmax_jacobian(p_row, alpha):
     return c * (np.diag(g) - np.outer(g, p) - np.outer(p, g) + g.sum() * np.outer(p, p))
 
 
+def normmax_tau(p, z, alpha):
+    """A row's normmax threshold from its output: mean of z - (p / ||p||_alpha)^(alpha - 1)."""
+    on = p > 0
+    norm = np.sum(p**alpha) ** (1 / alpha)
+    return np.mean(z[on] - (p[on] / norm) ** (alpha - 1))
+
+
 def normmax_kkt_residual(p, z, alpha):
     """Largest violation of the KKT conditions of normmax, rows along the last axis.
 
