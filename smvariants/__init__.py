@@ -7,6 +7,7 @@ Normalizers map logits to probability vectors along an axis: :func:`softmax`,
 entropy statistics, and :mod:`smvariants.registry` looks variants up by name.
 """
 
+from smvariants import attention
 from smvariants import losses
 from smvariants import registry
 from smvariants import stats
@@ -21,6 +22,7 @@ from smvariants._normalizers import sparsemax
 __version__ = "0.1.0"
 
 __all__ = (
+    "attention",
     "budget_sparsemax",
     "entmax",
     "entmax15",
