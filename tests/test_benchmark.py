@@ -89,7 +89,7 @@ def test_quick_run(tmp_path):
     shown = [float(v) for v in compiles.strip("| ").split("|")[1:]]
     expected = [pick("compile_s", "entmax15", s, m) for s, m in shapes_modes]
     np.testing.assert_allclose(shown, expected, atol=0.006)
-    assert "Slowest compile:" in done.stdout and "of 8 compiles of the variants" in done.stdout
+    assert "Slowest compile:" in done.stdout and "of 8 compiles of our variants" in done.stdout
     again = run_script(*args)
     assert again.returncode == 2 and "already holds results" in again.stderr
 
