@@ -1,12 +1,18 @@
 """The backend seam: what is tuned for one XLA backend, chosen with ``lax.platform_dependent``.
 
-Everything here has a plain XLA default (taken on GPU and TPU, and shown by a lowering for
-``("cuda",)`` or ``("tpu",)``) and, where measurement found one, a CPU-only variant. The solvers
-call these helpers and never test the platform themselves. The Pallas GPU kernels of the speed
-issue plug in here too, as ``cuda=`` branches.
+Everything here has a plain XLA default (taken on TPU, and shown by a lowering for ``("tpu",)``),
+where measurement found one a CPU-only variant, and for the iterative variants a Pallas kernel
+on NVIDIA GPUs (:func:`gpu_kernel`, :mod:`smvariants._pallas`). The solvers call these helpers
+and never test the platform themselves. Inside a kernel's body (:func:`kernel_body`) there is
+one target only, so the helpers take their in-kernel form there without a ``platform_dependent``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +20,24 @@ from jax import lax
 
 # Rows up to this length take the CPU's matrix-vector row sum (see ``row_sum``).
 _CPU_DOT_MAX = 64
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def kernel_body() -> Iterator[None]:
+    """While tracing a Pallas kernel's body: the helpers below take their in-kernel form."""
+    depth = getattr(_tracing, "kernel", 0)
+    _tracing.kernel = depth + 1
+    try:
+        yield
+    finally:
+        _tracing.kernel = depth
+
+
+def in_kernel() -> bool:
+    """True while a Pallas kernel's body is traced (one target there: no ``platform_dependent``)."""
+    return getattr(_tracing, "kernel", 0) > 0
 
 
 def row_sum(a: jax.Array, axis: int) -> jax.Array:
@@ -29,7 +53,7 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
     def plain(a):
         return jnp.sum(a, axis=axis, keepdims=True)
 
-    if a.shape[axis] > _CPU_DOT_MAX:
+    if a.shape[axis] > _CPU_DOT_MAX or in_kernel():
         return plain(a)
 
     def on_cpu(a):
@@ -40,6 +64,15 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
         )
 
     return lax.platform_dependent(a, cpu=on_cpu, default=plain)
+
+
+def gpu_kernel(kernel: Callable[..., jax.Array], default: Callable[..., jax.Array], *operands):
+    """``kernel(*operands)`` on an NVIDIA GPU (a Pallas kernel), ``default(*operands)`` elsewhere.
+
+    Both must give the same result up to rounding. A lowering for ``("cuda",)`` shows the kernel's
+    custom call and none of ``default``'s loops.
+    """
+    return lax.platform_dependent(*operands, cuda=kernel, default=default)
 
 
 def own_buffer(x: jax.Array) -> jax.Array:

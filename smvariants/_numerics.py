@@ -11,6 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from smvariants import _backend
+
 
 def reduced_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     """``shape`` with ``axis`` kept as size 1: the shape of one value per row."""
@@ -59,10 +61,25 @@ def accurate_sum(a: jax.Array, axis: int) -> jax.Array:
     ``n eps^2`` relative, instead of the ``n eps`` of a sequential float32 sum (``1 - 1e-3`` for
     128000 equal terms), and it does not depend on how XLA orders or blocks the reduction, so a
     row's result does not depend on the other rows of the batch.
+
+    Inside a Pallas kernel (which has no variadic reduction) it is the kernel's own tree sum of a
+    row held on chip: ``log2(n)`` roundings deep, and also independent of the other rows.
     """
+    if _backend.in_kernel():
+        return jnp.sum(a, axis=axis, keepdims=True)
     zero = jnp.zeros((), a.dtype)
     s, c = jax.lax.reduce((a, jnp.zeros_like(a)), (zero, zero), _compensated_add, (axis,))
     return jnp.expand_dims(s + c, axis)
+
+
+def any_true(b: jax.Array) -> jax.Array:
+    """``jnp.any(b)`` as a maximum, which Pallas kernels lower (they have no ``reduce_or``)."""
+    return jnp.max(jnp.where(b, 1, 0)) > 0
+
+
+def all_true(b: jax.Array) -> jax.Array:
+    """``jnp.all(b)`` as a minimum, which Pallas kernels lower (they have no ``reduce_and``)."""
+    return jnp.min(jnp.where(b, 1, 0)) > 0
 
 
 def expm1_ratio(x: jax.Array) -> jax.Array:

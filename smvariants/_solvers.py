@@ -30,6 +30,8 @@ from jax import lax
 
 from smvariants import _backend
 from smvariants._numerics import accurate_sum
+from smvariants._numerics import all_true
+from smvariants._numerics import any_true
 from smvariants._numerics import log1p_ratio
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
@@ -75,7 +77,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 
     def cond(state):
         tau, k, k_prev = state
-        return jnp.any((k != k_prev) & ~jnp.isnan(k))  # a nan row is done: its output is nan
+        return any_true((k != k_prev) & ~jnp.isnan(k))  # a nan row is done: its output is nan
 
     def body(state):
         tau, k, _ = state
@@ -185,7 +187,7 @@ def entmax_theta(
         # (nan rows and fully masked rows keep their value without holding up the batch).
         done = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
         done = done | (n == 0)
-        return new, lo, hi, h, jnp.all(done), it + 1
+        return new, lo, hi, h, all_true(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
@@ -320,7 +322,7 @@ def normmax_threshold(
         new = jnp.clip(tau + step, tau, hi)  # monotone, in the bracket
         new = jnp.where(jnp.isnan(step), jnp.nan, new)
         done = _converged(new, tau) | jnp.isnan(new) | (n == 0)
-        return new, jnp.all(done), it + 1
+        return new, all_true(done), it + 1
 
     def cond(state):
         _, all_done, it = state
@@ -409,7 +411,7 @@ def budget_threshold(
         # Done: tau + step is the root, on tau's piece (or at its edge); the closed form below
         # takes the pieces at the root itself, which is exact whichever side of an edge it is.
         new = jnp.where(done, jnp.where(f == 0, tau, newton), new)
-        return new, lo, f_lo, hi, f_hi, side, jnp.all(done), it + 1
+        return new, lo, f_lo, hi, f_hi, side, all_true(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
@@ -493,7 +495,16 @@ def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Arra
     another is off by an ulp of ``x / T``: catastrophic for a small ``T``).
     """
     z = x - m
-    return z if temperature is None else z / temperature
+    if temperature is None:
+        return z
+    if _backend.in_kernel():
+        # In a kernel a row's z is recomputed wherever it is used, and a division may be
+        # rewritten as a product with the reciprocal in some places only (XLA does so in the
+        # interpreted kernel): z must have the same bits everywhere, or a support test can
+        # contradict the sum it is checked against. The reciprocal, once, serves every use.
+        inverse = 1 / temperature
+        return jnp.where(jnp.isinf(inverse), z / temperature, z * inverse)
+    return z / temperature
 
 
 def max_and_threshold(x, temperature, axis, solve, in_support, params=()):

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from smvariants import _args
+from smvariants import _backend
+from smvariants import _pallas
 from smvariants import _solvers
 from smvariants._numerics import expm1_ratio
 from smvariants._numerics import psi
@@ -386,9 +388,13 @@ def merge_params(arrays: tuple, statics: tuple) -> tuple:
     return tuple(next(it) if s is None else s for s in statics)
 
 
-def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
-    """``v`` applied to ``x / t``: the threshold of each row, then the output."""
-    if v.reduce_rows:
+def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int):
+    """``v`` applied to ``x / t``: the threshold of each row, then the output.
+
+    Long rows take the block reduction of :func:`_solvers.max_and_threshold`, except inside a
+    Pallas kernel, where the rows are on chip and solved directly.
+    """
+    if v.reduce_rows and not _backend.in_kernel():
         m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
     else:
         m = _solvers.row_max(x, axis)
@@ -399,6 +405,56 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
         top = m / t
         p = jnp.where(top == jnp.inf, jnp.nan, jnp.where(top == -jnp.inf, 0, p))
     return p
+
+
+def kernel_forward(
+    v: Variant,
+    x: jax.Array,
+    t: jax.Array | None,
+    params: tuple,
+    axis: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`forward` in a Pallas kernel, rows on chip (``interpret``: on any backend)."""
+    statics = tuple(None if isinstance(p, jax.Array) else p for p in params)
+    arrays = [p for p in params if isinstance(p, jax.Array)]
+    # Padding rows get valid parameters: temperature 1, each parameter's default.
+    fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
+    per_row = arrays if t is None else [t, *arrays]
+    fills = fills if t is None else [1.0, *fills]
+
+    def rows_fn(x, *per_row):
+        t_rows, arrays = (None, per_row) if t is None else (per_row[0], per_row[1:])
+        return _xla_forward(v, x, t_rows, merge_params(tuple(arrays), statics), 1)
+
+    return _pallas.rows_forward(rows_fn, x, per_row, fills, axis, interpret)
+
+
+def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
+    """``v`` applied to ``x / t``; on NVIDIA GPUs in one Pallas kernel where the rows fit.
+
+    softmax stays on XLA's own fused softmax on every backend.
+    """
+    if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
+        return _xla_forward(v, x, t, params, axis)
+    arrays = tuple(p for p in params if isinstance(p, jax.Array))
+    statics = tuple(None if isinstance(p, jax.Array) else p for p in params)
+    operands = (x, *arrays) if t is None else (x, t, *arrays)
+
+    def unpack(operands):
+        x, *rest = operands
+        t_, arrays = (None, rest) if t is None else (rest[0], rest[1:])
+        return x, t_, merge_params(tuple(arrays), statics)
+
+    def on_gpu(*operands):
+        x, t_, params = unpack(operands)
+        return kernel_forward(v, x, t_, params, axis)
+
+    def elsewhere(*operands):
+        x, t_, params = unpack(operands)
+        return _xla_forward(v, x, t_, params, axis)
+
+    return _backend.gpu_kernel(on_gpu, elsewhere, *operands)
 
 
 def make_core(v: Variant) -> Callable[..., jax.Array]:

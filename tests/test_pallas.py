@@ -1,0 +1,120 @@
+"""The Pallas GPU kernels (_pallas.py), run on the CPU in Pallas' interpret mode.
+
+On a GPU the backend seam gives every iterative variant's forward pass to one kernel. Here the
+``kernels`` fixture makes the seam take that branch on the CPU too, in interpret mode, so the
+public functions run exactly the kernel's program (its masked loads, its padding to powers of
+two, its blocks of rows, the in-kernel forms of the sums) and are checked against the float64
+references on random and adversarial rows.
+"""
+
+import functools
+
+import cases
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smvariants import _backend
+from smvariants import _pallas
+from smvariants import _variants
+
+KERNEL_CASES = [c for c in cases.CASES if c.variant.reduce_rows]
+each_case = cases.each(KERNEL_CASES)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The seam takes the GPU branch on every backend, the kernels in interpret mode."""
+    monkeypatch.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: kernel(*ops))
+    monkeypatch.setattr(
+        _variants, "kernel_forward", functools.partial(_variants.kernel_forward, interpret=True)
+    )
+    jax.clear_caches()  # the cores are jitted: nothing traced before may be reused
+    yield
+    jax.clear_caches()
+
+
+def test_softmax_is_the_only_variant_without_a_kernel():
+    assert {c.name for c in KERNEL_CASES} == set(_variants.VARIANTS) - {"softmax"}
+
+
+def _rows(shape, rng):
+    """Logits with a mask: rows of every kind in turn (random, tied, huge, offset by 1e3, with
+    -inf entries, fully masked, with a nan)."""
+    x = rng.normal(size=shape) * 3
+    where = rng.random(shape) > 0.3
+    where[:, 0] = True
+    for i in range(shape[0]):
+        kind = i % 7
+        if kind == 1:
+            x[i] = rng.choice([-1.0, 0.0, 0.5, 2.0], size=shape[1])
+        elif kind == 2:
+            x[i] = rng.uniform(-1e4, 1e4, size=shape[1])
+        elif kind == 3:
+            x[i] += 1e3
+        elif kind == 4:
+            x[i, rng.random(shape[1]) < 0.2] = -np.inf
+        elif kind == 5:
+            where[i] = False  # zeros
+        elif kind == 6:
+            x[i, shape[1] // 2] = np.nan  # that row nan (if unmasked), the others untouched
+    return x, where
+
+
+def _check(case, x, where, temperature, dtype):
+    p = np.asarray(case.ours(jnp.asarray(x, dtype), where=where, temperature=temperature))
+    ref = case.ref(x.astype(dtype).astype(np.float64), where=where, temperature=temperature)
+    live = np.isfinite(x) & where
+    bad = np.isnan(np.where(where, x, 0)).any(-1) | case.too_short(live)
+    assert np.isnan(p[bad]).all()
+    tol = 2e-6 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(p[~bad], ref[~bad], rtol=tol, atol=tol)
+
+
+# One case of each variant, for the shapes that cost a compilation each.
+FIRST_CASES = [c for c in KERNEL_CASES if c is next(d for d in KERNEL_CASES if d.name == c.name)]
+
+
+@each_case
+def test_kernel_matches_the_reference(case, kernels):
+    """70 rows in blocks of 32 (a partial last block) of 100 entries (padded to 128), float32,
+    one temperature per row."""
+    rng = np.random.default_rng(0)
+    x, where = _rows((70, 100), rng)
+    temperature = jnp.asarray(rng.uniform(0.2, 3.0, size=(70, 1)), jnp.float32)
+    _check(case, x, where, temperature, np.float32)
+
+
+@cases.each(FIRST_CASES)
+def test_kernel_in_float64(case, kernels):
+    x, where = _rows((14, 33), np.random.default_rng(1))
+    _check(case, x, where, 0.5, np.float64)
+
+
+@cases.each(FIRST_CASES)
+@pytest.mark.parametrize("shape", [(5, 1), (7, 3000)])
+def test_kernel_on_rows_of_length_1_and_long_rows(case, shape, kernels):
+    x, where = _rows(shape, np.random.default_rng(2))
+    _check(case, x, where, 1.0, np.float32)
+
+
+@cases.each(FIRST_CASES)
+def test_kernel_keeps_the_hand_written_derivatives(case, kernels):
+    """The kernel is the forward pass only: gradients come from the variant's rule, as before."""
+    x = jnp.asarray(case.grad_point, jnp.float64)
+    on_kernel = jax.jacrev(lambda x: case.ours(x))(x)
+    jax.clear_caches()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: default(*ops))
+        plain = jax.jacrev(lambda x: case.ours(x))(x)
+    jax.clear_caches()
+    np.testing.assert_allclose(on_kernel, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_layout_packs_short_rows_and_pads_to_powers_of_two():
+    assert _pallas._layout(4096, 32) == (32, 128, 4)  # 128 rows of 32 in one program
+    assert _pallas._layout(3, 1000) == (1024, 4, 4)  # no more rows than there are (rounded up)
+    assert _pallas._layout(10, 32000) == (32768, 1, 32)
+    assert _pallas.fits((4, _pallas.MAX_COLUMNS), 1)
+    assert not _pallas.fits((4, _pallas.MAX_COLUMNS + 1), 1) and not _pallas.fits((0, 5), 1)
