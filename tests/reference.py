@@ -426,3 +426,99 @@ def budget_kkt_residual(p, z, budget):
         hi = min((zr[one] - 1).min(initial=np.inf), np.min(zr[frac] - pr[frac], initial=np.inf))
         worst = max(worst, lo - hi)
     return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: jax.nn.dot_product_attention's layout, alpha-entmax over the keys, float64.
+
+
+def attention_weights(
+    q,
+    k,
+    bias=None,
+    mask=None,
+    alpha=1.5,
+    scale=None,
+    is_causal=False,
+    q_lengths=None,
+    kv_lengths=None,
+    window=None,
+):
+    """``[B, N, T, S]`` weights: query head ``n`` uses key head ``n // (N // K)``."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, t, n, h = q.shape
+    s, heads = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(h) if scale is None else scale
+    kk = np.repeat(k, n // heads, axis=2)
+    z = np.einsum("btnh,bsnh->bnts", q, kk) * scale
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)
+    live = np.ones(z.shape, bool)
+    if mask is not None:
+        live &= np.asarray(mask, bool)
+    i, j = np.arange(t)[:, None], np.arange(s)[None, :]
+    if is_causal:
+        live &= j <= i
+    if window is not None:
+        left, right = (window, window) if np.ndim(window) == 0 else window
+        live &= (i <= j + left) & (i >= j - right)
+    if q_lengths is not None:
+        live &= (np.arange(t)[None, :] < np.asarray(q_lengths)[:, None])[:, None, :, None]
+    if kv_lengths is not None:
+        live &= (np.arange(s)[None, :] < np.asarray(kv_lengths)[:, None])[:, None, None, :]
+    alpha = np.asarray(alpha, np.float64)
+    alpha = alpha.reshape(1, n, 1, 1) if alpha.ndim == 1 else alpha
+    return entmax(z, alpha, axis=-1, where=live)
+
+
+def attention(q, k, v, bias=None, mask=None, alpha=1.5, **kwargs):
+    """``[B, T, N, H]`` output of alpha-entmax attention (fully masked rows: zeros)."""
+    p = attention_weights(q, k, bias, mask, alpha, **kwargs)
+    v = np.asarray(v, np.float64)
+    vv = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    return np.einsum("bnts,bsnh->btnh", p, vv)
+
+
+def attention_vjp(d_out, q, k, v, bias=None, mask=None, alpha=1.5, **kwargs):
+    """Gradients of ``sum(d_out * attention(...))`` in q, k, v, bias (and a per-head alpha).
+
+    q, k, v, bias: the Jacobian of alpha-entmax, ``diag(g) - g g^T / sum(g)`` with
+    ``g = p^(2 - alpha)`` on the support; alpha: central differences of :func:`attention`.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    d_out = np.asarray(d_out, np.float64)
+    n, heads = q.shape[2], k.shape[2]
+    group = n // heads
+    scale = kwargs.get("scale")
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    p = attention_weights(q, k, bias, mask, alpha, **kwargs)
+    kk, vv = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    a = np.broadcast_to(np.asarray(alpha, np.float64), (n,)).reshape(1, n, 1, 1)
+    on = p > 0
+    g = np.where(on, np.exp((2 - a) * np.log(np.where(on, p, 1))), 0)
+    d_p = np.einsum("btnh,bsnh->bnts", d_out, vv)
+    gs = g.sum(-1, keepdims=True)
+    ds = g * d_p - g * (g * d_p).sum(-1, keepdims=True) / np.where(gs > 0, gs, 1)
+    dq = np.einsum("bnts,bsnh->btnh", ds, kk) * scale
+    dkk = np.einsum("bnts,btnh->bsnh", ds, q) * scale
+    dvv = np.einsum("bnts,btnh->bsnh", p, d_out)
+    b, s, _, h = k.shape
+    dk = dkk.reshape(b, s, heads, group, h).sum(3)
+    dv = dvv.reshape(b, s, heads, group, h).sum(3)
+    grads = {"query": dq, "key": dk, "value": dv}
+    if bias is not None:
+        bias = np.asarray(bias)
+        axes = tuple(i for i in range(4) if bias.shape[i] == 1 and ds.shape[i] != 1)
+        grads["bias"] = ds.sum(axis=axes, keepdims=True)
+    if np.ndim(alpha) == 1:
+        step = 1e-6
+        d_alpha = np.zeros(n)
+        for head in range(n):
+            up, down = np.array(alpha, np.float64), np.array(alpha, np.float64)
+            up[head] += step
+            down[head] -= step
+            diff = attention(q, k, v, bias, mask, up, **kwargs)
+            diff = diff - attention(q, k, v, bias, mask, down, **kwargs)
+            d_alpha[head] = np.sum(d_out * diff) / (2 * step)
+        grads["alpha"] = d_alpha
+    return grads

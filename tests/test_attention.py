@@ -1,0 +1,404 @@
+"""smvariants.attention: values and gradients vs a float64 NumPy reference and between the
+implementations, jax.nn.dot_product_attention at alpha = 1, errors, memory, the NNX example."""
+
+import functools
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from smvariants import _attention
+from smvariants import attention
+
+import reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> (B, T, S, N, K, H) and keyword arguments (masks are built by make_case).
+CASES = {
+    "random": ((2, 7, 11, 2, 2, 4), {}),
+    "masked": ((2, 6, 9, 2, 2, 4), {"mask": True}),
+    "causal": ((1, 9, 9, 2, 2, 4), {"is_causal": True}),
+    "grouped": ((2, 5, 8, 4, 2, 4), {"bias": True}),
+    "multi_query": ((1, 5, 8, 3, 1, 4), {"is_causal": True}),
+    "window": ((1, 10, 10, 2, 2, 4), {"local_window_size": (2, 1)}),
+    "lengths": ((2, 6, 9, 2, 2, 4), {"query_seq_lengths": True, "key_value_seq_lengths": True}),
+    "fully_masked": ((2, 5, 7, 2, 1, 4), {"mask": True, "key_value_seq_lengths": True}),
+}
+
+
+def make_case(name, dtype=np.float32, seed=0):
+    """(q, k, v, kwargs for attention, kwargs for the reference)."""
+    (b, t, s, n, k_heads, h), spec = CASES[name]
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, t, n, h)).astype(dtype)
+    k = rng.normal(size=(b, s, k_heads, h)).astype(dtype)
+    v = rng.normal(size=(b, s, k_heads, h)).astype(dtype)
+    kwargs, ref = {}, {}
+    if spec.get("mask"):
+        mask = rng.uniform(size=(b, 1, t, s)) > 0.3
+        mask[0, 0, 1] = False  # a fully masked query row
+        kwargs["mask"] = ref["mask"] = mask
+    if spec.get("bias"):
+        bias = rng.normal(size=(1, n, t, s)).astype(dtype)
+        bias[0, :, 0, :3] = -np.inf  # -inf bias entries act as masked keys
+        kwargs["bias"] = ref["bias"] = bias
+    if spec.get("is_causal"):
+        kwargs["is_causal"] = ref["is_causal"] = True
+    if "local_window_size" in spec:
+        kwargs["local_window_size"] = ref["window"] = spec["local_window_size"]
+    if spec.get("query_seq_lengths"):
+        kwargs["query_seq_lengths"] = ref["q_lengths"] = np.array([t, t - 2], np.int32)[:b]
+    if spec.get("key_value_seq_lengths"):
+        lengths = np.array([s, 0] if name == "fully_masked" else [s - 3, s], np.int32)[:b]
+        kwargs["key_value_seq_lengths"] = ref["kv_lengths"] = lengths
+    return q, k, v, kwargs, ref
+
+
+def per_head_alpha(n):
+    # Up to 1.8: closer to 2 (not at 2), g = p^(2 - alpha) is steep at the edge of the support,
+    # so one ulp of a threshold moves the gradient by several 1e-6 in float32 in both
+    # implementations (alpha = 2 itself, sparsemax, is tested as a static alpha).
+    return np.linspace(1.1, 1.8, n).astype(np.float32)
+
+
+def use(implementation, monkeypatch):
+    """The implementation name to pass; "chunked_small" is "chunked" with chunks of 3 keys and 2
+    candidates, so that rows span several chunks and most certificates fail (the Newton fallback
+    runs); "chunked" alone has one chunk of up to 256 keys."""
+    if implementation == "chunked_small":
+        monkeypatch.setattr(_attention, "CHUNK", 3)
+        monkeypatch.setattr(_attention, "CANDIDATES", 2)
+        return "chunked"
+    return implementation
+
+
+@pytest.fixture(params=["xla", "chunked_small"])
+def implementation(request, monkeypatch):
+    return use(request.param, monkeypatch)
+
+
+def assert_close(actual, expected, tol=1e-6, what=""):
+    """|actual - expected| <= tol * max(1, max |expected|), nan where expected is nan."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    bound = tol * max(1.0, float(np.max(np.abs(expected), initial=0)))
+    assert np.max(np.abs(actual - expected), initial=0) <= bound, (
+        what,
+        np.max(np.abs(actual - expected)),
+    )
+
+
+def value_and_grads(q, k, v, kwargs, alpha, implementation, d_out):
+    """Output and the gradients of sum(d_out * output) in q, k, v, bias and an array alpha."""
+    names = ["query", "key", "value"] + (["bias"] if "bias" in kwargs else [])
+    learned = not isinstance(alpha, float)
+    rest = {key: value for key, value in kwargs.items() if key != "bias"}
+
+    def f(q, k, v, bias, alpha):
+        return attention.dot_product_attention(
+            q, k, v, bias, alpha=alpha, implementation=implementation, **rest
+        )
+
+    argnums = tuple(range(len(names))) + ((4,) if learned else ())
+
+    @jax.jit  # one compilation (eager dispatch of the loops costs more)
+    def value_and_grad(q, k, v, bias, alpha_array):
+        a = alpha if alpha_array is None else alpha_array  # a float stays static
+        out, vjp = jax.vjp(lambda q, k, v, b, a: f(q, k, v, b, a), q, k, v, bias, a)
+        grads = vjp(jnp.asarray(d_out, out.dtype))
+        return out, [grads[i] for i in argnums]
+
+    out, grads = value_and_grad(q, k, v, kwargs.get("bias"), None if not learned else alpha)
+    return out, dict(zip(names + (["alpha"] if learned else []), grads, strict=True))
+
+
+# (case, alpha, implementation): every case with a learned per-head alpha (the general path),
+# every static alpha (softmax, entmax15, sparsemax, general) on a masked and on a grouped case with
+# a bias, the one-chunk chunked path on two. Each is one compilation, so the list is kept short.
+REFERENCE_RUNS = (
+    [(case, "per_head", impl) for case in CASES for impl in ("xla", "chunked_small")]
+    + [
+        (case, alpha, impl)
+        for case in ("masked", "grouped")
+        for alpha in (1.0, 1.5, 2.0, 1.3)
+        for impl in ("xla", "chunked_small")
+    ]
+    + [("lengths", 1.5, "chunked"), ("causal", "per_head", "chunked")]
+)
+
+
+@pytest.mark.parametrize(("case", "alpha", "implementation"), REFERENCE_RUNS)
+def test_values_and_gradients_match_the_float64_reference(case, alpha, implementation, monkeypatch):
+    implementation = use(implementation, monkeypatch)
+    q, k, v, kwargs, ref_kwargs = make_case(case)
+    if alpha == "per_head":
+        alpha = per_head_alpha(q.shape[2])
+    d_out = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+    out, grads = value_and_grads(q, k, v, kwargs, alpha, implementation, d_out)
+    assert out.dtype == jnp.float32
+    expected = reference.attention(q, k, v, alpha=alpha, **ref_kwargs)
+    assert_close(out, expected, what="output")
+    expected_grads = reference.attention_vjp(d_out, q, k, v, alpha=alpha, **ref_kwargs)
+    assert sorted(grads) == sorted(expected_grads)
+    for name, grad in grads.items():
+        # Gradients sum over rows of float32 products: a few units of 1e-6 of their scale.
+        assert_close(grad, expected_grads[name], tol=3e-6, what=name)
+
+
+@pytest.mark.parametrize(("case", "alpha"), [("grouped", 1.5), ("lengths", "per_head")])
+def test_chunked_matches_xla(case, alpha, monkeypatch):
+    q, k, v, kwargs, _ = make_case(case, seed=3)
+    if alpha == "per_head":
+        alpha = per_head_alpha(q.shape[2])
+    d_out = np.random.default_rng(2).normal(size=q.shape).astype(np.float32)
+    out, grads = value_and_grads(q, k, v, kwargs, alpha, "xla", d_out)
+    monkeypatch.setattr(_attention, "CHUNK", 4)
+    monkeypatch.setattr(_attention, "CANDIDATES", 3)
+    out_c, grads_c = value_and_grads(q, k, v, kwargs, alpha, "chunked", d_out)
+    assert_close(out_c, out)
+    for name in grads:
+        assert_close(grads_c[name], grads[name], tol=3e-6, what=name)
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradient(implementation):
+    q, k, v, kwargs, _ = make_case("fully_masked")
+    d_out = np.ones(q.shape, np.float32)
+    out, grads = value_and_grads(q, k, v, kwargs, per_head_alpha(2), implementation, d_out)
+    assert np.all(np.asarray(out)[1] == 0)  # batch 1 has no keys
+    assert np.all(np.asarray(out)[0, 1] == 0)  # query row 1 of batch 0 is masked
+    assert np.all(np.isfinite(np.asarray(grads["query"])))
+    assert np.all(np.asarray(grads["query"])[1] == 0) and np.all(np.asarray(grads["key"])[1] == 0)
+    w = attention.attention_weights(q, k, alpha=1.5, **kwargs)
+    assert np.all(np.asarray(w)[1] == 0) and np.all(np.asarray(w)[0, :, 1] == 0)
+
+
+@pytest.mark.parametrize("case", ["masked", "grouped", "multi_query", "window", "lengths"])
+def test_alpha_one_is_jax_nn_dot_product_attention(case, implementation):
+    q, k, v, kwargs, _ = make_case(case, seed=5)
+    if case == "masked":
+        kwargs["mask"][0, 0, 1, 0] = True  # jax.nn averages the values of a fully masked row
+    with jax.numpy_dtype_promotion("standard"):  # jax.nn mixes int32 lengths with int64 ranges
+        expected = jax.nn.dot_product_attention(q, k, v, **kwargs)
+    actual = attention.dot_product_attention(
+        q, k, v, alpha=1.0, implementation=implementation, **kwargs
+    )
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 1.3])
+def test_weights_are_the_reference_and_sparse(alpha):
+    q, k, _, kwargs, ref_kwargs = make_case("grouped")
+    w = attention.attention_weights(q, k, alpha=alpha, **kwargs)
+    expected = reference.attention_weights(q, k, alpha=alpha, **ref_kwargs)
+    assert w.shape == expected.shape == (2, 4, 5, 8)
+    assert_close(w, expected)
+    zeros = np.mean(np.asarray(w) == 0)
+    assert (zeros > 0.1) if alpha > 1 else (zeros == np.mean(expected == 0))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_check_grads_float64(implementation, monkeypatch):
+    monkeypatch.setattr(_attention, "CHUNK", 4)
+    monkeypatch.setattr(_attention, "CANDIDATES", 2)
+    q, k, v, kwargs, _ = make_case("grouped", dtype=np.float64, seed=7)
+    bias = kwargs.pop("bias")
+    bias[np.isinf(bias)] = 0  # finite differences cannot step through -inf
+    # alpha <= 1.5: above it the second derivative is unbounded at the edge of the support, where
+    # finite differences lose their accuracy.
+    alpha = np.array([1.15, 1.25, 1.35, 1.5])
+    modes = ["fwd", "rev"] if implementation == "xla" else ["rev"]
+
+    @jax.jit  # check_grads evaluates f many times
+    def f(q, k, v, bias, alpha):
+        return attention.dot_product_attention(
+            q, k, v, bias, alpha=alpha, is_causal=True, implementation=implementation
+        )
+
+    check_grads(f, (q, k, v, bias, alpha), order=1, modes=modes, eps=1e-4, atol=1e-5, rtol=1e-5)
+
+
+def test_jit_unbatched_and_half_precision(implementation):
+    q, k, v, _, _ = make_case("random")
+    f = jax.jit(functools.partial(attention.dot_product_attention, implementation=implementation))
+    out = f(q, k, v)
+    assert_close(f(q[0], k[0], v[0]), out[0])  # [T, N, H] without the batch
+    half = f(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    assert half.dtype == jnp.bfloat16 and half.shape == out.shape
+    assert_close(half, out, tol=5e-2)
+
+
+def test_a_traced_invalid_alpha_gives_nan_in_its_head_only(implementation):
+    q, k, v, _, _ = make_case("random")
+
+    @jax.jit
+    def f(alpha):
+        return attention.dot_product_attention(q, k, v, alpha=alpha, implementation=implementation)
+
+    out = np.asarray(f(jnp.array([1.5, 0.5], jnp.float32)))
+    assert np.all(np.isnan(out[:, :, 1])) and np.all(np.isfinite(out[:, :, 0]))
+
+
+def test_implementation_none_picks_by_size():
+    small = _attention.prepare(
+        "f", *make_case("random")[:3], None, None, 1.5, None, False, None, None, None
+    )
+    assert _attention.choose("f", None, small) == "xla"
+    big = jax.ShapeDtypeStruct((1, 4096, 4, 16), jnp.float32)
+    lowered = jax.jit(attention.dot_product_attention).lower(big, big, big).as_text()
+    assert "top_k" in lowered or "TopK" in lowered  # the chunked path's candidates
+
+
+BAD_ARGUMENTS = [
+    ({"query": np.zeros((2, 3, 4))}, ValueError, "key must have 3 dimensions"),
+    ({"key": np.zeros((1, 6, 2, 4), np.float32), "value": np.zeros((1, 6, 2, 4), np.float32)},
+     ValueError, "key must have shape"),
+    ({"value": np.zeros((2, 6, 2, 3), np.float32)}, ValueError, "value must have the shape of key"),
+    ({"query": np.zeros((2, 5, 3, 4), np.float32)}, ValueError, "multiple of the key/value heads"),
+    ({"query": np.zeros((2, 5, 2, 4), np.int32)}, TypeError, "query must be a floating-point"),
+    ({"mask": np.ones((2, 2, 5, 6), np.float32)}, TypeError, "mask must be a boolean"),
+    ({"mask": np.ones((2, 2, 5, 5), bool)}, ValueError, "mask must be broadcastable"),
+    ({"bias": np.ones((3, 2, 5, 6), np.float32)}, ValueError, "bias must be broadcastable"),
+    ({"alpha": 0.5}, ValueError, "alpha must be finite and >= 1, got 0.5"),
+    ({"alpha": float("nan")}, ValueError, "alpha must be finite and >= 1"),
+    ({"alpha": np.array([1.5, 1.5, 1.5])}, ValueError, "array of shape (heads,) = (2,)"),
+    ({"alpha": np.array([1.5, 0.9])}, ValueError, "got 0.9"),
+    ({"implementation": "cudnn"}, ValueError, "implementation must be None or one of"),
+    ({"query_seq_lengths": np.array([1.0, 2.0])}, ValueError, "query_seq_lengths must be"),
+    ({"key_value_seq_lengths": np.array([1], np.int32)}, ValueError, "(batch,) = (2,)"),
+    ({"local_window_size": (1, 2, 3)}, ValueError, "local_window_size must be an int or a pair"),
+    ({"local_window_size": -1}, ValueError, "local_window_size must be >= 0"),
+    ({"scale": "big"}, TypeError, "scale must be a Python number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_name_the_function_and_argument(change, error, message):
+    args = {
+        "query": np.zeros((2, 5, 2, 4), np.float32),
+        "key": np.zeros((2, 6, 2, 4), np.float32),
+        "value": np.zeros((2, 6, 2, 4), np.float32),
+        **change,
+    }
+    with pytest.raises(error, match="^dot_product_attention: ") as raised:
+        attention.dot_product_attention(**args)
+    assert message in str(raised.value)
+    if not {"value", "implementation"} & set(change) or "key" in change:
+        args.pop("value")
+        args.pop("implementation", None)
+        with pytest.raises(error, match="^attention_weights: "):
+            attention.attention_weights(**args)
+
+
+def test_bounded_alpha():
+    a = jnp.array([-100.0, -1.0, 0.0, 1.0, 100.0], jnp.float32)
+    alpha = attention.bounded_alpha(a)
+    assert np.all((np.asarray(alpha) >= 1) & (np.asarray(alpha) <= 2))
+    assert_close(alpha, 1 + 1 / (1 + np.exp(-np.asarray(a, np.float64))))
+    assert float(attention.bounded_alpha(jnp.float32(0.0), 1.2, 3.0)) == pytest.approx(2.1)
+    grad = jax.grad(lambda a: attention.bounded_alpha(a, 1.0, 3.0))(jnp.float32(0.0))
+    assert float(grad) == pytest.approx(0.5)  # (high - low) * sigmoid'(0)
+    for low, high in [(0.5, 2.0), (2.0, 2.0), (1.0, float("inf")), (True, 2.0)]:
+        with pytest.raises(ValueError, match="^bounded_alpha: low and high"):
+            attention.bounded_alpha(a, low, high)
+    with pytest.raises(TypeError, match="^bounded_alpha: a must be"):
+        attention.bounded_alpha(jnp.arange(3))
+
+
+def test_finetune_head_learned_alpha_is_bounded_alpha():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import finetune_head
+
+    variant = finetune_head.resolve_variant(finetune_head.LEARNED, (1.1, 1.7))
+    for raw in (-3.0, 0.0, 0.7, 40.0):
+        params = {"alpha_raw": jnp.float32(raw)}
+        expected = attention.bounded_alpha(jnp.float32(raw), 1.1, 1.7)
+        assert float(variant["alpha"](params)) == float(expected)
+
+
+def test_memory_of_the_chunked_path_at_8192():
+    """chunked at q = kv = 8192 (batch 1, 4 heads, head_dim 64): <= 1/8 of the temporary memory
+    of "xla", forward and forward+backward. The baseline is xla softmax, the smallest xla case
+    (xla entmax15 needs about twice as much)."""
+    shape = jax.ShapeDtypeStruct((1, 8192, 4, 64), jnp.float32)
+
+    def temp_bytes(implementation, alpha, backward):
+        def f(q, k, v):
+            return attention.dot_product_attention(
+                q, k, v, alpha=alpha, implementation=implementation
+            )
+
+        fn = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)) if backward else f
+        compiled = jax.jit(fn).lower(shape, shape, shape).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for backward in (False, True):
+        baseline = temp_bytes("xla", 1.0, backward)
+        assert baseline >= 8192 * 8192 * 4 * 4  # the scores at least
+        for alpha in (1.0, 1.5):
+            assert temp_bytes("chunked", alpha, backward) <= baseline / 8, (alpha, backward)
+
+
+NNX_EXAMPLE = '''
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from smvariants import attention
+
+
+class EntmaxAttention(nnx.Module):
+    """An attention_fn for nnx.MultiHeadAttention: alpha-entmax with a learned alpha per head."""
+
+    def __init__(self, num_heads: int):
+        self.alpha_raw = nnx.Param(jnp.zeros(num_heads))  # alpha = bounded_alpha(0) = 1.5
+
+    def alpha(self):
+        return attention.bounded_alpha(self.alpha_raw[...])  # in (1, 2)
+
+    def __call__(self, query, key, value, bias=None, mask=None, *, is_causal=False, **unused):
+        # unused: the dropout and precision settings that MultiHeadAttention passes along.
+        return attention.dot_product_attention(
+            query, key, value, bias, mask, alpha=self.alpha(), is_causal=is_causal
+        )
+
+
+layer = nnx.MultiHeadAttention(
+    num_heads=4, in_features=16, attention_fn=EntmaxAttention(4), decode=False, rngs=nnx.Rngs(0)
+)
+x = jax.random.normal(jax.random.key(1), (2, 10, 16))  # [batch, length, features]
+valid = jnp.arange(10) < jnp.array([[10], [6]])  # the second sequence has 4 padding tokens
+mask = nnx.make_attention_mask(valid, valid, dtype=bool)  # [batch, 1, q_length, kv_length]
+optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
+
+
+@nnx.jit
+def train_step(layer, optimizer, x):
+    def loss_fn(layer):
+        return jnp.mean((layer(x, mask=mask) - x) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(layer)
+    optimizer.update(layer, grads)
+    return loss
+
+
+for _ in range(20):
+    loss = train_step(layer, optimizer, x)
+print(f"loss {loss:.3f}, alpha per head {layer.attention_fn.alpha()}")
+assert not jnp.allclose(layer.attention_fn.alpha(), 1.5)  # alpha trains with the layer
+'''
+
+
+def test_nnx_example_runs_and_is_in_the_readme():
+    done = subprocess.run(
+        [sys.executable, "-c", NNX_EXAMPLE], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alpha per head" in done.stdout
+    assert NNX_EXAMPLE.strip() in (ROOT / "README.md").read_text()
