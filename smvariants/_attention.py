@@ -49,7 +49,7 @@ from smvariants._numerics import psi
 from smvariants._numerics import safe_divide
 
 IMPLEMENTATIONS = ("xla", "chunked")
-CHUNK = 512  # keys per chunk of the chunked path
+CHUNK = 256  # keys per chunk of the chunked path
 CANDIDATES = 64  # scores kept per query row to certify the threshold of the chunked path
 MAX_ITER = 64  # Newton/bisection passes at most (each a pass over the chunks for failing rows)
 # implementation=None takes the chunked path from this many scores on (B * N * T * S: 64 MiB of
@@ -221,7 +221,9 @@ def prepare(
             f"{name}: the query heads ({heads}) must be a multiple of the key/value heads "
             f"({k_heads})."
         )
-    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    # Half precision is computed in float32 (as jax.nn.dot_product_attention normalises).
+    half = q.dtype in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+    dtype = jnp.dtype(jnp.float32) if half else q.dtype
     target = (batch, heads, tq, s)
 
     def expand(t):
@@ -321,7 +323,7 @@ def position_mask(
 def combined_mask(args: Prepared) -> jax.Array | None:
     """Every mask together, broadcastable to the scores ``[B, K, G, T, S]`` (``None``: none)."""
     t, s = args.q.shape[3], args.k.shape[2]
-    mask = position_mask(args, jnp.arange(t), jnp.arange(s))
+    mask = position_mask(args, jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32))
     if args.mask is not None:
         mask = args.mask if mask is None else mask & args.mask
     return mask
@@ -404,7 +406,10 @@ def _blocks(statics: Statics, q, k, v, bias, mask, q_lengths, kv_lengths):
         kc = lax.dynamic_slice_in_dim(k, i * c, c, axis=2)
         s = scores(q, kc, statics.scale, None if bias is None else piece(bias, i))
         live = position_mask(
-            view, jnp.arange(t), i * c + jnp.arange(c), statics.kv_length if padded else None
+            view,
+            jnp.arange(t, dtype=jnp.int32),
+            i * c + jnp.arange(c, dtype=jnp.int32),
+            statics.kv_length if padded else None,
         )
         if mask is not None:
             live = piece(mask, i) if live is None else live & piece(mask, i)
@@ -474,7 +479,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
             return (m_new, total), None
 
         start = (jnp.full(row_shape, lowest, dtype), jnp.zeros(row_shape, dtype))
-        (m, total), _ = lax.scan(online, start, jnp.arange(n_chunks))
+        (m, total), _ = lax.scan(online, start, jnp.arange(n_chunks, dtype=jnp.int32))
         return m, jnp.log(jnp.maximum(total, jnp.finfo(dtype).tiny))
 
     d = _d(statics, alpha)
@@ -492,7 +497,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
         jnp.full(row_shape, -jnp.inf, dtype),
         jnp.zeros(row_shape, dtype),
     )
-    (cand, dropped, n), _ = lax.scan(gather, init, jnp.arange(n_chunks))
+    (cand, dropped, n), _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
     m = jnp.maximum(cand[..., :1], lowest)
     z = cand - m
     n_cand = jnp.sum(z > -jnp.inf, -1, keepdims=True).astype(dtype)
@@ -515,7 +520,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
             sp, sg = carry
             return (sp + jnp.sum(p, -1, keepdims=True), sg + jnp.sum(g, -1, keepdims=True)), None
 
-        return lax.scan(add, (zero, zero), jnp.arange(n_chunks))[0]
+        return lax.scan(add, (zero, zero), jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
     hi = _solvers.theta_upper_bound(n, d) + zero
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
@@ -575,7 +580,9 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
 
     zero_out = jnp.zeros(q.shape[:-1] + (v.shape[-1],), dtype)
     init = (zero_out, zero_rows, zero_out, zero_rows, zero_rows, zero_rows)
-    (out, sp, w, sg, r_bar, h), _ = lax.scan(accumulate, init, jnp.arange(n_chunks))
+    (out, sp, w, sg, r_bar, h), _ = lax.scan(
+        accumulate, init, jnp.arange(n_chunks, dtype=jnp.int32)
+    )
     out = safe_divide(out, sp)  # renormalised once; a fully masked row: 0 / 0 -> 0
     if softmax:
         w, sg = out, sp
@@ -640,7 +647,7 @@ def _chunked_bwd(statics, residuals, d_out):
 
     d_bias0 = None if bias is None else jnp.zeros(bias.shape, dtype)
     init = (jnp.zeros_like(q), d_bias0, zero_rows, zero_rows)
-    (dq, d_bias, s1, s2), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks))
+    (dq, d_bias, s1, s2), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
 
     def unchunk(a):  # [n, B, K, C, H] -> [B, K, n C, H]
         return jnp.moveaxis(a, 0, 2).reshape(k.shape)
@@ -659,9 +666,19 @@ chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_attention(
-    args: Prepared, chunk: int = CHUNK, candidates: int = CANDIDATES, max_iter: int = MAX_ITER
+    args: Prepared,
+    chunk: int | None = None,
+    candidates: int | None = None,
+    max_iter: int | None = None,
 ) -> jax.Array:
-    """The chunked path's output ``[B, K, G, T, H]``: pads keys to whole chunks, then the core."""
+    """The chunked path's output ``[B, K, G, T, H]``: pads keys to whole chunks, then the core.
+
+    ``chunk``, ``candidates`` and ``max_iter`` default to the module's :data:`CHUNK`,
+    :data:`CANDIDATES` and :data:`MAX_ITER` (read at call time).
+    """
+    chunk = CHUNK if chunk is None else chunk
+    candidates = CANDIDATES if candidates is None else candidates
+    max_iter = MAX_ITER if max_iter is None else max_iter
     s = args.k.shape[2]
     chunk = max(1, min(chunk, s))
     n_chunks = -(-s // chunk)
