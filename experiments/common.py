@@ -558,3 +558,73 @@ def _stderr_is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stderr
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings records and --resume (generic versions, for scripts whose results are one file per
+# variant under runs/).
+
+
+def settings_record(config: Any, free: Iterable[str], **extra: Any) -> dict[str, Any]:
+    """What config.json holds: the config dataclass's fields, ``extra``, and ``config_hash``.
+
+    ``config_hash`` (16 hex digits) covers every entry but the names in ``free`` (those that may
+    change on ``--resume``, such as ``out`` or ``force``); a run's files carry it, and only
+    matching ones are reused.
+    """
+    import hashlib
+
+    record = json.loads(json.dumps({**dataclasses.asdict(config), **extra}))  # lists, as read back
+    kept = {key: value for key, value in record.items() if key not in set(free)}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    record["config_hash"] = digest[:16]
+    return record
+
+
+def check_resumable(
+    out: pathlib.Path, outputs: Iterable[str], record: dict[str, Any], free: Iterable[str]
+) -> None:
+    """Refuses ``--resume`` on a folder holding results of other (or unknown) settings.
+
+    Raises:
+        UsageError: ``out`` holds any of ``outputs`` but no readable config.json, or one whose
+            settings (all but ``free``) differ from ``record``'s.
+    """
+    existing = [name for name in outputs if (pathlib.Path(out) / name).exists()]
+    if not existing:
+        return
+    try:
+        saved = read_json(pathlib.Path(out) / "config.json")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(
+            f"--resume: {out} holds results ({', '.join(existing)}) but no readable config.json; "
+            "use --force to start over"
+        )
+    keys = sorted((set(saved) | set(record)) - set(free))
+    changed = [
+        f"{key} {saved.get(key)!r} -> {record.get(key)!r}"
+        for key in keys
+        if saved.get(key) != record.get(key)
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
+            "use the same flags, or --force to start over"
+        )
+
+
+def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None:
+    """A run file (``{"config_hash", "runs": [...]}``) written with ``config_hash``; else None."""
+    try:
+        saved = read_json(path)
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(saved, dict)
+        and saved.get("config_hash") == config_hash
+        and isinstance(saved.get("runs"), list)
+        and len(saved["runs"]) > 0
+    )
+    return saved if ok else None

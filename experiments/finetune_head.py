@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec
 
 import smvariants as sm
 from smvariants import registry
+from smvariants.attention import bounded_alpha
 
 LEARNED = "entmax:alpha=learned"
 DEFAULT_VARIANTS = (
@@ -275,11 +276,11 @@ def resolve_variant(spec: str, alpha_range: Sequence[float] = (1.0, 2.0)) -> dic
     if spec == LEARNED:
         lo, hi = (float(value) for value in alpha_range)
 
-        # alpha = lo + (hi - lo) * sigmoid(a) stays inside (lo, hi), as in Correia et al. (2019);
-        # a starts at 0, the midpoint (alpha = 1.5 for the default (1, 2)). The clip only catches
-        # float32 rounding past an end where sigmoid has saturated (its gradient is ~0 there).
+        # alpha = lo + (hi - lo) * sigmoid(a) stays inside (lo, hi), as in Correia et al. (2019)
+        # (smvariants.attention.bounded_alpha); a starts at 0, the midpoint (alpha = 1.5 for the
+        # default (1, 2)).
         def alpha_of(params):
-            return jnp.clip(lo + (hi - lo) * jax.nn.sigmoid(params["alpha_raw"]), lo, hi)
+            return bounded_alpha(params["alpha_raw"], lo, hi)
 
         return {
             "spec": spec,

@@ -1,0 +1,156 @@
+"""experiments/sparse_attention.py: a quick run, its files, refusal, resume, errors, 4 devices."""
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "sparse_attention.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+import common  # noqa: E402
+import sparse_attention  # noqa: E402
+
+# Several host devices: only the CPU platform has them, so such runs pin it (also on a GPU host).
+FOUR_CPUS = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+# Small and fast: two variants (a fixed and a learned alpha), a few steps.
+FLAGS = ["--quick", "--variants", "sparsemax,learned", "--steps", "12", "--alpha-every", "4"]
+FLAGS += ["--eval-size", "24", "--batch-size", "6"]
+
+
+def run_script(*args, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse_attention") / "run"
+    done = run_script(*FLAGS, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_writes_metrics_tables_and_plots(quick_run):
+    out, done = quick_run
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["variant"] for r in records] == ["sparsemax", "learned"]
+    for r in records:
+        for key in sparse_attention.SCALARS:
+            assert np.isfinite(r[key]), key
+        assert 0 <= r["token_accuracy"] <= 1 and 0 <= r["sequence_accuracy"] <= 1
+        assert r["backend"] == jax.default_backend() and r["devices"] == 1 and r["seeds"] == 1
+        assert r["step_time_ms"] > 0
+    assert records[0]["mean_sparsity"] > 0  # sparsemax attention has exact zeros
+    assert 1 < records[1]["mean_alpha"] < 2
+    for name in ("alpha.png", "sparsity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "per_head.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 4  # variants x layers x heads (one seed)
+    learned = [row for row in rows if row["variant"] == "learned"]
+    assert all(1 < float(row["alpha"]) < 2 for row in learned)
+    assert all(0 <= float(row["sparsity"]) <= 1 for row in rows)
+    run = json.loads((out / "runs" / "learned.json").read_text())["runs"][0]
+    steps = [entry["step"] for entry in run["alpha_history"]]
+    assert steps == [1, 5, 9, 12]  # every --alpha-every steps and the last
+    assert np.array(run["alpha_history"][0]["alpha"]).shape == (2, 4)  # layers x heads
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 12 and len(config["config_hash"]) == 16
+    assert "| sparsemax |" in done.stdout and "| learned (mean alpha ->" in done.stdout
+    assert not list(out.rglob(".*.tmp")) and not (out / ".lock").exists()
+
+
+def test_no_progress_bars_in_logs(quick_run):
+    _, done = quick_run
+    assert "it/s" not in done.stderr and "\r" not in done.stderr
+
+
+def test_refuses_to_overwrite_and_resumes(quick_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(quick_run[0], out)
+    before = (out / "runs" / "learned.json").read_bytes()
+    refused = run_script(*FLAGS, "--out", out)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "already holds results" in refused.stderr
+    other = run_script(*FLAGS, "--out", out, "--resume", "--steps", "13")
+    assert other.returncode == 2 and "other settings" in other.stderr
+    resumed = run_script(*FLAGS, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "runs" / "learned.json").read_bytes() == before  # not trained again
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(
+        (quick_run[0] / "metrics.json").read_text()
+    )
+
+
+def test_four_devices_match_one(quick_run, tmp_path):
+    out = tmp_path / "four"
+    done = run_script(*FLAGS, "--out", out, env=FOUR_CPUS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((quick_run[0] / "metrics.json").read_text())
+    four = json.loads((out / "metrics.json").read_text())
+    assert [r["devices"] for r in four] == [4, 4]
+    for a, b in zip(one, four, strict=True):
+        for key in ("token_accuracy", "sequence_accuracy", "mean_sparsity", "mean_support_size"):
+            assert abs(a[key] - b[key]) <= 1e-3, key
+    alpha_one = json.loads((quick_run[0] / "runs" / "learned.json").read_text())["runs"][0]
+    alpha_four = json.loads((out / "runs" / "learned.json").read_text())["runs"][0]
+    np.testing.assert_allclose(alpha_one["alpha"], alpha_four["alpha"], atol=1e-4)
+
+
+def test_make_batch_reverses_the_valid_tokens():
+    config = sparse_attention.Config(min_length=2, max_length=6, vocab=5)
+    tokens, targets, lengths = sparse_attention.make_batch(np.random.default_rng(0), 50, config)
+    assert tokens.shape == targets.shape == (50, 6) and lengths.min() >= 2 and lengths.max() <= 6
+    for t, y, n in zip(tokens, targets, lengths, strict=True):
+        assert list(y[:n]) == list(t[:n][::-1]) and not t[n:].any() and not y[n:].any()
+        assert t[:n].min() >= 1 and t[:n].max() < 5
+
+
+def test_attention_statistics_count_only_unmasked_pairs():
+    p = np.zeros((1, 1, 3, 3))
+    p[0, 0, 0, :2] = [0.5, 0.5]
+    p[0, 0, 1, :2] = [1.0, 0.0]
+    stats = sparse_attention.attention_statistics([p], np.array([2]))
+    assert stats["sparsity"] == [[0.25]]  # 1 zero among the 4 pairs of the 2 valid positions
+    assert stats["support_size"] == [[1.5]]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--variants", "softmax,bogus"], "unknown 'bogus'"),
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0"),
+        (["--d-model", "30", "--heads", "4"], "must be a multiple of --heads"),
+        (["--min-length", "5", "--max-length", "3"], "must be >= --min-length"),
+        (["--vocab", "2"], "--vocab must be an integer >= 3"),
+        (["--learned-alpha-range", "2,1"], "--learned-alpha-range must be"),
+        (["--seeds", "x"], "invalid int value"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(sparse_attention.main, ["--quick", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_quick_keeps_the_flags_given():
+    config = sparse_attention.parse_args(["--quick", "--steps", "7"])
+    assert config.steps == 7 and config.seeds == sparse_attention.QUICK["seeds"] and config.quick
