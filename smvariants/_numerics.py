@@ -122,12 +122,6 @@ def _expm1_ratio_jvp(primals, tangents):
     return r, slope * x_dot
 
 
-def log1p_ratio(u: jax.Array) -> jax.Array:
-    """``log1p(u) / u`` with its limit 1 at ``u = 0``."""
-    nonzero = u != 0
-    return jnp.where(nonzero, jnp.log1p(u) / jnp.where(nonzero, u, 1), 1)
-
-
 def psi(x: jax.Array) -> jax.Array:
     """``(exp(x) - 1 - x) / x^2`` for ``0 <= x < 1`` by its Taylor series, accurate to float64."""
     out = jnp.full_like(x, 1 / math.factorial(18))

@@ -32,7 +32,6 @@ from smvariants import _backend
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
-from smvariants._numerics import log1p_ratio
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
@@ -119,10 +118,13 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
         return (b * g if n > 1 else b), g
     base = 1 + d * y
     off = ~finite | (base <= 0)  # nan is not "off": it propagates
-    # log p = log(1 + d y) / d = y * log1p(d y) / (d y), well defined at d = 0. Clamping d y at -1
-    # (log1p = -inf, so p = 0) rather than selecting with ``off`` keeps p right where XLA computes
-    # ``base`` once with a fused multiply-add and once without (off = True in one fusion only).
-    p = jnp.where(off, 0, jnp.exp(y * log1p_ratio(jnp.maximum(d * y, -1))))
+    # log p = log1p(d y) / d, -> y at d = 0, with the division done once per row (d is one value
+    # per row). Clamping d y at -1 (log1p = -inf, so p = 0) rather than selecting with ``off``
+    # keeps p right where XLA computes ``base`` once with a fused multiply-add and once without
+    # (off = True in one fusion only).
+    inverse = 1 / jnp.where(d == 0, 1, d)
+    log_p = jnp.where(d == 0, y, jnp.log1p(jnp.maximum(d * y, -1)) * inverse)
+    p = jnp.where(off, 0, jnp.exp(log_p))
     g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
     return p, g
 
