@@ -6,12 +6,17 @@ float32 and folds the ``where`` mask into the logits as ``-inf``. The temperatur
 here: it goes to the private cores (see ``_variants``), whose derivative rules need only their
 output, so that no copy of the logits is kept for the backward pass.
 
+A tuple ``axis`` is handled here too, once for every function (:class:`Layout`): the logits are
+rearranged so that the rows lie along one axis, the cores run on that int axis, and
+:meth:`Prepared.finish` undoes it. An int axis leaves the logits as they are.
+
 The nan policy: a parameter or label that is invalid but traced (so it cannot be checked at trace
 time) makes its rows ``nan``, in the value and in every derivative (:func:`nan_where`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from functools import partial
@@ -108,6 +113,119 @@ def canonical_axis(name: str, axis: Any, ndim: int, arg: str = "x") -> int:
     return axis % ndim
 
 
+def canonical_axes(name: str, axis: Any, ndim: int, arg: str = "x") -> int | tuple[int, ...]:
+    """Validates ``axis``, an int or a tuple of ints of ``arg``; returns it non-negative.
+
+    A tuple comes back sorted: the axes of a row are a set, as for ``jax.nn.softmax``. Repeated
+    or out-of-range axes raise ``ValueError``, anything else ``TypeError``.
+    """
+    if not isinstance(axis, tuple):
+        try:
+            operator.index(axis)
+        except TypeError:
+            raise TypeError(
+                f"{name}: axis must be an int or a tuple of ints, got {axis!r}."
+            ) from None
+        return canonical_axis(name, axis, ndim, arg)
+    axes = []
+    for a in axis:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(
+                f"{name}: axis must be an int or a tuple of ints, got {axis!r}."
+            ) from None
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{name}: axis {a} in axis={axis} is out of range for {arg} with {ndim} "
+                "dimension(s)."
+            )
+        axes.append(a % ndim)
+    if len(set(axes)) < len(axes):
+        raise ValueError(
+            f"{name}: axis={axis} names a dimension more than once (as {tuple(axes)}); each axis "
+            "may appear once."
+        )
+    return tuple(sorted(axes))
+
+
+class Layout(NamedTuple):
+    """Where the rows of an array lie, for an int or a tuple ``axis``, and how to get them together.
+
+    The cores take one int axis. For a tuple the array is *arranged*: its reduced axes are moved
+    next to the last of them (a transpose, only where they are not adjacent already) and merged
+    into it, the others left as size 1, so the arranged array has the same rank and its rows'
+    shape (the arranged shape with ``axis`` as size 1) is the original shape with every reduced
+    axis kept as size 1: per-row parameters broadcast against it unchanged. An empty tuple (rows
+    of one entry each, as ``jax.nn.softmax(x, axis=())``) puts a new leading axis of size 1 in
+    front instead. For an int axis every method is the identity (or the one squeeze).
+
+    An entry's index along the merged axis is its flat index into the reduced axes, in
+    increasing order of axis, row-major (``np.ravel_multi_index``).
+    """
+
+    shape: tuple[int, ...]  # the original shape
+    axes: tuple[int, ...]  # the reduced axes of the original, non-negative, increasing
+    axis: int  # the axis of the rows in the arranged array
+    arranged: tuple[int, ...]  # the arranged shape
+    perm: tuple[int, ...] | None  # the transpose before the reshape; None if none is needed
+    text: str  # how messages name the argument: "axis 1", "axes (1, 2)"
+
+    @property
+    def unchanged(self) -> bool:
+        """True where arranging is the identity (as for an int axis, or a tuple of one)."""
+        return self.arranged == self.shape
+
+    @property
+    def row_ids_shape(self) -> tuple[int, ...]:
+        """The shape of one value per row, without the reduced axes (integer labels, results)."""
+        return tuple(n for i, n in enumerate(self.shape) if i not in self.axes)
+
+    def arrange(self, a: Any) -> Any:
+        """An array of the original shape (NumPy or JAX) in the arranged layout."""
+        if self.unchanged:
+            return a
+        if self.perm is not None:
+            a = a.transpose(self.perm)
+        return a.reshape(self.arranged)
+
+    def restore(self, a: Any) -> Any:
+        """An array of the arranged shape back in the original layout (undoes :meth:`arrange`)."""
+        if self.unchanged:
+            return a
+        if self.perm is None:
+            return a.reshape(self.shape)
+        a = a.reshape(tuple(self.shape[i] for i in self.perm))
+        return a.transpose(tuple(np.argsort(self.perm)))
+
+    def arrange_rows(self, a: Any) -> Any:
+        """One value per row (``row_ids_shape``) as the arranged array's rows, ``axis`` removed."""
+        shape = self.arranged[: self.axis] + self.arranged[self.axis + 1 :]
+        return a if a.shape == shape else a.reshape(shape)
+
+    def squeeze(self, a: Any) -> Any:
+        """One value per row of the arranged array (``axis`` kept) -> ``row_ids_shape``."""
+        return a.reshape(self.row_ids_shape)
+
+
+def layout(name: str, axis: Any, shape: tuple[int, ...], arg: str = "x") -> Layout:
+    """Validates ``axis`` (an int or a tuple of ints) of ``arg`` and returns its :class:`Layout`."""
+    axes = canonical_axes(name, axis, len(shape), arg)
+    if isinstance(axes, int):
+        return Layout(shape, (axes,), axes, shape, None, f"axis {axes}")
+    text = f"axes {axes}"
+    if not axes:
+        return Layout(shape, (), 0, (1, *shape), None, text)
+    k = axes[-1]
+    others = [i for i in range(len(shape)) if i not in axes]
+    perm = tuple([i for i in others if i < k] + list(axes) + [i for i in others if i > k])
+    arranged = tuple(
+        math.prod(shape[i] for i in axes) if i == k else 1 if i in axes else n
+        for i, n in enumerate(shape)
+    )
+    return Layout(shape, axes, k, arranged, None if perm == tuple(sorted(perm)) else perm, text)
+
+
 def row_parameter(
     name: str,
     arg: str,
@@ -117,12 +235,16 @@ def row_parameter(
     dtype: Any,
     condition: Condition,
     of: str = "x",
+    *,
+    axes: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Validates a per-row parameter (temperature, alpha) and returns it in ``dtype``.
 
     The parameter is a scalar or an array broadcastable to ``shape`` (the shape of ``of``) with
     ``axis`` kept as size 1, whose entries satisfy ``condition``. A concrete value that does not
-    raises ``ValueError``; a traced one cannot be checked at trace time.
+    raises ``ValueError``; a traced one cannot be checked at trace time. ``shape`` and ``axis``
+    may be those of an arranged array (:class:`Layout`); ``axes`` then says how messages name
+    the user's axis (default ``"axis {axis}"``).
 
     Returns:
       ``(value, invalid)``: the parameter as an array (a non-scalar with the full rank) and, for a
@@ -140,7 +262,7 @@ def row_parameter(
     if not ok:
         raise ValueError(
             f"{name}: {arg} must be a scalar or broadcastable to {row} (the shape of {of} with "
-            f"axis {axis} kept as size 1), got shape {array.shape}."
+            f"{axes or f'axis {axis}'} kept as size 1), got shape {array.shape}."
         )
     array = array.astype(dtype)
     # Give a non-scalar the full rank, so it never relies on implicit rank promotion.
@@ -182,20 +304,29 @@ def broadcast_mask(
 class Prepared(NamedTuple):
     """Validated arguments of a normalizer or loss, as :func:`prepare` returns them."""
 
-    x: jax.Array  # the logits in the compute dtype, -inf at masked entries
+    x: jax.Array  # the logits in the compute dtype, -inf at masked entries, arranged (see layout)
     t: jax.Array | None  # the temperature (scalar or one per row, nan where invalid); None for 1
     invalid: jax.Array | None  # rows whose traced temperature is invalid; None if none can be
-    axis: int  # non-negative
+    axis: int  # the axis of the rows of x, non-negative
     dtype: jnp.dtype  # the dtype of the result
+    layout: Layout  # how x is arranged from the caller's array (as is for an int axis)
 
     def finish(self, out: jax.Array) -> jax.Array:
-        """``out`` in the result dtype, with ``nan`` in the rows of an invalid temperature.
+        """``out`` (``x``'s shape) in the result dtype and the caller's layout, ``nan`` where due.
 
-        The cores already give those rows ``nan`` (their temperature is ``nan``, see
-        :func:`nan_where`); adding it to the output as well makes sure no fusion can fold it
-        away. Added rather than selected: the backward pass keeps no full-size mask for it.
+        ``nan`` goes in the rows of an invalid temperature. The cores already give those rows
+        ``nan`` (their temperature is ``nan``, see :func:`nan_where`); adding it to the output as
+        well makes sure no fusion can fold it away. Added rather than selected: the backward pass
+        keeps no full-size mask for it.
         """
-        return nan_where(self.invalid, out).astype(self.dtype)
+        return self.layout.restore(nan_where(self.invalid, out).astype(self.dtype))
+
+    def finish_rows(self, out: jax.Array) -> jax.Array:
+        """As :meth:`finish`, for one value per row (``axis`` kept as size 1).
+
+        The reduced axes are dropped, as a loss or a statistic returns its values.
+        """
+        return self.layout.squeeze(nan_where(self.invalid, out).astype(self.dtype))
 
 
 def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str = "x") -> Prepared:
@@ -206,19 +337,25 @@ def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str
     exactly zero. The cores compute ``(x - max x) / t``; ``t`` is ``None`` for a temperature of 1
     known at trace time (the fast path: no temperature). A concrete invalid temperature raises
     ``ValueError``; a traced one is ``nan`` in its rows, which makes them ``nan``.
+
+    ``axis`` is an int or a tuple of ints; for a tuple, ``x`` comes back arranged with its rows
+    along the int ``axis`` (:class:`Layout`): apply a core there, then :meth:`Prepared.finish`.
+    Per-row arrays given against the caller's shape (the reduced axes kept as size 1) broadcast
+    against the arranged ``x`` as they are.
     """
     x = check_float(name, arg, x)
-    axis = canonical_axis(name, axis, x.ndim, arg)
+    rows = layout(name, axis, x.shape, arg)
     dtype = compute_dtype(x.dtype)
     mask = broadcast_mask(name, where, x.shape, arg)
     array, invalid = row_parameter(
-        name, "temperature", temperature, x.shape, axis, dtype, POSITIVE, arg
-    )
+        name, "temperature", temperature, rows.arranged, rows.axis, dtype, POSITIVE, arg,
+        axes=rows.text,
+    )  # fmt: skip
     t = None if static_number(temperature) == 1 else nan_where(invalid, array)
     z = x.astype(dtype)
     if mask is not None:
         z = _mask_out(z, mask)
-    return Prepared(z, t, invalid, axis, x.dtype)
+    return Prepared(rows.arrange(z), t, invalid, rows.axis, x.dtype, rows)
 
 
 @partial(jax.checkpoint, prevent_cse=False)

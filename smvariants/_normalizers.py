@@ -53,7 +53,7 @@ def _log_softmax_jvp(axis, primals, tangents):
 
 def softmax(
     x: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
 ) -> jax.Array:
@@ -68,7 +68,8 @@ def softmax(
 
     Args:
       x: logits, a floating-point array.
-      axis: the axis along which the probabilities sum to 1.
+      axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the
+        variant over the flattened axes, as ``jax.nn.softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -101,7 +102,7 @@ def softmax(
 
 def log_softmax(
     x: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
 ) -> jax.Array:
@@ -113,7 +114,8 @@ def log_softmax(
 
     Args:
       x: logits, a floating-point array.
-      axis: the axis along which ``exp`` of the output sums to 1.
+      axis: the axis along which ``exp`` of the output sums to 1: an int or a tuple of ints
+        (over the flattened axes, as ``jax.nn.log_softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries (and ``-inf`` logits)
         get ``-inf`` (the log of probability 0) and gradient 0.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -143,7 +145,7 @@ def log_softmax(
 
 def sparsemax(
     x: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
 ) -> jax.Array:
@@ -160,7 +162,8 @@ def sparsemax(
 
     Args:
       x: logits, a floating-point array.
-      axis: the axis along which the probabilities sum to 1.
+      axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the
+        variant over the flattened axes, as ``jax.nn.softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -196,7 +199,7 @@ def sparsemax(
 
 def entmax15(
     x: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
 ) -> jax.Array:
@@ -213,7 +216,8 @@ def entmax15(
 
     Args:
       x: logits, a floating-point array.
-      axis: the axis along which the probabilities sum to 1.
+      axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the
+        variant over the flattened axes, as ``jax.nn.softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -244,7 +248,7 @@ def entmax15(
 def entmax(
     x: ArrayLike,
     alpha: Numeric = 1.5,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -274,7 +278,8 @@ def entmax(
         (per-row or per-head alpha). Differentiable. A Python number is compiled into the solver
         (faster: 1, 1.5 and 2 are exact closed forms, 1 + 1/n uses integer powers); pass an array
         to learn alpha or to vary it without recompiling.
-      axis: the axis along which the probabilities sum to 1.
+      axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the
+        variant over the flattened axes, as ``jax.nn.softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -326,7 +331,7 @@ def entmax(
 def normmax(
     x: ArrayLike,
     alpha: Numeric = 2.0,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -352,7 +357,8 @@ def normmax(
       x: logits, a floating-point array.
       alpha: a finite number > 1, or an array broadcastable to ``x`` with ``axis`` kept as size 1
         (per row). Differentiable. A Python number is compiled into the solver.
-      axis: the axis along which the probabilities sum to 1.
+      axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the
+        variant over the flattened axes, as ``jax.nn.softmax(x, axis=(1, 2))``).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept
@@ -392,7 +398,7 @@ def normmax(
 def budget_sparsemax(
     x: ArrayLike,
     budget: Numeric = 2.0,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -416,7 +422,8 @@ def budget_sparsemax(
       budget: a finite number > 0, or an array broadcastable to ``x`` with ``axis`` kept as size
         1 (per row). Differentiable (``dp/dB`` is ``1/|S|`` on the entries ``S`` strictly between
         0 and 1). A Python number is compiled into the solver.
-      axis: the axis along which the probabilities sum to ``budget``.
+      axis: the axis along which the probabilities sum to ``budget``: an int or a tuple of ints
+        (the variant over the flattened axes).
       where: optional boolean mask broadcastable to ``x``; masked entries get probability exactly 0
         and gradient 0. ``-inf`` logits are treated as masked.
       temperature: a finite positive float, or an array broadcastable to ``x`` with ``axis`` kept

@@ -105,19 +105,23 @@ def _fy_loss_jvp(axis, name, statics, primals, tangents):
     return loss, loss_dot
 
 
-def _labels(name, labels, z, axis, total, capped, ignore_index):
+def _labels(name, labels, z, rows, total, capped, ignore_index):
     """Integer class ids or target vectors -> ``(y, bad, ignored)`` in ``z``'s dtype.
 
-    ``bad`` flags rows whose labels are invalid but could not be checked at trace time (they get
-    ``nan``); ``ignored`` the rows whose class id is ``ignore_index`` (loss 0).
+    ``z`` are the logits arranged by ``rows`` (an ``_args.Layout``), with their rows along
+    ``rows.axis``; the labels are given in the caller's layout (integer ids of a tuple axis: flat
+    indices into the reduced axes) and returned arranged. ``bad`` flags rows whose labels are
+    invalid but could not be checked at trace time (they get ``nan``); ``ignored`` the rows whose
+    class id is ``ignore_index`` (loss 0).
     """
     # The values, if known at trace time: taken before the conversion, which traces under jit
     # (and after a first one, which turns a malformed list into a TypeError).
     concrete = _args.is_concrete(labels)
     array = _args.as_array(name, "labels", labels)
     known = np.asarray(labels) if concrete else None
+    axis = rows.axis
     k = z.shape[axis]
-    row_shape = z.shape[:axis] + z.shape[axis + 1 :]
+    row_shape = rows.row_ids_shape
     empty = jnp.all(z == -jnp.inf, axis=axis, keepdims=True)  # fully masked: padding
     ignored = None
     if jnp.issubdtype(array.dtype, jnp.integer):
@@ -128,9 +132,11 @@ def _labels(name, labels, z, axis, total, capped, ignore_index):
             )
         if array.shape != row_shape:
             raise ValueError(
-                f"{name}: integer labels must have the logits' shape without axis {axis}, "
+                f"{name}: integer labels must have the logits' shape without {rows.text}, "
                 f"{row_shape}, got {array.shape}."
             )
+        array = rows.arrange_rows(array)
+        known = None if known is None else rows.arrange_rows(known)
         if ignore_index is not None:
             ignored = jnp.expand_dims(array == ignore_index, axis)
             array = jnp.where(array == ignore_index, 0, array)
@@ -138,15 +144,18 @@ def _labels(name, labels, z, axis, total, capped, ignore_index):
                 known = np.where(known == ignore_index, 0, known)
         if known is not None and known.size and (known.min() < 0 or known.max() >= k):
             bad = known[(known < 0) | (known >= k)][:3]
-            raise ValueError(f"{name}: labels must be class ids in [0, {k}), got {bad}.")
+            flat = "" if len(rows.axes) == 1 else f" (flat indices into {rows.text})"
+            raise ValueError(f"{name}: labels must be class ids in [0, {k}){flat}, got {bad}.")
         y = jax.nn.one_hot(array, k, dtype=z.dtype, axis=axis)
         bad = jnp.expand_dims((array < 0) | (array >= k), axis)
     elif jnp.issubdtype(array.dtype, jnp.floating):
-        if array.shape != z.shape:
+        if array.shape != rows.shape:
             raise ValueError(
-                f"{name}: probability labels must have the logits' shape {z.shape}, "
+                f"{name}: probability labels must have the logits' shape {rows.shape}, "
                 f"got {array.shape}."
             )
+        array = rows.arrange(array)
+        known = None if known is None else rows.arrange(known)
         y = array.astype(z.dtype)
         sums = jnp.sum(y, axis=axis, keepdims=True)
         expected = 1 if total is None else total
@@ -161,7 +170,7 @@ def _labels(name, labels, z, axis, total, capped, ignore_index):
         if known is not None and _args.is_concrete(expected):
             # Where the mask is traced, a row of zeros may be padding: it is flagged, not raised.
             padding = np.asarray(empty) if _args.is_concrete(empty) else True
-            _check_targets(name, known, axis, tol, padding, np.asarray(expected), capped)
+            _check_targets(name, known, rows, tol, padding, np.asarray(expected), capped)
     else:
         raise TypeError(f"{name}: labels must be integer class ids or floats, got {array.dtype}.")
     on_masked = jnp.any((y != 0) & (z == -jnp.inf), axis=axis, keepdims=True)
@@ -172,24 +181,25 @@ def _labels(name, labels, z, axis, total, capped, ignore_index):
     return jax.lax.stop_gradient(y), (bad | on_masked) & ~empty, ignored
 
 
-def _check_targets(name, labels, axis, tol, empty, expected, capped):
+def _check_targets(name, labels, rows, tol, empty, expected, capped):
     """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a valid target.
 
     Valid: entries >= 0 (and <= 1 if ``capped``) summing to ``expected`` (to ``tol`` per unit),
-    or all zeros where ``empty`` (fully masked rows, ``axis`` kept; ``True``: wherever).
+    or all zeros where ``empty`` (fully masked rows, ``rows.axis`` kept; ``True``: wherever).
+    ``labels`` are arranged by ``rows`` (an ``_args.Layout``).
     """
     y = labels.astype(np.float64)
     if not np.all(y >= 0):  # also catches nan
         raise ValueError(f"{name}: probability labels must be >= 0, got {y[~(y >= 0)][:3]}.")
     if capped and not np.all(y <= 1 + tol):
         raise ValueError(f"{name}: target labels must be <= 1, got {y[~(y <= 1 + tol)][:3]}.")
-    sums = y.sum(axis, keepdims=True)
+    sums = y.sum(rows.axis, keepdims=True)
     expected = np.broadcast_to(expected, sums.shape)
     off = ~(np.abs(sums - expected) <= tol * np.maximum(expected, 1)) & ~(empty & (sums == 0))
     if np.any(off):
         target = "1" if not capped else "the budget"
         raise ValueError(
-            f"{name}: probability labels must sum to {target} along axis {axis} (to {tol:.0e}), "
+            f"{name}: probability labels must sum to {target} along {rows.text} (to {tol:.0e}), "
             f"got sums {sums[off][:3]}."
         )
 
@@ -239,7 +249,7 @@ def _fenchel_young_loss(
             total = total.reshape((1,) * (x.ndim - total.ndim) + total.shape)
         else:
             total = jax.lax.stop_gradient(_variants.merge_params(arrays, statics)[0])
-    y, bad, ignored = _labels(name, labels, x, axis, total, table.capped, ignore_index)
+    y, bad, ignored = _labels(name, labels, x, args.layout, total, table.capped, ignore_index)
     if label_smoothing:
         y = _smooth(y, x, axis, label_smoothing, total)
     loss = _fy_loss(x, args.t, y, arrays, axis, v.name, statics)
@@ -247,13 +257,13 @@ def _fenchel_young_loss(
     loss = _args.nan_where(bad, loss)
     if ignored is not None:
         loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
-    return args.finish(loss).squeeze(axis)
+    return args.finish_rows(loss)
 
 
 def softmax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -277,7 +287,9 @@ def softmax_loss(
         ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
         or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
         constants: no gradient flows to them.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient, whatever its label.
@@ -317,7 +329,7 @@ def softmax_loss(
 def sparsemax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -340,7 +352,9 @@ def sparsemax_loss(
         ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
         or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
         constants: no gradient flows to them.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient, whatever its label.
@@ -380,7 +394,7 @@ def sparsemax_loss(
 def entmax15_loss(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -402,7 +416,9 @@ def entmax15_loss(
         ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
         or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
         constants: no gradient flows to them.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient, whatever its label.
@@ -442,7 +458,7 @@ def entmax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     alpha: Numeric = 1.5,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -471,7 +487,9 @@ def entmax_loss(
         ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
         or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
         constants: no gradient flows to them.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient, whatever its label.
@@ -515,7 +533,7 @@ def normmax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     alpha: Numeric = 2.0,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -542,7 +560,9 @@ def normmax_loss(
         ``logits.shape`` (one-hot or soft): entries >= 0 that sum to 1 along ``axis`` (to 1e-3,
         or the labels' dtype's eps if larger). A row of zeros pads a fully masked row. Labels are
         constants: no gradient flows to them.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient, whatever its label.
@@ -583,7 +603,7 @@ def budget_sparsemax_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     budget: Numeric = 2.0,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     temperature: Numeric = 1.0,
     *,
@@ -608,7 +628,9 @@ def budget_sparsemax_loss(
         masked row. Constants: no gradient flows to them.
       budget: a finite number > 0, or an array broadcastable to ``logits`` with ``axis`` kept as
         size 1 (per row). Fixed by the labels, so not differentiated here.
-      axis: the class axis.
+      axis: the class axis: an int or a tuple of ints (the classes are the entries of the
+        flattened axes; integer labels then index them flat, in row-major order of increasing
+        axis, as ``np.ravel_multi_index``).
       where: optional boolean mask broadcastable to ``logits``: the loss of a row equals the loss
         on its unmasked entries alone; ``-inf`` logits count as masked. A fully masked row is
         padding: its loss is 0 with zero gradient.

@@ -12,19 +12,23 @@ from smvariants._numerics import tsallis
 __all__ = ("sparsity", "support_size", "tsallis_entropy")
 
 
-def _prepare(name: str, p: ArrayLike, axis: int, where: ArrayLike | None):
+Axis = int | tuple[int, ...]
+
+
+def _prepare(name: str, p: ArrayLike, axis: Axis, where: ArrayLike | None):
+    """``p`` and ``where`` checked and arranged, their rows along one axis (``_args.Layout``)."""
     p = _args.check_float(name, "p", p)
-    axis = _args.canonical_axis(name, axis, p.ndim, "p")
+    rows = _args.layout(name, axis, p.shape, "p")
     mask = _args.broadcast_mask(name, where, p.shape, "p")
-    return p, axis, mask
+    return rows.arrange(p), rows, None if mask is None else rows.arrange(mask)
 
 
-def support_size(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
+def support_size(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
     r"""Number of entries with non-zero probability: :math:`|\{j : p_j > 0\}|`.
 
     Args:
       p: probabilities, e.g. the output of :func:`smvariants.sparsemax`.
-      axis: the axis of each probability vector.
+      axis: the axis of each probability vector: an int or a tuple of ints (the flattened axes).
       where: optional boolean mask broadcastable to ``p``; only unmasked entries are counted.
 
     Returns:
@@ -39,17 +43,17 @@ def support_size(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -
     References:
       Martins & Astudillo, `From Softmax to Sparsemax <https://arxiv.org/abs/1602.02068>`_, 2016.
     """
-    probs, axis, mask = _prepare("support_size", p, axis, where)
+    probs, rows, mask = _prepare("support_size", p, axis, where)
     on = probs > 0 if mask is None else (probs > 0) & mask
-    return jnp.sum(on, axis=axis, dtype=jnp.int32)
+    return rows.squeeze(jnp.sum(on, axis=rows.axis, dtype=jnp.int32, keepdims=True))
 
 
-def sparsity(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
+def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
     r"""Fraction of exact zeros among the unmasked entries: :math:`|\{j : p_j = 0\}| / n`.
 
     Args:
       p: probabilities.
-      axis: the axis of each probability vector.
+      axis: the axis of each probability vector: an int or a tuple of ints (the flattened axes).
       where: optional boolean mask broadcastable to ``p``; masked entries are not counted (neither
         as zeros nor in ``n``).
 
@@ -67,7 +71,8 @@ def sparsity(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> ja
       Peters, Niculae & Martins, `Sparse Sequence-to-Sequence Models
       <https://arxiv.org/abs/1905.05702>`_, 2019.
     """
-    probs, axis, mask = _prepare("sparsity", p, axis, where)
+    probs, rows, mask = _prepare("sparsity", p, axis, where)
+    axis = rows.axis
     zero = probs == 0
     # Counted in int32 and divided in float32 (or float64): a half-precision count is wrong past
     # 256 (bfloat16) or overflows past 65504 (float16).
@@ -76,11 +81,12 @@ def sparsity(p: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> ja
         n = jnp.asarray(probs.shape[axis], dtype)
     else:
         zero = zero & mask
-        n = jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(dtype)
-    return (jnp.sum(zero, axis=axis, dtype=jnp.int32).astype(dtype) / n).astype(probs.dtype)
+        n = jnp.sum(mask, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
+    zeros = jnp.sum(zero, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
+    return rows.squeeze((zeros / n).astype(probs.dtype))
 
 
-def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: int = -1) -> jax.Array:
+def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: Axis = -1) -> jax.Array:
     r"""Tsallis alpha-entropy, the regulariser whose argmax over the simplex is alpha-entmax.
 
     .. math::
@@ -97,7 +103,7 @@ def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: int = -1) -> j
       p: probabilities along ``axis``.
       alpha: a finite number >= 1, or an array broadcastable to ``p`` with ``axis`` kept as
         size 1. Other values raise ``ValueError``, or give ``nan`` where traced (under ``jit``).
-      axis: the axis of each probability vector.
+      axis: the axis of each probability vector: an int or a tuple of ints (the flattened axes).
 
     Returns:
       An array of ``p``'s shape without ``axis`` and ``p``'s dtype (computed in float32 for half
@@ -116,11 +122,12 @@ def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: int = -1) -> j
     """
     name = "tsallis_entropy"
     p = _args.check_float(name, "p", p)
-    axis = _args.canonical_axis(name, axis, p.ndim, "p")
+    rows = _args.layout(name, axis, p.shape, "p")
     dtype = _args.compute_dtype(p.dtype)
     a, invalid = _args.row_parameter(
-        name, "alpha", alpha, p.shape, axis, dtype, _args.AT_LEAST_ONE, "p"
-    )
+        name, "alpha", alpha, rows.arranged, rows.axis, dtype, _args.AT_LEAST_ONE, "p",
+        axes=rows.text,
+    )  # fmt: skip
     # A traced alpha that is not finite and >= 1 gives nan (value and gradients).
-    h = tsallis(p.astype(dtype), _args.nan_where(invalid, a), axis)
-    return h.squeeze(axis).astype(p.dtype)
+    h = tsallis(rows.arrange(p).astype(dtype), _args.nan_where(invalid, a), rows.axis)
+    return rows.squeeze(h).astype(p.dtype)
