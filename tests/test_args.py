@@ -56,9 +56,10 @@ def test_axis_out_of_range(name):
         NORMALIZERS[name](X, axis=-3)
 
 
-def test_axis_must_be_int(name):
-    with pytest.raises(TypeError, match=r"axis must be an int"):
-        NORMALIZERS[name](X, axis=(0, 1))
+def test_axis_must_be_an_int_or_a_tuple_of_ints(name):
+    for axis in ([0, 1], 1.5):
+        with pytest.raises(TypeError, match=r"axis must be an int or a tuple of ints"):
+            NORMALIZERS[name](X, axis=axis)
 
 
 @pytest.mark.parametrize(
