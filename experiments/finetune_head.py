@@ -490,54 +490,6 @@ def settings_record(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The settings (but RESUME_FREE) that differ between a saved config.json and this run's."""
-    keys = sorted((set(saved) | set(current)) - set(RESUME_FREE))
-    return [
-        f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in keys
-        if saved.get(key) != current.get(key)
-    ]
-
-
-def check_resumable(out: pathlib.Path, record: dict[str, Any]) -> None:
-    """Refuses ``--resume`` on a folder with results from other settings (or of unknown ones)."""
-    existing = [name for name in OUTPUTS if (out / name).exists()]
-    if not existing:
-        return  # nothing to resume: a fresh start
-    path = out / "config.json"
-    try:
-        saved = common.read_json(path)
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise common.UsageError(
-            f"--resume: {out} holds results ({', '.join(existing)}) but no readable config.json; "
-            "use --force to start over"
-        )
-    changed = resume_mismatch(saved, record)
-    if changed:
-        raise common.UsageError(
-            f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
-            "use the same flags, or --force to start over"
-        )
-
-
-def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None:
-    """A variant's run file if it was written with the settings ``config_hash``; else None."""
-    try:
-        saved = common.read_json(path)
-    except (OSError, ValueError):
-        return None
-    ok = (
-        isinstance(saved, dict)
-        and saved.get("config_hash") == config_hash
-        and isinstance(saved.get("runs"), list)
-        and len(saved["runs"]) > 0
-    )
-    return saved if ok else None
-
-
 def logits_hash(path: pathlib.Path) -> str | None:
     """The ``config_hash`` stored in a test_logits.npz, or None (missing, unreadable, older)."""
     try:
@@ -594,7 +546,7 @@ def run(config: Config) -> list[dict[str, Any]]:
         out, OUTPUTS, config.force, config.resume, subfolders=("runs",)
     ) as out:
         if config.resume:
-            check_resumable(out, record)
+            common.check_resumable(out, OUTPUTS, record, RESUME_FREE)
         cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
         if config.force:
             common.remove_outputs(out, stale_outputs(out, cache))
@@ -609,7 +561,7 @@ def run(config: Config) -> list[dict[str, Any]]:
         records, details = [], {}
         for variant in common.progress(variants, desc="variants"):
             path = _run_file(out, variant["spec"])
-            finished = load_finished(path, config_hash) if config.resume else None
+            finished = common.load_finished(path, config_hash) if config.resume else None
             if finished is None:
                 runs = []
                 for seed in range(config.seeds):

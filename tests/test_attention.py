@@ -3,7 +3,6 @@ implementations, jax.nn.dot_product_attention at alpha = 1, errors, memory, the 
 
 import functools
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -147,8 +146,10 @@ def test_values_and_gradients_match_the_float64_reference(case, alpha, implement
     expected_grads = reference.attention_vjp(d_out, q, k, v, alpha=alpha, **ref_kwargs)
     assert sorted(grads) == sorted(expected_grads)
     for name, grad in grads.items():
-        # Gradients sum over rows of float32 products: a few units of 1e-6 of their scale.
-        assert_close(grad, expected_grads[name], tol=3e-6, what=name)
+        # Gradients sum over rows of float32 products: a few units of 1e-6 of their scale (alpha's
+        # sums over every query row and key of its head).
+        tol = 5e-6 if name == "alpha" else 3e-6
+        assert_close(grad, expected_grads[name], tol=tol, what=name)
 
 
 @pytest.mark.parametrize(("case", "alpha"), [("grouped", 1.5), ("lengths", "per_head")])
@@ -395,10 +396,7 @@ assert not jnp.allclose(layer.attention_fn.alpha(), 1.5)  # alpha trains with th
 '''
 
 
-def test_nnx_example_runs_and_is_in_the_readme():
-    done = subprocess.run(
-        [sys.executable, "-c", NNX_EXAMPLE], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "alpha per head" in done.stdout
-    assert NNX_EXAMPLE.strip() in (ROOT / "README.md").read_text()
+def test_nnx_example_is_a_python_block_of_the_readme():
+    """test_docs.test_readme_python_blocks_run runs it (its last line asserts alpha trained)."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"```python\n{NNX_EXAMPLE.strip()}\n```" in readme

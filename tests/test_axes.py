@@ -27,6 +27,20 @@ AXES = [(1, 2), (3, 1), (0, 2, 3), (-3, -1)]
 TWO_AXES = [(1, 2), (3, 1)]
 RTOL, ATOL = 1e-6, 1e-7  # float32: the same rows, laid out differently
 
+
+def _one_per_variant(table):
+    """One case of each variant, with an array parameter where it has one: the rearranging is
+    done once for every variant (in _args), so one case each shows it reaches the variant."""
+    chosen = {}
+    for c in table:
+        if c.name not in chosen or (c.has_arrays and not chosen[c.name].has_arrays):
+            chosen[c.name] = c
+    return list(chosen.values())
+
+
+CASES = _one_per_variant(cases.CASES)
+LOSS_CASES = _one_per_variant(cases.LOSS_CASES)
+
 RNG = np.random.default_rng(15)
 X = (RNG.normal(size=SHAPE) * 2).astype(np.float32)
 W = RNG.normal(size=SHAPE).astype(np.float32)  # weights of a scalar objective
@@ -90,7 +104,7 @@ def normalizer(case):
 # Normalizers.
 
 
-@cases.each(cases.CASES, axes=TWO_AXES)
+@cases.each(CASES, axes=TWO_AXES)
 def test_normalizer_equals_the_flattened_int_axis(case, axes):
     f = normalizer(case)
     rows = jax.jit(lambda x: f(to_rows(x, axes), axis=-1, **case.params))(X)
@@ -116,7 +130,7 @@ def test_softmax_and_log_softmax_equal_jax_nn(axes, masked):
         close(sm.log_softmax(X, axis=axes), jax.nn.log_softmax(X, axis=axes), rtol=1e-5, atol=1e-6)
 
 
-@cases.each(cases.CASES, axes=[(3, 1)])
+@cases.each(CASES, axes=[(3, 1)])
 def test_where_temperature_and_row_parameters_keep_the_reduced_axes(case, axes):
     rng = np.random.default_rng(1)
     f = normalizer(case)
@@ -141,7 +155,7 @@ def test_where_temperature_and_row_parameters_keep_the_reduced_axes(case, axes):
     assert np.all(np.asarray(out)[index] == 0)
 
 
-@cases.each(cases.CASES, axes=[(3, 1)])
+@cases.each(CASES, axes=[(3, 1)])
 def test_gradients_equal_the_flattened_int_axis(case, axes):
     """Reverse and forward mode, in x, the temperature and array parameters."""
     f = normalizer(case)
@@ -177,7 +191,7 @@ def test_gradients_equal_the_flattened_int_axis(case, axes):
     close(jvp(ours), jvp(flat), rtol=1e-5, atol=1e-5)
 
 
-@cases.each(cases.CASES)
+@cases.each(CASES)
 def test_jit_and_vmap(case):
     f = functools.partial(normalizer(case), **case.params)
     expected = jax.jit(lambda x: f(x, axis=(1, 3)))(X)
@@ -187,7 +201,7 @@ def test_jit_and_vmap(case):
     close(jax.jit(jax.vmap(lambda x: f(x, axis=(1, 2)), in_axes=2, out_axes=2))(X), expected)
 
 
-@cases.each(cases.CASES)
+@cases.each(CASES)
 def test_a_tuple_of_one_axis_is_that_axis(case):
     f = functools.partial(normalizer(case), **case.params)
     np.testing.assert_array_equal(f(X, axis=(2,)), f(X, axis=2))
@@ -210,7 +224,7 @@ def test_adjacent_axes_need_no_transpose():
     assert transposes((1, 3)) > transposes(3)
 
 
-@cases.each(cases.CASES)
+@cases.each(CASES)
 def test_empty_tuple_is_rows_of_one_entry(case):
     """As ``jax.nn.softmax(x, axis=())``: each entry its own row, 1 where unmasked (budget: 1
     is the most an entry can hold; rows shorter than the budget are nan, as for an int axis)."""
@@ -238,7 +252,7 @@ def flat_ids(axes, rng):
     return rng.integers(0, k, size=rows), k
 
 
-@cases.each(cases.LOSS_CASES, axes=TWO_AXES)
+@cases.each(LOSS_CASES, axes=[(3, 1)])
 def test_loss_equals_the_flattened_int_axis(case, axes):
     rng = np.random.default_rng(2)
     ids, k = flat_ids(axes, rng)
@@ -255,7 +269,7 @@ def test_loss_equals_the_flattened_int_axis(case, axes):
     close(jax.jit(lambda x: made(x, labels, axis=axes))(X), expected, rtol=1e-5, atol=1e-6)
 
 
-@cases.each(cases.LOSS_CASES)
+@cases.each(LOSS_CASES)
 def test_integer_labels_are_row_major_flat_indices_in_increasing_axis_order(case):
     if not case.integer_labels:
         pytest.skip("labels sum to the budget: no integer class ids")
@@ -270,7 +284,7 @@ def test_integer_labels_are_row_major_flat_indices_in_increasing_axis_order(case
     )
 
 
-@cases.each(cases.LOSS_CASES, axes=[(3, 1)])
+@cases.each(LOSS_CASES, axes=[(3, 1)])
 def test_loss_where_temperature_parameters_and_gradients(case, axes):
     rng = np.random.default_rng(3)
     ids, k = flat_ids(axes, rng)
@@ -315,7 +329,7 @@ def test_loss_where_temperature_parameters_and_gradients(case, axes):
         close(g_ours, g_flat, rtol=1e-5, atol=1e-5)
 
 
-@cases.each(cases.LOSS_CASES)
+@cases.each(LOSS_CASES)
 def test_loss_under_vmap(case):
     rng = np.random.default_rng(4)
     ids, k = flat_ids((1, 3), rng)

@@ -9,27 +9,22 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+import scripts
 
 import reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "benchmark.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import benchmark  # noqa: E402
 import common  # noqa: E402
 
-
-def run_script(*args):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600
-    )
+run_script = scripts.runner("benchmark.py")
 
 
 def test_quick_run(tmp_path):

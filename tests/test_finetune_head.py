@@ -13,6 +13,7 @@ import types
 import jax
 import numpy as np
 import pytest
+import scripts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "finetune_head.py"
@@ -22,8 +23,7 @@ import common  # noqa: E402
 import finetune_head  # noqa: E402
 import sparsity  # noqa: E402
 
-# Several host devices: only the CPU platform has them, so such runs pin it (also on a GPU host).
-FOUR_CPUS = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+FOUR_CPUS = scripts.FOUR_CPUS
 
 
 @pytest.fixture
@@ -37,15 +37,7 @@ def optax_promotion():
         yield
 
 
-def run_script(*args, env=None):
-    env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+run_script = scripts.runner("finetune_head.py")
 
 
 def main_error(argv, capsys):

@@ -2,38 +2,27 @@
 
 import csv
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import scripts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "sparse_attention.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import common  # noqa: E402
 import sparse_attention  # noqa: E402
 
-# Several host devices: only the CPU platform has them, so such runs pin it (also on a GPU host).
-FOUR_CPUS = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+FOUR_CPUS = scripts.FOUR_CPUS
 # Small and fast: two variants (a fixed and a learned alpha), a few steps.
 FLAGS = ["--quick", "--variants", "sparsemax,learned", "--steps", "12", "--alpha-every", "4"]
 FLAGS += ["--eval-size", "24", "--batch-size", "6"]
 
 
-def run_script(*args, env=None):
-    env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+run_script = scripts.runner("sparse_attention.py")
 
 
 @pytest.fixture(scope="module")

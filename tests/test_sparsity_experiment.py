@@ -4,23 +4,18 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import scripts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "sparsity.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import common  # noqa: E402
 import sparsity  # noqa: E402
 
-
-def run_script(*args):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+run_script = scripts.runner("sparsity.py")
 
 
 def test_quick_synthetic_run_and_contents(tmp_path):
