@@ -22,9 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from smvariants import _backend
+
+try:  # the Triton lowering's parts; a jaxlib without them runs the XLA path everywhere
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover (every Linux jaxlib has them)
+    plgpu = None  # type: ignore[assignment]
 
 # Rows up to this many entries (after padding to a power of two) are held by one program. Longer
 # ones stay on the XLA path.
@@ -34,8 +38,8 @@ _TILE = 4096
 
 
 def fits(shape: tuple[int, ...], axis: int) -> bool:
-    """Whether rows of ``shape`` along ``axis`` take a kernel: non-empty, ``<= MAX_COLUMNS``."""
-    return 0 not in shape and shape[axis] <= MAX_COLUMNS
+    """Whether rows of ``shape`` along ``axis`` take a kernel (non-empty, ``<= MAX_COLUMNS``)."""
+    return plgpu is not None and 0 not in shape and shape[axis] <= MAX_COLUMNS
 
 
 def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
