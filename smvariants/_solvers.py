@@ -99,6 +99,16 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 _MAX_INTEGER_POWER = 16  # static alpha = 1 + 1/n up to this n uses integer powers
 
 
+def _integer_power(d: jax.Array | float) -> int:
+    """``n`` where a static ``d`` is ``1/n`` (up to 16), else 0: integer powers serve there."""
+    n = round(1 / d) if isinstance(d, float) and d > 0 else 0
+    # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
+    # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
+    if isinstance(d, float) and 1 <= n <= _MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
+        return n
+    return 0
+
+
 def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
     """``p = [1 + d y]_+^(1/d)`` and ``g = p^(1 - d) = p / (1 + d y)``, smooth through ``d = 0``.
 
@@ -108,11 +118,8 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     """
     finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
     y = jnp.where(finite, y, 0)
-    n = round(1 / d) if isinstance(d, float) and d > 0 else 0
-    d_number = d if isinstance(d, float) else 0.0
-    # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
-    # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
-    if 1 <= n <= _MAX_INTEGER_POWER and abs(d_number * n - 1) <= 8 * _EPS64:
+    n = _integer_power(d)
+    if n:
         b = jnp.where(finite, jnp.maximum(1 + d * y, 0), 0)
         g = lax.integer_pow(b, n - 1) if n > 1 else (b > 0).astype(b.dtype)
         return (b * g if n > 1 else b), g
@@ -150,16 +157,20 @@ def entmax_theta(
 
     Safeguarded Halley on ``h(theta) = log sum_j p_j(theta)`` (decreasing; exactly linear for
     softmax, so ``d = 0`` converges in one step), with ``h' = -sum g / sum p`` and
-    ``h'' = (1 - d) sum(g / (1 + d y)) / sum p - h'^2`` (Newton for ``d >= 1``, where that term
-    is unbounded): third order, two passes fewer than Newton at alpha <= 1.5. The root is
-    bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the largest entry
-    alone has mass 1, at the upper end less than 1 in total. A Newton step that leaves the bracket,
-    or bounces back across it, is replaced by bisection; ``init``, a lower bound of ``theta``, if
-    given, raises the bracket's lower end. Iterates until every row's step is at the dtype's
-    resolution or ``max_iter`` passes. Returns ``theta`` and the number of iterations used.
+    ``h'' = (1 - d) sum(g / (1 + d y)) / sum p - h'^2``: third order, two passes fewer than
+    Newton at alpha <= 1.5. Newton (``h'' = 0``) for ``d >= 1``, where that term is unbounded,
+    and for integer powers (a static ``d = 1/n``), where a pass costs less than the extra sum.
+    The root is bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the
+    largest entry alone has mass 1, at the upper end less than 1 in total. A step that leaves the
+    bracket, or bounces back across it, is replaced by bisection; ``init``, a lower bound of
+    ``theta``, if given, raises the bracket's lower end. Iterates until every row's step is at
+    the dtype's resolution or ``max_iter`` passes. Returns ``theta`` and the iterations used.
     """
     dtype = z.dtype
     eps = jnp.finfo(dtype).eps
+    # Halley's extra sum saves passes where each costs an exp and a log1p per entry; with
+    # integer powers (alpha = 1 + 1/n) a pass is cheap and the sum is not worth it.
+    halley_steps = not _integer_power(d)
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(dtype)
     lo = jnp.zeros_like(n) if init is None else jnp.maximum(init, 0)
@@ -171,21 +182,23 @@ def entmax_theta(
         theta, lo, hi, h_last, _, it = state
         y = z - theta
         p, g = deformed_exp(y, d)
-        # dg/dtheta = -(1 - d) g / (1 + d y): the curvature term of Halley's step.
-        on = g > 0
-        w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
         sp = jnp.sum(p, axis=axis, keepdims=True)
         sg = jnp.sum(g, axis=axis, keepdims=True)
-        sw = jnp.sum(w, axis=axis, keepdims=True)
         h = jnp.log(sp)
         lo = jnp.where(h >= 0, theta, lo)
         hi = jnp.where(h <= 0, theta, hi)
-        # Halley's step on h: h' = -sg / sp, h'' = (1 - d) sw / sp - h'^2 (0 for softmax, where
-        # h is linear). For alpha >= 2 (d >= 1) the curvature is unbounded at the edge of the
-        # support: Newton's step there.
-        h1 = -safe_divide(sg, sp)
-        h2 = jnp.where(d < 1, (1 - d) * safe_divide(sw, sp) - h1 * h1, 0)
-        halley = theta - safe_divide(2 * h * h1, 2 * h1 * h1 - h * h2)
+        h1 = -safe_divide(sg, sp)  # h'
+        if halley_steps:
+            # h'' = (1 - d) sum(w) / sum(p) - h'^2 with w = -dg/dtheta / (1 - d) = g / (1 + d y)
+            # (0 for softmax, where h is linear; Newton's step for alpha >= 2, where it is
+            # unbounded at the edge of the support).
+            on = g > 0
+            w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
+            sw = jnp.sum(w, axis=axis, keepdims=True)
+            h2 = jnp.where(d < 1, (1 - d) * safe_divide(sw, sp) - h1 * h1, 0)
+        else:
+            h2 = jnp.zeros_like(h1)
+        halley = theta - safe_divide(2 * h * h1, 2 * h1 * h1 - h * h2)  # Newton where h2 = 0
         # The step is taken when it stays in the bracket. Right after a sign change of h the
         # bracket is the last two iterates; a step back across more than half of it means the
         # iterates bounce between them (for alpha > 2, where g is unbounded at the edge of the
