@@ -120,8 +120,9 @@ class Variant:
         form it as ``<z, p> - Omega(p)`` from a rounded ``p`` (softmax: logsumexp).
       label_sum: the parameter that the labels' rows must sum to (budget), or ``None`` for 1.
       capped: labels and outputs are at most 1 (budget sparsemax).
-      reduce_rows: long rows use the block reduction (pointless where every entry is in the
-        support: softmax).
+      reduce_rows: long rows use the block reduction, and NVIDIA GPUs run the variant in one
+        Pallas kernel (both pointless where every entry is in the support: softmax, which XLA
+        fuses into one kernel itself).
     """
 
     name: str
@@ -388,6 +389,12 @@ def merge_params(arrays: tuple, statics: tuple) -> tuple:
     return tuple(next(it) if s is None else s for s in statics)
 
 
+def _split(params: tuple) -> tuple[tuple, tuple]:
+    """``(arrays, statics)`` of mixed parameters, the inverse of :func:`merge_params`."""
+    arrays = tuple(p for p in params if isinstance(p, jax.Array))
+    return arrays, tuple(None if isinstance(p, jax.Array) else p for p in params)
+
+
 def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int):
     """``v`` applied to ``x / t``: the threshold of each row, then the output.
 
@@ -416,11 +423,10 @@ def kernel_forward(
     interpret: bool = False,
 ) -> jax.Array:
     """:func:`forward` in a Pallas kernel, rows on chip (``interpret``: on any backend)."""
-    statics = tuple(None if isinstance(p, jax.Array) else p for p in params)
-    arrays = [p for p in params if isinstance(p, jax.Array)]
+    arrays, statics = _split(params)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
     fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
-    per_row = arrays if t is None else [t, *arrays]
+    per_row = list(arrays) if t is None else [t, *arrays]
     fills = fills if t is None else [1.0, *fills]
 
     def rows_fn(x, *per_row):
@@ -437,8 +443,7 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     """
     if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
         return _xla_forward(v, x, t, params, axis)
-    arrays = tuple(p for p in params if isinstance(p, jax.Array))
-    statics = tuple(None if isinstance(p, jax.Array) else p for p in params)
+    arrays, statics = _split(params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
 
     def unpack(operands):
