@@ -118,3 +118,13 @@ def test_kernel_layout_packs_short_rows_and_pads_to_powers_of_two():
     assert _pallas._layout(10, 32000) == (32768, 1, 32)
     assert _pallas.fits((4, _pallas.MAX_COLUMNS), 1)
     assert not _pallas.fits((4, _pallas.MAX_COLUMNS + 1), 1) and not _pallas.fits((0, 5), 1)
+
+
+@cases.each(FIRST_CASES)
+def test_kernel_under_vmap(case, kernels):
+    """vmap adds a grid dimension to the kernel (Pallas' batching rule): the same rows."""
+    x, _ = _rows((18, 20), np.random.default_rng(4))
+    x = jnp.asarray(np.where(np.isnan(x), 0, x).reshape(3, 6, 20), jnp.float32)
+    mapped = jax.vmap(case.ours)(x)
+    for i in range(x.shape[0]):
+        np.testing.assert_allclose(mapped[i], case.ours(x[i]), rtol=1e-6, atol=1e-7)
