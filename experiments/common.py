@@ -628,3 +628,17 @@ def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None
         and len(saved["runs"]) > 0
     )
     return saved if ok else None
+
+
+def check_alpha_range(bounds: Iterable[Any]) -> None:
+    """Refuses a ``--learned-alpha-range`` that is not two finite numbers with 1 <= lo < hi."""
+    bounds = tuple(bounds)
+    if (
+        len(bounds) != 2
+        or not all(is_finite_number(b) for b in bounds)
+        or not 1 <= bounds[0] < bounds[1]
+    ):
+        raise UsageError(
+            "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
+            f"got {','.join(map(str, bounds))}"
+        )

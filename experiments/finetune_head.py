@@ -518,16 +518,7 @@ def check_config(config: Config) -> None:
         raise common.UsageError(f"--split-seed must be an integer, got {config.split_seed!r}")
     if config.split_seed < 0:
         raise common.UsageError(f"--split-seed must be >= 0, got {config.split_seed}")
-    bounds = tuple(config.learned_alpha_range)
-    if (
-        len(bounds) != 2
-        or not all(common.is_finite_number(b) for b in bounds)
-        or not 1 <= bounds[0] < bounds[1]
-    ):
-        raise common.UsageError(
-            "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
-            f"got {','.join(map(str, bounds))}"
-        )
+    common.check_alpha_range(config.learned_alpha_range)
 
 
 def run(config: Config) -> list[dict[str, Any]]:

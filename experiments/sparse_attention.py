@@ -361,16 +361,7 @@ def check_config(config: Config) -> None:
     rate = config.learning_rate
     if not common.is_finite_number(rate) or rate <= 0:
         raise common.UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
-    bounds = tuple(config.learned_alpha_range)
-    if (
-        len(bounds) != 2
-        or not all(common.is_finite_number(b) for b in bounds)
-        or not 1 <= bounds[0] < bounds[1]
-    ):
-        raise common.UsageError(
-            "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
-            f"got {','.join(map(str, bounds))}"
-        )
+    common.check_alpha_range(config.learned_alpha_range)
     unknown = [v for v in config.variants if v not in VARIANTS]
     if unknown or not config.variants:
         raise common.UsageError(
