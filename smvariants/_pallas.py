@@ -55,6 +55,8 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block):
     x_ref, *param_refs, o_ref = refs
     block_rows, columns = block
     start = pl.program_id(0) * jnp.int32(block_rows)  # int32 indices, also under jax_enable_x64
+    # A traced 0, not the literal: the column slice is then dynamic, so a block wider than the
+    # row (padding to a power of two) passes Pallas' static bounds check; the masks cover it.
     first = jnp.int32(0)
     row = start + lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
     col = lax.broadcasted_iota(jnp.int32, (1, columns), 1)

@@ -157,9 +157,10 @@ def entmax_theta(
 
     Safeguarded Halley on ``h(theta) = log sum_j p_j(theta)`` (decreasing; exactly linear for
     softmax, so ``d = 0`` converges in one step), with ``h' = -sum g / sum p`` and
-    ``h'' = (1 - d) sum(g / (1 + d y)) / sum p - h'^2``: third order, two passes fewer than
-    Newton at alpha <= 1.5. Newton (``h'' = 0``) for ``d >= 1``, where that term is unbounded,
-    and for integer powers (a static ``d = 1/n``), where a pass costs less than the extra sum.
+    ``h'' = (1 - d) sum(p^(1 - 2d)) / sum p - h'^2``: third order, two passes fewer than Newton
+    at alpha <= 1.5. Newton (``h'' = 0``) for ``d > 1/2``, where that term is unbounded at the
+    edge of the support, and for integer powers (a static ``d = 1/n``), where a pass costs less
+    than the extra sum.
     The root is bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the
     largest entry alone has mass 1, at the upper end less than 1 in total. A step that leaves the
     bracket, or bounces back across it, is replaced by bisection; ``init``, a lower bound of
@@ -190,12 +191,12 @@ def entmax_theta(
         h1 = -safe_divide(sg, sp)  # h'
         if halley_steps:
             # h'' = (1 - d) sum(w) / sum(p) - h'^2 with w = -dg/dtheta / (1 - d) = g / (1 + d y)
-            # (0 for softmax, where h is linear; Newton's step for alpha >= 2, where it is
-            # unbounded at the edge of the support).
+            # = p^(1 - 2d) (0 for softmax, where h is linear; Newton's step for alpha > 1.5,
+            # where w is unbounded at the edge of the support).
             on = g > 0
             w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
             sw = jnp.sum(w, axis=axis, keepdims=True)
-            h2 = jnp.where(d < 1, (1 - d) * safe_divide(sw, sp) - h1 * h1, 0)
+            h2 = jnp.where(d <= 0.5, (1 - d) * safe_divide(sw, sp) - h1 * h1, 0)
         else:
             h2 = jnp.zeros_like(h1)
         halley = theta - safe_divide(2 * h * h1, 2 * h1 * h1 - h * h2)  # Newton where h2 = 0
