@@ -158,9 +158,9 @@ def entmax_theta(
     Safeguarded Halley on ``h(theta) = log sum_j p_j(theta)`` (decreasing; exactly linear for
     softmax, so ``d = 0`` converges in one step), with ``h' = -sum g / sum p`` and
     ``h'' = (1 - d) sum(p^(1 - 2d)) / sum p - h'^2``: third order, two passes fewer than Newton
-    at alpha <= 1.5. Newton (``h'' = 0``) for ``d > 1/2``, where that term is unbounded at the
-    edge of the support, and for integer powers (a static ``d = 1/n``), where a pass costs less
-    than the extra sum.
+    at alpha <= 1.5. Its correction to Newton's step is clipped (``h''`` is unbounded at the edge
+    of the support for alpha > 1.5); Newton for alpha >= 2 and for integer powers (a static
+    ``d = 1/n``), where a pass costs less than the extra sum.
     The root is bracketed by ``[0, (1 - n^-d)/d]`` (``n`` unmasked entries): at ``theta = 0`` the
     largest entry alone has mass 1, at the upper end less than 1 in total. A step that leaves the
     bracket, or bounces back across it, is replaced by bisection; ``init``, a lower bound of
@@ -188,18 +188,21 @@ def entmax_theta(
         h = jnp.log(sp)
         lo = jnp.where(h >= 0, theta, lo)
         hi = jnp.where(h <= 0, theta, hi)
-        h1 = -safe_divide(sg, sp)  # h'
+        h1 = -safe_divide(sg, sp)  # h' (< 0)
+        delta = h * safe_divide(sp, sg)  # Newton's step, -h / h'
         if halley_steps:
-            # h'' = (1 - d) sum(w) / sum(p) - h'^2 with w = -dg/dtheta / (1 - d) = g / (1 + d y)
-            # = p^(1 - 2d) (0 for softmax, where h is linear; Newton's step for alpha > 1.5,
-            # where w is unbounded at the edge of the support).
+            # Halley's step is Newton's over 1 - r, r = h h'' / (2 h'^2), with
+            # h'' = (1 - d) sum(w) / sum(p) - h'^2 and w = g / (1 + d y) = p^(1 - 2d) (r = 0 for
+            # softmax, where h is linear). For alpha > 1.5 w is unbounded at the edge of the
+            # support, so r is clipped to [-1/2, 1/2]: the step stays within [2/3, 2] of Newton's
+            # (never a tiny step that would pass for convergence), and near the root, where r
+            # -> 0 with h, it is Halley's. alpha >= 2: Newton.
             on = g > 0
             w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
-            sw = jnp.sum(w, axis=axis, keepdims=True)
-            h2 = jnp.where(d <= 0.5, (1 - d) * safe_divide(sw, sp) - h1 * h1, 0)
-        else:
-            h2 = jnp.zeros_like(h1)
-        halley = theta - safe_divide(2 * h * h1, 2 * h1 * h1 - h * h2)  # Newton where h2 = 0
+            h2 = (1 - d) * safe_divide(jnp.sum(w, axis=axis, keepdims=True), sp) - h1 * h1
+            r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
+            delta = jnp.where(d < 1, delta / (1 - r), delta)
+        halley = theta + delta
         # The step is taken when it stays in the bracket. Right after a sign change of h the
         # bracket is the last two iterates; a step back across more than half of it means the
         # iterates bounce between them (for alpha > 2, where g is unbounded at the edge of the
