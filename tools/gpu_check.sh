@@ -3,7 +3,7 @@
 # each part time-boxed, so that the whole fits in about 9 minutes of one `run` call.
 #
 # Before the call, here (once):
-#   echo /.whl/ >> .git/info/exclude
+#   (.whl/ is in .gitignore)
 #   python3 -m pip download --no-deps entmax==1.3 adasplash==0.2.2 -d .whl   # pure-Python wheels
 # The call (from the repo root; name .whl in `carry`, leave a minute for the transfers):
 #   bash tools/gpu_check.sh          with timeout_s=600
