@@ -434,26 +434,17 @@ def _row_max(s: jax.Array) -> jax.Array:
 def _newton(evaluate, theta, lo, hi, done, max_iter):
     """Safeguarded Newton on ``h(theta) = log sum_j p_j(theta)`` for the rows not ``done``.
 
-    ``evaluate(theta) -> (sum p, sum g)`` per row (``h' = -sum g / sum p``). As
-    ``_solvers.entmax_theta``: the root is kept bracketed in ``[lo, hi]``; a step that leaves the
-    bracket or bounces back across it is replaced by bisection; a row stops when its step is at
-    the dtype's resolution. Rows already ``done`` keep their ``theta``.
+    ``evaluate(theta) -> (sum p, sum g)`` per row (``h' = -sum g / sum p``). Each step is
+    :func:`smvariants._solvers.bracketed_step`, as in ``_solvers.entmax_theta``. Rows already
+    ``done`` keep their ``theta``.
     """
-    eps = jnp.finfo(theta.dtype).eps
 
     def body(state):
         theta, lo, hi, h_last, done, _, it = state
         sp, sg = evaluate(theta)
         h = jnp.log(sp)
-        lo = jnp.where(h >= 0, theta, lo)
-        hi = jnp.where(h <= 0, theta, hi)
-        newton = theta + h * safe_divide(sp, sg)
-        step = jnp.abs(newton - theta)
-        bounce = (h * h_last < 0) & (2 * step > hi - lo) & (step > 4 * eps * jnp.abs(newton))
-        use_newton = (newton >= lo) & (newton <= hi) & ~bounce
-        new = jnp.where(use_newton, newton, 0.5 * (lo + hi))
-        new = jnp.where(jnp.isnan(h), jnp.nan, new)
-        converged = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
+        step = h * safe_divide(sp, sg)
+        new, lo, hi, converged = _solvers.bracketed_step(theta, step, h, h_last, lo, hi)
         new = jnp.where(done, theta, new)
         done = done | converged
         return new, lo, hi, h, done, jnp.all(done), it + 1

@@ -146,6 +146,39 @@ def theta_upper_bound(n: jax.Array, d: jax.Array | float) -> jax.Array:
     return log_n * ratio
 
 
+def bracketed_step(
+    theta: jax.Array,
+    delta: jax.Array,
+    h: jax.Array,
+    h_last: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One safeguarded step on a decreasing ``h(theta)``: ``(new, lo, hi, converged)`` per row.
+
+    ``h`` is the value at ``theta``, ``h_last`` the previous one, ``delta`` the proposed step
+    (Newton's or Halley's). The bracket ``[lo, hi]`` is narrowed by the sign of ``h``; the step
+    is taken when it stays in the bracket. Right after a sign change of ``h`` the bracket is the
+    last two iterates; a step back across more than half of it means the iterates bounce between
+    them (for alpha > 2, where ``g`` is unbounded at the edge of the support, Newton can do so
+    forever), so it is replaced by bisection unless it is at rounding level. A row with nan has
+    no solution: its ``theta`` is nan, so that its output is nan (the row maximum cannot flag it:
+    XLA:CPU's max-reduction of rows >= 2048 long can drop nan). A row has converged when its step
+    is at rounding level, or it is nan (it keeps its value without holding up the batch).
+    """
+    eps = jnp.finfo(theta.dtype).eps
+    lo = jnp.where(h >= 0, theta, lo)
+    hi = jnp.where(h <= 0, theta, hi)
+    proposal = theta + delta
+    size = jnp.abs(proposal - theta)
+    bounce = (h * h_last < 0) & (2 * size > hi - lo) & (size > 4 * eps * jnp.abs(proposal))
+    take = (proposal >= lo) & (proposal <= hi) & ~bounce
+    new = jnp.where(take, proposal, 0.5 * (lo + hi))
+    new = jnp.where(jnp.isnan(h), jnp.nan, new)
+    converged = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
+    return new, lo, hi, converged
+
+
 def entmax_theta(
     z: jax.Array,
     d: jax.Array | float,
@@ -168,7 +201,6 @@ def entmax_theta(
     the dtype's resolution or ``max_iter`` passes. Returns ``theta`` and the iterations used.
     """
     dtype = z.dtype
-    eps = jnp.finfo(dtype).eps
     # Halley's extra sum saves passes where each costs an exp and a log1p per entry; with
     # integer powers (alpha = 1 + 1/n) a pass is cheap and the sum is not worth it.
     halley_steps = not _integer_power(d)
@@ -186,8 +218,6 @@ def entmax_theta(
         sp = jnp.sum(p, axis=axis, keepdims=True)
         sg = jnp.sum(g, axis=axis, keepdims=True)
         h = jnp.log(sp)
-        lo = jnp.where(h >= 0, theta, lo)
-        hi = jnp.where(h <= 0, theta, hi)
         h1 = -safe_divide(sg, sp)  # h' (< 0)
         delta = h * safe_divide(sp, sg)  # Newton's step, -h / h'
         if halley_steps:
@@ -202,22 +232,7 @@ def entmax_theta(
             h2 = (1 - d) * safe_divide(jnp.sum(w, axis=axis, keepdims=True), sp) - h1 * h1
             r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
             delta = jnp.where(d < 1, delta / (1 - r), delta)
-        halley = theta + delta
-        # The step is taken when it stays in the bracket. Right after a sign change of h the
-        # bracket is the last two iterates; a step back across more than half of it means the
-        # iterates bounce between them (for alpha > 2, where g is unbounded at the edge of the
-        # support, Newton can do so forever), so it is replaced by bisection unless it is at
-        # rounding level.
-        step = jnp.abs(halley - theta)
-        bounce = (h * h_last < 0) & (2 * step > hi - lo) & (step > 4 * eps * jnp.abs(halley))
-        take = (halley >= lo) & (halley <= hi) & ~bounce
-        new = jnp.where(take, halley, 0.5 * (lo + hi))
-        # A row with nan has no solution: its theta is nan, so that its output is nan (the row
-        # maximum cannot flag it: XLA:CPU's max-reduction of rows >= 2048 long can drop nan).
-        new = jnp.where(jnp.isnan(h), jnp.nan, new)
-        # A row is done when its step is at rounding level, or it has no finite solution
-        # (nan rows and fully masked rows keep their value without holding up the batch).
-        done = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
+        new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
         done = done | (n == 0)
         return new, lo, hi, h, all_true(done), it + 1
 
