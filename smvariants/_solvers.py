@@ -499,6 +499,8 @@ _BLOCK = 16  # entries per block; each keeps its two largest: the subset is 1/8 
 _DIRECT = 512  # rows at most this long are solved directly
 # Failing rows are gathered and re-solved in a batch of 1/32 or 1/4 of the rows, the smaller one
 # that holds them (at that fraction of the cost of re-solving every row); more re-solve them all.
+# A subset's failing rows (1/8 of a row long or less) are all re-solved: a solver in each branch
+# costs compile time (about 0.15 s each on a CPU), and a subset's re-solve costs little.
 _FIX_FRACTIONS = (32, 4)
 
 
@@ -622,7 +624,7 @@ def _max_and_threshold(x, temperature, axis, solve, in_support, params):
     # A subset can have no solution where the row has one (budget sparsemax: fewer entries than
     # the budget); a nan row is re-solved too, and stays nan.
     bad = bad | jnp.isnan(t)
-    return m, _resolve_rows(x, m, temperature, axis, t, bad, solve, params)
+    return m, _resolve_rows(x, m, temperature, axis, t, bad, solve, params, _FIX_FRACTIONS)
 
 
 def _shifted_threshold(z, axis, solve, in_support, params):
@@ -632,13 +634,17 @@ def _shifted_threshold(z, axis, solve, in_support, params):
     sub, third = block_top3(z, axis)
     t = _shifted_threshold(sub, axis, solve, in_support, params)
     bad = jnp.any(in_support(third, t, *params), axis=axis, keepdims=True) | jnp.isnan(t)
-    return _resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params)
+    return _resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, ())
 
 
-def _resolve_rows(x, m, temperature, axis, t, bad, solve, params):
-    """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``."""
+def _resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions):
+    """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``.
+
+    Failing rows are gathered into the smallest batch of ``1/f`` of the rows (``f`` in
+    ``fractions``) that holds them, or every row is re-solved.
+    """
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    sizes = sorted({max(1, rows.shape[0] // f) for f in _FIX_FRACTIONS})
+    sizes = sorted({max(1, rows.shape[0] // f) for f in fractions})
 
     def as_rows(a):  # a per-row value (axis kept as size 1), one row each
         return jnp.broadcast_to(a, t.shape).reshape(-1, 1)
