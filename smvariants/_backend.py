@@ -49,6 +49,7 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
     dot's accumulation order depends on the batch, so closed forms that need an accurate sum use
     :func:`smvariants._numerics.accurate_sum` instead.
     """
+    axis = axis % a.ndim
 
     def plain(a):
         return jnp.sum(a, axis=axis, keepdims=True)

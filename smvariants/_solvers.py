@@ -211,12 +211,20 @@ def entmax_theta(
     shape = jnp.broadcast_shapes(hi.shape, lo.shape)
     lo, hi = jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape)
 
+    def total(a):
+        # A pass with an exp and a log1p per entry is computed as a loop fusion and summed on
+        # its own (on XLA:CPU a reduction that computes its operand does so without vectors,
+        # several times slower); integer powers are cheap enough to sum as they are computed.
+        if halley_steps:
+            return _backend.row_sum(a, axis)
+        return jnp.sum(a, axis=axis, keepdims=True)
+
     def body(state):
         theta, lo, hi, h_last, _, it = state
         y = z - theta
         p, g = deformed_exp(y, d)
-        sp = jnp.sum(p, axis=axis, keepdims=True)
-        sg = jnp.sum(g, axis=axis, keepdims=True)
+        sp = total(p)
+        sg = total(g)
         h = jnp.log(sp)
         h1 = -safe_divide(sg, sp)  # h' (< 0)
         delta = h * safe_divide(sp, sg)  # Newton's step, -h / h'
@@ -229,7 +237,7 @@ def entmax_theta(
             # -> 0 with h, it is Halley's. alpha >= 2: Newton.
             on = g > 0
             w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
-            h2 = (1 - d) * safe_divide(jnp.sum(w, axis=axis, keepdims=True), sp) - h1 * h1
+            h2 = (1 - d) * safe_divide(total(w), sp) - h1 * h1
             r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
             delta = jnp.where(d < 1, delta / (1 - r), delta)
         new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
