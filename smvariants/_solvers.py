@@ -368,8 +368,8 @@ def normmax_threshold(
         tau, _, it = state
         b = jnp.maximum(z - tau, 0)  # -inf entries: 0
         b_km1 = _power(b, k_minus_1)
-        s_k = jnp.sum(b * b_km1, axis=axis, keepdims=True)  # ||b||_k^k
-        s_km1 = jnp.sum(b_km1, axis=axis, keepdims=True)
+        s_k = _backend.row_sum(b * b_km1, axis)  # ||b||_k^k
+        s_km1 = _backend.row_sum(b_km1, axis)
         norm = jnp.exp(jnp.log(s_k) / (1 + k_minus_1))
         # G / -G' = (norm - 1) norm^(k - 1) / s_(k - 1).
         step = (norm - 1) * safe_divide(s_k / jnp.maximum(norm, jnp.finfo(z.dtype).tiny), s_km1)
