@@ -437,9 +437,8 @@ def budget_threshold(
         # The pieces just above tau (an entry at r = 1 is free there, one at r = 0 is not), whose
         # extent is [tau + below, tau + above]; f itself is the same either way.
         free = (r > 0) & (r <= 1)
-        k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
-        capped = jnp.sum(r > 1, axis=axis, keepdims=True).astype(z.dtype)
-        f = capped + jnp.sum(jnp.where(free, r, 0), axis=axis, keepdims=True) - budget
+        k = _backend.row_sum(free.astype(z.dtype), axis)
+        f = _backend.row_sum(jnp.clip(r, 0, 1), axis) - budget  # -inf (masked): 0
         # The breakpoints nearest below and above tau, relative to it.
         below = jnp.max(
             jnp.where(r <= 0, r, jnp.where(r <= 1, r - 1, -jnp.inf)), axis, keepdims=True
