@@ -3,7 +3,8 @@
 Rows longer than ``_solvers._DIRECT`` are solved on the two largest entries of each block and
 certified by each block's third largest entry, which bounds every entry left out. These tests
 build rows that pass the certificate, batches where a few or several rows fail it (gathered and
-re-solved in a batch of 1/32 or 1/4 of the rows) and batches where most fail (all re-solved), and
+re-solved in a batch of 1/32 or 1/4 of the rows), batches where most fail (all re-solved), and
+rows long enough for the subset to be reduced again (whose failing rows are all re-solved), and
 check every output against the float64 NumPy reference.
 """
 
@@ -155,6 +156,18 @@ def test_reduced_equals_direct_solve(in_block):
     direct = _solvers.sparsemax_threshold(x - jnp.max(x, 1, keepdims=True), 1)
     m, reduced = _solvers.max_and_threshold(x, None, 1, _solvers.sparsemax_threshold, jnp.greater)
     np.testing.assert_array_equal(m, jnp.max(x, 1, keepdims=True))
+    np.testing.assert_allclose(reduced, direct, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.01])  # 0.01: dense rows, every level's check fails
+def test_inner_levels_re_solve_exactly(scale):
+    # A subset of 5000 entries (of a row of 40000) is reduced again (5000 -> 632 -> 80), and the
+    # rows that fail there are all re-solved; checked without the outer level's own re-solve.
+    x = np.random.default_rng(7).normal(size=(8, 5000)) * scale
+    z = jnp.asarray(x - x.max(1, keepdims=True))
+    solve = _solvers.sparsemax_threshold
+    direct = solve(z, 1)
+    reduced = _solvers._shifted_threshold(z, 1, solve, jnp.greater, ())
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
 
 
