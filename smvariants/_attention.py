@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from smvariants import _solvers
-from smvariants._numerics import psi
+from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import safe_divide
 
 IMPLEMENTATIONS = ("xla", "chunked")
@@ -518,20 +518,6 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     return m, theta
 
 
-def _power_terms(p: jax.Array, d: Any) -> tuple[jax.Array, jax.Array]:
-    """``p l^2 psi(-d l)`` and ``p l`` (``l = log p``), for ``dp/dalpha`` (see ``_variants``)."""
-    on = p > 0
-    log_p = jnp.log(jnp.where(on, p, 1))
-    x = -d * log_p  # >= 0
-    small = x < 1
-    d_safe = jnp.where(d == 0, 1, d) if isinstance(d, jax.Array) else (d or 1.0)
-    g = jnp.where(on, jnp.exp((1 - d) * log_p), 0)
-    p_r = jnp.where(
-        small, p * log_p**2 * psi(jnp.where(small, x, 0)), (g - p - p * x) / (d_safe * d_safe)
-    )
-    return jnp.where(on, p_r, 0), jnp.where(on, p * log_p, 0)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def chunked_core(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha):
     """The chunked attention output ``[B, K, G, T, H]`` (inputs padded to whole chunks)."""
@@ -546,7 +532,6 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
     m, theta = _threshold(statics, score, n_chunks, alpha, row_shape, dtype)
     d = _d(statics, alpha)
     softmax = statics.alpha == 1
-    learned = statics.alpha is None
     zero_rows = jnp.zeros(row_shape, dtype)
 
     def accumulate(carry, i):
@@ -557,30 +542,24 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
             g = p
         else:
             p, g = _solvers.deformed_exp(s - m - theta, d)
-        out, sp, w, sg, r_bar, h = carry
+        out, sp, w, sg = carry
         out = out + jnp.einsum("bkgtc,bkch->bkgth", p, vc)
         sp = sp + jnp.sum(p, -1, keepdims=True)
         if not softmax:
             w = w + jnp.einsum("bkgtc,bkch->bkgth", g, vc)
             sg = sg + jnp.sum(g, -1, keepdims=True)
-        if learned:
-            p_r, p_l = _power_terms(p, d)
-            r_bar = r_bar + jnp.sum(p_r, -1, keepdims=True)
-            h = h + jnp.sum(p_l, -1, keepdims=True)
-        return (out, sp, w, sg, r_bar, h), None
+        return (out, sp, w, sg), None
 
     zero_out = jnp.zeros(q.shape[:-1] + (v.shape[-1],), dtype)
-    init = (zero_out, zero_rows, zero_out, zero_rows, zero_rows, zero_rows)
-    (out, sp, w, sg, r_bar, h), _ = lax.scan(
-        accumulate, init, jnp.arange(n_chunks, dtype=jnp.int32)
-    )
+    init = (zero_out, zero_rows, zero_out, zero_rows)
+    (out, sp, w, sg), _ = lax.scan(accumulate, init, jnp.arange(n_chunks, dtype=jnp.int32))
     out = safe_divide(out, sp)  # renormalised once; a fully masked row: 0 / 0 -> 0
     if softmax:
-        w, sg = out, sp
+        w = out
     else:
         w = safe_divide(w, sg)
-    residuals = (q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, out, w, sg)
-    return out, residuals + (r_bar, h)
+    residuals = (q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, w)
+    return out, residuals
 
 
 def _chunked_fwd(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha):
@@ -594,9 +573,7 @@ def _reduce_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _chunked_bwd(statics, residuals, d_out):
-    q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, out, w, sg, r_bar, h = (
-        residuals
-    )
+    q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, w = residuals
     dtype = q.dtype
     c = statics.chunk
     n_chunks = k.shape[2] // c
@@ -609,7 +586,7 @@ def _chunked_bwd(statics, residuals, d_out):
     zero_rows = jnp.zeros(centre.shape, dtype)
 
     def step(carry, i):
-        dq, d_bias, s1, s2 = carry
+        dq, d_bias, d_alpha = carry
         s = score(i)
         kc = lax.dynamic_slice_in_dim(k, i * c, c, axis=2)
         vc = lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
@@ -630,26 +607,18 @@ def _chunked_bwd(statics, residuals, d_out):
                 d_bias = d_bias + piece
             else:
                 d_bias = lax.dynamic_update_slice_in_dim(d_bias, piece, i * c, axis=4)
-        if learned:
-            p_r, p_l = _power_terms(p, d)
-            s1 = s1 + jnp.sum(p_r * d_p, -1, keepdims=True)
-            s2 = s2 + jnp.sum(p_l * d_p, -1, keepdims=True)
-        return (dq, d_bias, s1, s2), (dk, dv)
+        if learned:  # dp/dalpha = J w (entmax_alpha_tangent): summed against dP, it is ds . w
+            d_alpha = d_alpha + jnp.sum(ds * entmax_alpha_tangent(p, d), -1, keepdims=True)
+        return (dq, d_bias, d_alpha), (dk, dv)
 
     d_bias0 = None if bias is None else jnp.zeros(bias.shape, dtype)
-    init = (jnp.zeros_like(q), d_bias0, zero_rows, zero_rows)
-    (dq, d_bias, s1, s2), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    init = (jnp.zeros_like(q), d_bias0, zero_rows)
+    (dq, d_bias, d_alpha), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
 
     def unchunk(a):  # [n, B, K, C, H] -> [B, K, n C, H]
         return jnp.moveaxis(a, 0, 2).reshape(k.shape)
 
-    d_alpha = None
-    if learned:
-        # dp_j/dalpha = (p_j Rbar - pR_j - d (p_j l_j Rbar - H pR_j)) / sum(g) (``_variants``):
-        # summed against dP_ij, with sum_j p_ij dP_ij = do_i . o_i.
-        po = jnp.sum(d_out * out, -1, keepdims=True)
-        rows = safe_divide(po * r_bar - s1 - d * (r_bar * s2 - h * s1), sg)
-        d_alpha = jnp.sum(rows, axis=(0, 3), keepdims=True)
+    d_alpha = jnp.sum(d_alpha, axis=(0, 3), keepdims=True) if learned else None
     return dq, unchunk(dk), unchunk(dv), d_bias, None, None, None, d_alpha
 
 

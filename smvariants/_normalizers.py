@@ -270,7 +270,8 @@ def entmax(
 
     A Python-number ``alpha`` of 1, 1.5 or 2 uses the exact :func:`softmax`, :func:`entmax15` or
     :func:`sparsemax`. An array ``alpha`` always takes the general path and is differentiable:
-    ``dp/dalpha`` is closed form (Correia et al., 2019), evaluated without cancellation near 1.
+    ``dp/dalpha`` is closed form (Correia et al., 2019), a perturbation of the logits evaluated
+    without cancellation near 1.
 
     Args:
       x: logits, a floating-point array.

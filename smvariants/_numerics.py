@@ -123,11 +123,41 @@ def _expm1_ratio_jvp(primals, tangents):
 
 
 def psi(x: jax.Array) -> jax.Array:
-    """``(exp(x) - 1 - x) / x^2`` for ``0 <= x < 1`` by its Taylor series, accurate to float64."""
+    """``(exp(x) - 1 - x) / x^2`` for ``|x| < 1`` by its Taylor series, accurate to float64."""
     out = jnp.full_like(x, 1 / math.factorial(18))
     for n in range(15, -1, -1):
         out = out * x + 1 / math.factorial(n + 2)
     return out
+
+
+def entmax_alpha_tangent(p: jax.Array, d: jax.Array | float) -> jax.Array:
+    """``w`` with ``dp/dalpha = J w``: alpha-entmax's derivative in alpha as a logit perturbation.
+
+    ``J = diag(g) - g g^T / sum(g)`` (``g = p^(1 - d)``) is the Jacobian in the logits and
+    ``d = alpha - 1``. With ``l = log p`` on the support, ``d log p_j / dd`` at a fixed threshold
+    is ``u_j = ((1 - p_j^-d) / d - l_j) / d`` and ``dp_j/dtheta = -g_j``; the threshold moves to
+    keep ``sum p = 1``, so ``dp/dalpha = p u - g sum(p u) / sum(g) = J w`` with ``w = u p^d``:
+
+      w_j = (p_j^d (1 - y_j) - 1) / d^2 = l_j^2 (psi(y_j) (1 - y_j) - 1),   y_j = d l_j <= 0.
+
+    The second form for ``|y| < 1`` (no cancellation as d -> 0, where ``w = -l^2 / 2``: softmax),
+    the first beyond; ``w`` is bounded as ``p^d <= 1``, and 0 off the support. It is Correia et
+    al. (2019)'s ``(p - g_hat) / d^2 - (p log p - g_hat H) / d`` without its two O(1/d) terms;
+    as a logit tangent it shares ``J`` with the logits' own, and the backward pass keeps no extra
+    array of the input's size.
+    """
+    on = p > 0
+    log_p = jnp.log(jnp.where(on, p, 1))
+    y = d * log_p
+    small = y > -1
+    y_small = jnp.where(small, y, 0)
+    d_large = jnp.where(small, 1, d)  # d > 0 wherever y <= -1
+    w = jnp.where(
+        small,
+        log_p**2 * (psi(y_small) * (1 - y_small) - 1),
+        (jnp.exp(y) * (1 - y) - 1) / (d_large * d_large),
+    )
+    return jnp.where(on, w, 0)
 
 
 def tsallis(p: jax.Array, alpha: jax.Array | float, axis: int) -> jax.Array:

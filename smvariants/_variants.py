@@ -30,8 +30,8 @@ from smvariants import _args
 from smvariants import _backend
 from smvariants import _pallas
 from smvariants import _solvers
+from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import expm1_ratio
-from smvariants._numerics import psi
 from smvariants._numerics import safe_divide
 from smvariants._numerics import tsallis
 
@@ -116,6 +116,10 @@ class Variant:
         ``g`` form above.
       param_tangents: ``{name: dp_dparam(p, axis, *params)}`` for the differentiable
         parameters.
+      logit_tangents: ``{name: w(p, axis, *params)}`` for parameters whose derivative is a
+        perturbation ``w`` of the logits, ``dp/dparam = J w`` (the ``g`` form above; instead of
+        ``param_tangents``). The backward pass then applies ``J`` once for the logits and these
+        parameters together, and keeps no other array of the input's size.
       conjugate: ``conjugate(z, axis, *params) -> Omega*(z)``, exact, where the loss should not
         form it as ``<z, p> - Omega(p)`` from a rounded ``p`` (softmax: logsumexp).
       label_sum: the parameter that the labels' rows must sum to (budget), or ``None`` for 1.
@@ -136,6 +140,7 @@ class Variant:
     exact: Callable[..., str | None] = lambda *params: None
     tangent: Callable[..., jax.Array] | None = None
     param_tangents: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
+    logit_tangents: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
     conjugate: Callable[..., jax.Array] | None = None
     label_sum: str | None = None
     capped: bool = False
@@ -224,37 +229,6 @@ def _entmax_phi(p, axis, alpha, max_iter=None):
     return log_p * expm1_ratio((alpha - 1) * log_p)
 
 
-def _entmax_dp_dalpha(p, axis, alpha, max_iter=None):
-    """Closed-form ``dp/dalpha`` of alpha-entmax, stable through alpha = 1 and alpha = 2.
-
-    Correia et al. (2019) give ``dp/dalpha = (p - g_hat) / d^2 - (p log p - g_hat H) / d`` with
-    ``d = alpha - 1``, ``g_hat = g / sum(g)`` and ``H = sum p log p``. Both terms are O(1/d) and
-    cancel as d -> 0. Writing ``p_j^-d = 1 - d l_j + R_j d^2`` (``l = log p``) the cancellation is
-    done by hand, leaving
-
-      dp_j/dalpha = (p_j Rbar - pR_j - d (p_j l_j Rbar - H pR_j)) / sum(g),
-
-    with ``pR_j = p_j R_j = p_j l_j^2 psi(-d l_j)``, ``psi(x) = (e^x - 1 - x) / x^2`` and
-    ``Rbar = sum pR``. At d = 0 it is the softmax limit ``p (sum p l^2 - l^2) / 2``.
-    """
-    d = alpha - 1
-    g = _entmax_g(p, alpha)
-    log_p = _log_p(p)
-    x = -d * log_p  # >= 0
-    small = x < 1
-    d_safe = jnp.where(d == 0, 1, d)
-    p_r = jnp.where(
-        small,
-        p * log_p**2 * psi(jnp.where(small, x, 0)),
-        (g - p - p * x) / (d_safe * d_safe),
-    )
-    p_r = jnp.where(p > 0, p_r, 0)
-    r_bar = jnp.sum(p_r, axis=axis, keepdims=True)
-    h = jnp.sum(p * log_p, axis=axis, keepdims=True)
-    num = p * r_bar - p_r - d * (p * log_p * r_bar - h * p_r)
-    return safe_divide(num, jnp.sum(g, axis=axis, keepdims=True))
-
-
 def _entmax_solve(z, axis, init, alpha, max_iter):
     return _solvers.entmax_theta(z, alpha - 1, axis, max_iter, init)[0]
 
@@ -271,7 +245,7 @@ ENTMAX = Variant(
     regulariser=lambda p, axis, alpha, max_iter: -tsallis(p, alpha, axis),
     params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
     exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),
-    param_tangents={"alpha": _entmax_dp_dalpha},
+    logit_tangents={"alpha": lambda p, axis, alpha, max_iter: entmax_alpha_tangent(p, alpha - 1)},
 )
 
 
@@ -479,17 +453,24 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
 
     def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics):
         params = merge_params(arrays, statics)
-        terms = []
-        if x_dot is not None or t_dot is not None:
-            dz = logit_tangent(x_dot, t, t_dot, lambda: v.phi(p, axis, *params))
+        terms, logit_terms = [], []
+        names = [q.name for q, s in zip(v.params, statics, strict=True) if s is None]
+        for name, a_dot in zip(names, arrays_dot, strict=True):
+            if a_dot is None:
+                continue
+            if name in v.logit_tangents:
+                logit_terms.append(v.logit_tangents[name](p, axis, *params) * a_dot)
+            else:
+                terms.append(v.param_tangents[name](p, axis, *params) * a_dot)
+        if x_dot is not None or t_dot is not None or logit_terms:
+            dz = 0
+            if x_dot is not None or t_dot is not None:
+                dz = logit_tangent(x_dot, t, t_dot, lambda: v.phi(p, axis, *params))
+            dz = sum(logit_terms, dz)
             if v.tangent is None:
                 terms.append(simplex_jvp(v.g(p, *params), dz, axis))
             else:
                 terms.append(v.tangent(p, dz, axis, *params))
-        names = [q.name for q, s in zip(v.params, statics, strict=True) if s is None]
-        for name, a_dot in zip(names, arrays_dot, strict=True):
-            if a_dot is not None:
-                terms.append(v.param_tangents[name](p, axis, *params) * a_dot)
         return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
 
     @partial(core.defjvp, symbolic_zeros=True)
