@@ -613,12 +613,12 @@ def _chunked_bwd(statics, residuals, d_out):
 
     d_bias0 = None if bias is None else jnp.zeros(bias.shape, dtype)
     init = (jnp.zeros_like(q), d_bias0, zero_rows)
-    (dq, d_bias, d_alpha), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    (dq, d_bias, d_rows), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
 
     def unchunk(a):  # [n, B, K, C, H] -> [B, K, n C, H]
         return jnp.moveaxis(a, 0, 2).reshape(k.shape)
 
-    d_alpha = jnp.sum(d_alpha, axis=(0, 3), keepdims=True) if learned else None
+    d_alpha = jnp.sum(d_rows, axis=(0, 3), keepdims=True) if learned else None
     return dq, unchunk(dk), unchunk(dv), d_bias, None, None, None, d_alpha
 
 
