@@ -650,6 +650,10 @@ def _resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions):
     Failing rows are gathered into the smallest batch of ``1/f`` of the rows (``f`` in
     ``fractions``) that holds them, or every row is re-solved.
     """
+    # A subset can have no solution where the row has one (budget sparsemax: fewer live entries
+    # than the budget): its nan threshold is no bound, and such a row starts from scratch (-inf
+    # is below every solver's own starting bound).
+    t = jnp.where(jnp.isnan(t), -jnp.inf, t)
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
     sizes = sorted({max(1, rows.shape[0] // f) for f in fractions})
 

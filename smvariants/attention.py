@@ -18,7 +18,7 @@ checked, grouped arguments (``smvariants._attention.Prepared``) that returns the
 ``[B, K, G, T, H]``. A fused Pallas GPU kernel plugs in there as one more entry (for instance
 ``"pallas"``, and ``implementation=None`` choosing it under ``lax.platform_dependent(cuda=...)``);
 it can keep the chunked path's contract: the same thresholds ``(m, theta)`` per query row and the
-same residuals (``o``, ``w = sum g v / sum g``, ``sum g``), so the chunked backward pass or a
+same residuals (``sum p`` and ``w = sum g v / sum g``), so the chunked backward pass or a
 kernel of its own can serve it. No such kernel exists yet.
 """
 

@@ -21,6 +21,8 @@ from smvariants import _backend
 from smvariants import _solvers
 from smvariants import _variants
 
+import reference
+
 K = 2048  # > _DIRECT: reduced twice (2048 -> 256)
 
 
@@ -161,7 +163,7 @@ def test_reduced_equals_direct_solve(in_block):
 
 @pytest.mark.parametrize("scale", [3.0, 0.01])  # 0.01: dense rows, every level's check fails
 def test_inner_levels_re_solve_exactly(scale):
-    # A subset of 5000 entries (of a row of 40000) is reduced again (5000 -> 632 -> 80), and the
+    # A subset of 5000 entries (of a row of 40000) is reduced again (5000 -> 632 -> 184), and the
     # rows that fail there are all re-solved; checked without the outer level's own re-solve.
     x = np.random.default_rng(7).normal(size=(8, 5000)) * scale
     z = jnp.asarray(x - x.max(1, keepdims=True))
@@ -169,6 +171,20 @@ def test_inner_levels_re_solve_exactly(scale):
     direct = solve(z, 1)
     reduced = _solvers._shifted_threshold(z, 1, solve, jnp.greater, ())
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
+
+
+@pytest.mark.parametrize("k", [1024, 40000])
+def test_budget_rows_whose_subset_holds_fewer_entries_than_the_budget(k):
+    # 48 live entries, three to a block: the subset keeps 32, fewer than the budget of 40, so its
+    # threshold is nan; the row is re-solved from scratch (it was nan).
+    rng = np.random.default_rng(8)
+    x = np.full((2, k), -np.inf)
+    n = _stride(k)
+    live = [j + m * n for j in range(3) for m in range(16)]
+    x[:, live] = rng.normal(size=(2, 48))
+    p = np.asarray(sm.budget_sparsemax(x, budget=40.0))
+    np.testing.assert_allclose(p[:, live], reference.budget_sparsemax(x[:, live], 40.0), atol=1e-12)
+    np.testing.assert_array_equal(np.delete(p, live, axis=1), 0)
 
 
 # The values a vmap over the parameter alone maps over, per variant with a parameter.
