@@ -893,10 +893,7 @@ def check_config(config: Config) -> None:
         )
     if config.timing not in TIMINGS:
         raise common.UsageError(f"--timing takes {', '.join(TIMINGS)}, got {config.timing!r}")
-    for name in ("repeats", "batches"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise common.UsageError(f"--{name} must be an integer >= 1, got {value!r}")
+    common.check_positive_ints(config, ("repeats", "batches"))
     for name, positive in (
         ("budget_s", False),
         ("min_batch_ms", True),

@@ -630,6 +630,20 @@ def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None
     return saved if ok else None
 
 
+def check_positive_ints(config: Any, names: Iterable[str]) -> None:
+    """Refuses a setting among ``names`` of ``config`` that is not an integer >= 1 (nor a bool)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
+
+def check_learning_rate(rate: Any) -> None:
+    """Refuses a ``--learning-rate`` that is not a finite number > 0."""
+    if not is_finite_number(rate) or rate <= 0:
+        raise UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
+
+
 def check_alpha_range(bounds: Iterable[Any]) -> None:
     """Refuses a ``--learned-alpha-range`` that is not two finite numbers with 1 <= lo < hi."""
     bounds = tuple(bounds)

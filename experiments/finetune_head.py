@@ -507,13 +507,10 @@ def stale_outputs(out: pathlib.Path, cache: pathlib.Path | None) -> list[str]:
 
 def check_config(config: Config) -> None:
     """Raises a :class:`common.UsageError` for a setting out of its range."""
-    for name in ("seeds", "epochs", "batch_size", "backbone_epochs", "hidden"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise common.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    rate = config.learning_rate
-    if not common.is_finite_number(rate) or rate <= 0:
-        raise common.UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
+    common.check_positive_ints(
+        config, ("seeds", "epochs", "batch_size", "backbone_epochs", "hidden")
+    )
+    common.check_learning_rate(config.learning_rate)
     if isinstance(config.split_seed, bool) or not isinstance(config.split_seed, int):
         raise common.UsageError(f"--split-seed must be an integer, got {config.split_seed!r}")
     if config.split_seed < 0:

@@ -342,12 +342,7 @@ def check_config(config: Config) -> None:
         "seeds", "steps", "batch_size", "layers", "heads", "d_model", "min_length", "max_length",
         "eval_size", "alpha_every",
     )  # fmt: skip
-    for name in positive:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise common.UsageError(
-                f"--{name.replace('_', '-')} must be an integer >= 1, got {value}"
-            )
+    common.check_positive_ints(config, positive)
     if config.d_model % config.heads:
         raise common.UsageError(
             f"--d-model ({config.d_model}) must be a multiple of --heads ({config.heads})"
@@ -358,9 +353,7 @@ def check_config(config: Config) -> None:
         raise common.UsageError(
             f"--max-length ({config.max_length}) must be >= --min-length ({config.min_length})"
         )
-    rate = config.learning_rate
-    if not common.is_finite_number(rate) or rate <= 0:
-        raise common.UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
+    common.check_learning_rate(config.learning_rate)
     common.check_alpha_range(config.learned_alpha_range)
     unknown = [v for v in config.variants if v not in VARIANTS]
     if unknown or not config.variants:

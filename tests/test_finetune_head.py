@@ -493,7 +493,7 @@ def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, array
         (["--learning-rate", "-1"], "--learning-rate must be a finite number > 0, got -1.0"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
         (["--split-seed", "-1"], "--split-seed must be >= 0, got -1"),
-        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
         (["--learned-alpha-range", "2,1"], "1 <= lo < hi, got 2.0,1.0"),
         (["--learned-alpha-range", "0.5,2"], "1 <= lo < hi, got 0.5,2.0"),
