@@ -28,7 +28,7 @@ K = 2048  # > _DIRECT: reduced twice (2048 -> 256)
 
 def _stride(k):
     """The stride between the entries of one block of a row of length ``k``."""
-    return k // (8 * _solvers._BLOCK) * 8
+    return _solvers.block_stride(k)
 
 
 each_case = cases.each(cases.LONG_ROW_CASES)
@@ -55,16 +55,26 @@ def test_block_top3_keeps_each_blocks_two_largest_and_bounds_the_rest():
     z[1, 7 :: _stride(1000)] = 2.0  # ties within a block
     z[2, 100] = np.nan
     sub, third = (np.asarray(a) for a in _solvers.block_top3(jnp.asarray(z), 1))
-    n = _stride(1000)  # 56: vector-aligned
-    assert sub.shape == (3, 2 * n + 1000 - n * _solvers._BLOCK) and third.shape == (3, n)
-    blocks = z[:, : n * _solvers._BLOCK].reshape(3, _solvers._BLOCK, n)
+    n = _stride(1000)  # 64 blocks of 15: vector-aligned, 40 entries left over
+    assert (n, n * (1000 // n)) == (64, 960)
+    assert sub.shape == (3, 2 * n + 40) and third.shape == (3, n)
+    blocks = z[:, :960].reshape(3, 15, n)
     top3 = np.sort(blocks, axis=1)[:, ::-1][:, :3]  # numpy sorts nan last: row 2 is checked apart
     for k, got in enumerate([sub[:, :n], sub[:, n : 2 * n], third]):
         np.testing.assert_array_equal(got[:2], top3[:2, k])
         assert np.isnan(got[2, 100 % n]) and np.array_equal(
             np.delete(got[2], 100 % n), np.delete(top3[2, k], 100 % n)
         )
-    np.testing.assert_array_equal(sub[:, 2 * n :], z[:, n * _solvers._BLOCK :])
+    np.testing.assert_array_equal(sub[:, 2 * n :], z[:, 960:])
+
+
+@pytest.mark.parametrize("k", [513, 600, 1000, 2048, 4000, 32000, 128000])
+def test_block_stride_keeps_blocks_short_and_the_subset_small(k):
+    n = _stride(k)
+    assert n % 8 == 0 and k // n <= _solvers._BLOCK
+    kept = 2 * n + k % n
+    # no other stride with blocks this short keeps fewer entries
+    assert all(2 * m + k % m >= kept for m in range(8, k + 1, 8) if k // m <= _solvers._BLOCK)
 
 
 # certified: sparse rows, the reduction's answer holds everywhere; few_rows_fail: 2 of 64 rows have
