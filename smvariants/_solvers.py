@@ -674,12 +674,15 @@ def _resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions):
         return jnp.broadcast_to(a, t.shape).reshape(-1, 1)
 
     def some(size):
-        # Gather the failing rows; padding repeats row 0, whose re-solve is also exact.
-        idx = jnp.nonzero(bad.reshape(-1), size=size, fill_value=0)[0]
+        # Gather the failing rows and others to fill the batch (``top_k`` of a 0/1 key: one
+        # kernel, where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
+        flags = bad.reshape(-1)
+        idx = lax.top_k(flags.astype(jnp.float32), size)[1]
         row_params = [as_rows(p)[idx] if isinstance(p, jax.Array) else p for p in params]
         row_t = None if temperature is None else as_rows(temperature)[idx]
         z = scale(rows[idx], as_rows(m)[idx], row_t)
-        fixed = solve(z, 1, as_rows(t)[idx], *row_params)
+        old = as_rows(t)[idx]
+        fixed = jnp.where(flags[idx, None], solve(z, 1, old, *row_params), old)
         return as_rows(t).at[idx].set(fixed).reshape(t.shape)
 
     def every():
