@@ -220,7 +220,7 @@ def entmax_theta(
         return jnp.sum(a, axis=axis, keepdims=True)
 
     def body(state):
-        theta, lo, hi, h_last, _, it = state
+        theta, lo, hi, h_last, frozen, _, it = state
         y = z - theta
         p, g = deformed_exp(y, d)
         sp = total(p)
@@ -241,8 +241,11 @@ def entmax_theta(
             r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
             delta = jnp.where(d < 1, delta / (1 - r), delta)
         new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
-        done = done | (n == 0)
-        return new, lo, hi, h, all_true(done), it + 1
+        # A converged row keeps its value while others iterate: its result does not depend on
+        # how many passes the rest of the batch needs.
+        new = jnp.where(frozen, theta, new)
+        done = frozen | done | (n == 0)
+        return new, lo, hi, h, done, all_true(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
@@ -250,7 +253,8 @@ def entmax_theta(
 
     theta0 = jnp.where(n == 0, 0, lo)
     h0 = jnp.zeros(shape, dtype)
-    state = (theta0, lo, hi, h0, jnp.array(False), jnp.array(0, jnp.int32))
+    frozen = jnp.zeros(shape, bool)
+    state = (theta0, lo, hi, h0, frozen, jnp.array(False), jnp.array(0, jnp.int32))
     theta, *_, iters = lax.while_loop(cond, body, state)
     return theta, iters
 
@@ -365,7 +369,7 @@ def normmax_threshold(
         tau0 = jnp.maximum(tau0, init)
 
     def body(state):
-        tau, _, it = state
+        tau, frozen, _, it = state
         b = jnp.maximum(z - tau, 0)  # -inf entries: 0
         b_km1 = _power(b, k_minus_1)
         s_k = _backend.row_sum(b * b_km1, axis)  # ||b||_k^k
@@ -376,15 +380,17 @@ def normmax_threshold(
         step = jnp.where(n == 0, 0, step)  # a fully masked row has no root: zeros
         new = jnp.clip(tau + step, tau, hi)  # monotone, in the bracket
         new = jnp.where(jnp.isnan(step), jnp.nan, new)
-        done = _converged(new, tau) | jnp.isnan(new) | (n == 0)
-        return new, all_true(done), it + 1
+        new = jnp.where(frozen, tau, new)  # as in entmax_theta: independent of the batch
+        done = frozen | _converged(new, tau) | jnp.isnan(new) | (n == 0)
+        return new, done, all_true(done), it + 1
 
     def cond(state):
-        _, all_done, it = state
+        *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    state = (tau0, jnp.array(False), jnp.array(0, jnp.int32))
-    tau, _, _ = lax.while_loop(cond, body, state)
+    frozen = jnp.zeros(tau0.shape, bool)
+    state = (tau0, frozen, jnp.array(False), jnp.array(0, jnp.int32))
+    tau, *_ = lax.while_loop(cond, body, state)
     return tau
 
 

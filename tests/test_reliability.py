@@ -93,6 +93,31 @@ def test_a_row_gives_the_same_result_alone_and_in_a_batch(k):
     np.testing.assert_allclose(full.sum(-1), 1, atol=2e-6)
 
 
+@pytest.mark.parametrize("k", [32, 200])
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: sm.entmax(x, alpha=1.25),
+        lambda x: sm.entmax(x, alpha=1.3),
+        lambda x: sm.entmax(x, alpha=3.0),
+        lambda x: sm.entmax(x, alpha=jnp.full((x.shape[0], 1), 1.3, F32)),
+        lambda x: sm.normmax(x, alpha=3.0),
+    ],
+    ids=["alpha=1.25", "alpha=1.3", "alpha=3", "alpha array", "normmax"],
+)
+def test_an_iterated_row_does_not_depend_on_how_long_the_others_iterate(f, k):
+    # Rows that converge keep their threshold while the others iterate: the same rows next to
+    # one-hot rows (one pass) and next to dense rows (more passes) give the same bits.
+    rows = np.asarray(jax.random.normal(jax.random.key(4), (8, k), F32)) * 3
+    easy = np.zeros((8, k), np.float32)
+    easy[:, 0] = 100.0  # one-hot rows: done in one pass
+    slow = np.asarray(jax.random.normal(jax.random.key(5), (8, k), F32)) * 0.3  # dense rows
+    g = jax.jit(f)
+    with_easy = np.asarray(g(jnp.asarray(np.concatenate([easy, rows]))))[8:]
+    with_slow = np.asarray(g(jnp.asarray(np.concatenate([slow, rows]))))[8:]
+    np.testing.assert_array_equal(with_easy, with_slow)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Invalid traced parameters: nan output and nan gradients.
 
