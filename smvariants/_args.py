@@ -304,7 +304,7 @@ def broadcast_mask(
 class Prepared(NamedTuple):
     """Validated arguments of a normalizer or loss, as :func:`prepare` returns them."""
 
-    x: jax.Array  # the logits in the compute dtype, -inf at masked entries, arranged (see layout)
+    x: jax.Array  # the logits (compute dtype unless kept), -inf where masked, arranged (see layout)
     t: jax.Array | None  # the temperature (scalar or one per row, nan where invalid); None for 1
     invalid: jax.Array | None  # rows whose traced temperature is invalid; None if none can be
     axis: int  # the axis of the rows of x, non-negative
@@ -329,13 +329,22 @@ class Prepared(NamedTuple):
         return self.layout.squeeze(nan_where(self.invalid, out).astype(self.dtype))
 
 
-def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str = "x") -> Prepared:
+def prepare(
+    name: str,
+    x: Any,
+    axis: Any,
+    where: Any,
+    temperature: Any,
+    arg: str = "x",
+    keep_dtype: bool = False,
+) -> Prepared:
     """Validates the common arguments (``x`` named ``arg`` in messages).
 
-    ``x`` is returned in the compute dtype (float32 for half precision) with ``-inf`` at the
-    entries masked out by ``where``: a masked ``nan`` or ``inf`` is harmless and its gradient is
-    exactly zero. The cores compute ``(x - max x) / t``; ``t`` is ``None`` for a temperature of 1
-    known at trace time (the fast path: no temperature). A concrete invalid temperature raises
+    ``x`` is returned in the compute dtype (float32 for half precision; with ``keep_dtype``, in
+    its own dtype, for a core that converts it itself) with ``-inf`` at the entries masked out
+    by ``where``: a masked ``nan`` or ``inf`` is harmless and its gradient is exactly zero. The
+    cores compute ``(x - max x) / t``; ``t`` is ``None`` for a temperature of 1 known at trace
+    time (the fast path: no temperature). A concrete invalid temperature raises
     ``ValueError``; a traced one is ``nan`` in its rows, which makes them ``nan``.
 
     ``axis`` is an int or a tuple of ints; for a tuple, ``x`` comes back arranged with its rows
@@ -352,7 +361,7 @@ def prepare(name: str, x: Any, axis: Any, where: Any, temperature: Any, arg: str
         axes=rows.text,
     )  # fmt: skip
     t = None if static_number(temperature) == 1 else nan_where(invalid, array)
-    z = x.astype(dtype)
+    z = x if keep_dtype else x.astype(dtype)
     if mask is not None:
         z = _mask_out(z, mask)
     return Prepared(rows.arrange(z), t, invalid, rows.axis, x.dtype, rows)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from smvariants import _args
 from smvariants import _backend
 
 try:  # the Triton lowering's parts; a jaxlib without them runs the XLA path everywhere
@@ -50,8 +51,8 @@ def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return columns, rows, warps
 
 
-def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block):
-    """One block of rows: load (padding as ``-inf``), ``rows_fn``, store the valid part."""
+def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute):
+    """A block of rows: load (padding ``-inf``), ``rows_fn`` in ``compute``, store what is valid."""
     x_ref, *param_refs, o_ref = refs
     block_rows, columns = block
     start = pl.program_id(0) * jnp.int32(block_rows)  # int32 indices, also under jax_enable_x64
@@ -64,6 +65,7 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block):
     rows = pl.ds(start, block_rows)
     with _backend.kernel_body():
         x = plgpu.load(x_ref.at[rows, pl.ds(first, columns)], mask=valid, other=-jnp.inf)
+        x = x.astype(compute)  # half precision: converted in registers
         # Per-row values (temperature, parameters) of padding rows: a valid value, never stored.
         params = [
             plgpu.load(ref.at[rows, pl.ds(first, 1)], mask=row < n_rows, other=fill)
@@ -87,20 +89,23 @@ def rows_forward(
       rows_fn: ``rows_fn(x, *params) -> p`` on a block of rows along axis 1 (masked entries and
         padding ``-inf``; each parameter one value per row, shape ``(rows, 1)``).
       x: the logits, ``fits(x.shape, axis)``.
-      params: per-row values, each broadcastable to ``x``'s shape with ``axis`` kept as 1.
+      params: per-row values, each broadcastable to ``x``'s shape with ``axis`` kept as 1, in the
+        dtype ``rows_fn`` computes in (float32 for a half-precision ``x``).
       fills: for each parameter, a valid value to give the padding rows of the last block.
       axis: the row axis (non-negative).
       interpret: run in Pallas' interpret mode (on any backend; for the tests).
 
     Returns:
-      The output, shape and dtype of ``x``.
+      The output, shape and dtype of ``x`` (a half-precision ``x`` is loaded as it is and
+      converted in registers; ``rows_fn`` runs in float32).
     """
     moved = jnp.moveaxis(x, axis, -1)
     x2 = moved.reshape(-1, moved.shape[-1])
     n_rows, n_cols = x2.shape
+    compute = _args.compute_dtype(x.dtype)  # float32 for half precision
     row_shape = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
     per_row = [
-        jnp.moveaxis(jnp.broadcast_to(p, row_shape), axis, -1).reshape(n_rows, 1).astype(x.dtype)
+        jnp.moveaxis(jnp.broadcast_to(p, row_shape), axis, -1).reshape(n_rows, 1).astype(compute)
         for p in params
     ]
     columns, block_rows, warps = _layout(n_rows, n_cols)
@@ -111,6 +116,7 @@ def rows_forward(
         n_rows=n_rows,
         n_cols=n_cols,
         block=(block_rows, columns),
+        compute=compute,
     )
     anywhere = pl.BlockSpec(memory_space=pl.ANY)  # whole arrays; the kernel masks its loads
     out = pl.pallas_call(

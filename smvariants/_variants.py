@@ -411,12 +411,19 @@ def kernel_forward(
 
 
 def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
-    """``v`` applied to ``x / t``; on NVIDIA GPUs in one Pallas kernel where the rows fit.
+    """``v`` applied to ``x / t``, in ``x``'s dtype; on NVIDIA GPUs one Pallas kernel if rows fit.
 
-    softmax stays on XLA's own fused softmax on every backend.
+    Half precision is computed in float32 and rounded once. The kernel converts in registers, so
+    it moves the bytes of the half-precision input and output only. softmax stays on XLA's own
+    fused softmax on every backend.
     """
+
+    def xla_forward(x, t, params):
+        compute = _args.compute_dtype(x.dtype)
+        return _xla_forward(v, x.astype(compute), t, params, axis).astype(x.dtype)
+
     if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
-        return _xla_forward(v, x, t, params, axis)
+        return xla_forward(x, t, params)
     arrays, statics = _split(params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
 
@@ -430,8 +437,7 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
         return kernel_forward(v, x, t_, params, axis)
 
     def elsewhere(*operands):
-        x, t_, params = unpack(operands)
-        return _xla_forward(v, x, t_, params, axis)
+        return xla_forward(*unpack(operands))
 
     return _backend.gpu_kernel(on_gpu, elsewhere, *operands)
 
@@ -439,11 +445,13 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
 def make_core(v: Variant) -> Callable[..., jax.Array]:
     """The jitted ``custom_jvp`` core of ``v``: ``core(x, t, arrays, axis, statics)``.
 
-    ``x``: logits in the compute dtype with ``-inf`` at masked entries; ``t``: the temperature
-    (an array, or ``None`` for 1); ``arrays``: the parameters given as arrays; ``axis``
-    (non-negative) and ``statics`` (one entry per parameter: its Python value, or ``None`` where
-    it is in ``arrays``) are static. Differentiable in ``x``, ``t`` and ``arrays``; the backward
-    pass keeps only the output and the parameters.
+    ``x``: logits with ``-inf`` at masked entries, in a float dtype (half precision is computed
+    in float32, and the output rounded to ``x``'s dtype); ``t``: the temperature (an array in
+    the compute dtype, or ``None`` for 1); ``arrays``: the parameters given as arrays (compute
+    dtype); ``axis`` (non-negative) and ``statics`` (one entry per parameter: its Python value,
+    or ``None`` where it is in ``arrays``) are static. Differentiable in ``x``, ``t`` and
+    ``arrays``; the backward pass keeps only the output (in ``x``'s dtype, as ``jax.nn.softmax``
+    keeps its own) and the parameters, and computes in float32 from it.
     """
 
     @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -452,6 +460,9 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
         return forward(v, x, t, merge_params(arrays, statics), axis)
 
     def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics):
+        out_dtype, compute = p.dtype, _args.compute_dtype(p.dtype)
+        p = p.astype(compute)
+        x_dot = None if x_dot is None else x_dot.astype(compute)
         params = merge_params(arrays, statics)
         terms, logit_terms = [], []
         names = [q.name for q, s in zip(v.params, statics, strict=True) if s is None]
@@ -471,7 +482,8 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
                 terms.append(simplex_jvp(v.g(p, *params), dz, axis))
             else:
                 terms.append(v.tangent(p, dz, axis, *params))
-        return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
+        out = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(p)
+        return out.astype(out_dtype)
 
     @partial(core.defjvp, symbolic_zeros=True)
     def core_jvp(axis, statics, primals, tangents):
@@ -528,8 +540,7 @@ def parameters(
 
 def normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperature: Any, **values):
     """The public normalizer ``name`` of ``variant``: checks, then the core."""
-    args = _args.prepare(name, x, axis, where, temperature)
-    v, arrays, statics = parameters(
-        name, VARIANTS[variant], values, args.x.shape, args.axis, args.x.dtype
-    )
+    args = _args.prepare(name, x, axis, where, temperature, keep_dtype=True)
+    dtype = _args.compute_dtype(args.x.dtype)
+    v, arrays, statics = parameters(name, VARIANTS[variant], values, args.x.shape, args.axis, dtype)
     return args.finish(CORES[v.name](args.x, args.t, arrays, args.axis, statics))

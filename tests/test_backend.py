@@ -76,6 +76,17 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
             assert (kernels == 1) if iterative else (kernels == 0), (name, what, kernels)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cuda_kernels_read_and_write_half_precision(dtype):
+    """No float32 copy of half-precision rows before or after a kernel: it converts in registers."""
+    x = jnp.ones((64, 32), dtype)
+    for name in ITERATIVE:
+        text = _canonical(FUNCTIONS[name], x, "cuda")
+        full_size = [line for line in text.splitlines() if "tensor<64x32x" in line]
+        assert any("xla.gpu.triton(%arg0)" in line for line in full_size), name
+        assert not any("stablehlo.convert" in line for line in full_size), name
+
+
 def _targets(x, name):
     """Labels each loss accepts: class ids, or multi-hot targets of the budget (2)."""
     if name == "budget_sparsemax":

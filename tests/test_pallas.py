@@ -119,6 +119,24 @@ def test_kernel_keeps_the_hand_written_derivatives(case, kernels):
     np.testing.assert_allclose(on_kernel, plain, rtol=1e-10, atol=1e-12)
 
 
+@cases.each(FIRST_CASES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_takes_half_precision_as_it_is_and_rounds_once(case, dtype, kernels, monkeypatch):
+    """The kernel loads the half-precision rows and stores its output in their dtype (no float32
+    copy of either in memory); inside, float32, so the result is the float32 one rounded once."""
+    given = []
+    rows_forward = _pallas.rows_forward
+    monkeypatch.setattr(
+        _pallas, "rows_forward", lambda fn, x, *a: given.append(x.dtype) or rows_forward(fn, x, *a)
+    )
+    x, where = _rows((21, 40), np.random.default_rng(5))
+    half = jnp.asarray(x, dtype)
+    p = case.ours(half, where=where, temperature=0.7)
+    assert p.dtype == dtype and given == [dtype]
+    expected = case.ours(half.astype(jnp.float32), where=where, temperature=0.7).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(p, np.float32), np.asarray(expected, np.float32))
+
+
 def test_kernel_layout_packs_short_rows_and_pads_to_powers_of_two():
     assert _pallas._layout(4096, 32) == (32, 128, 4)  # 128 rows of 32 in one program
     assert _pallas._layout(3, 1000) == (1024, 4, 4)  # no more rows than there are (rounded up)
