@@ -123,6 +123,50 @@ def test_cpu_tuning_is_only_in_the_cpu_lowering():
     assert cases["cpu"] == cases["tpu"] + 1, cases
 
 
+def test_a_cpu_or_tpu_lowering_never_traces_a_kernel(monkeypatch):
+    """The kernel branch is traced when it is lowered: for ``cuda`` only (compile time)."""
+    traced = []
+    kernel_forward = _variants.kernel_forward
+    monkeypatch.setattr(
+        _variants, "kernel_forward", lambda *a, **k: traced.append(1) or kernel_forward(*a, **k)
+    )
+    x = jnp.ones((8, 32), jnp.float32)
+    jax.clear_caches()
+    for platform in ("cpu", "tpu"):
+        _lower(sm.entmax15, x, platform)
+        _lower(jax.vmap(sm.entmax15), x[None], platform)
+    assert traced == []
+    _lower(sm.entmax15, x, "cuda")
+    assert traced == [1]
+    jax.clear_caches()
+
+
+def test_the_deferred_kernel_runs_and_maps_as_its_function():
+    """``gpu_kernel``'s branch as a primitive: its function is traced when lowered, also mapped."""
+    from jax.core import ShapedArray
+
+    from smvariants import _backend
+
+    traced = []
+
+    def kernel(x, a):
+        traced.append(x.shape)
+        return x * a + 1
+
+    def f(x, a):
+        return _backend._deferred_p.bind(x, a, kernel=kernel, out=ShapedArray(x.shape, x.dtype))
+
+    x, a = jnp.arange(6.0).reshape(2, 3), jnp.array([[2.0], [3.0]])
+    lowered = jax.jit(f).trace(x, a)
+    assert traced == []
+    np.testing.assert_array_equal(lowered.lower().compile()(x, a), x * a + 1)
+    assert traced == [(2, 3)]
+    xs, scales = jnp.stack([x, -x, 2 * x]), jnp.array([1.0, 2.0, 3.0])[:, None, None]
+    np.testing.assert_array_equal(jax.jit(jax.vmap(f))(xs, scales), xs * scales + 1)
+    np.testing.assert_array_equal(jax.vmap(f, in_axes=(None, 0))(x, scales), x[None] * scales + 1)
+    np.testing.assert_array_equal(jax.vmap(f, in_axes=(1, None))(x, a[0]), x.T * 2 + 1)
+
+
 def test_the_seam_gives_the_same_values_as_the_plain_path():
     """The CPU-only helpers change speed, not results: compare them with their defaults."""
     from smvariants import _backend
