@@ -83,10 +83,8 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
         tau, k_new = step(tau)
         return tau, k_new, k
 
-    # Counts that differ and are no count: the first pass is the loop's own (one copy of it to
-    # compile per solver).
-    k0 = jnp.full_like(tau0, -1)
-    tau, _, _ = lax.while_loop(cond, body, (tau0, k0, k0 - 1))
+    tau, k = step(tau0)
+    tau, _, _ = lax.while_loop(cond, body, (tau, k, jnp.full_like(k, -1)))
     # The closed form on the support, from an accurate sum.
     support = z > tau
     k = jnp.sum(support, axis=axis, keepdims=True).astype(z.dtype)
