@@ -129,8 +129,11 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     # per row). Clamping d y at -1 (log1p = -inf, so p = 0) rather than selecting with ``off``
     # keeps p right where XLA computes ``base`` once with a fused multiply-add and once without
     # (off = True in one fusion only).
-    inverse = 1 / jnp.where(d == 0, 1, d)
-    log_p = jnp.where(d == 0, y, jnp.log1p(jnp.maximum(d * y, -1)) * inverse)
+    if isinstance(d, float):  # a static alpha: no select on a Python bool (Triton mistypes it)
+        log_p = y if d == 0 else jnp.log1p(jnp.maximum(d * y, -1)) * (1 / jnp.asarray(d, y.dtype))
+    else:
+        inverse = 1 / jnp.where(d == 0, 1, d)
+        log_p = jnp.where(d == 0, y, jnp.log1p(jnp.maximum(d * y, -1)) * inverse)
     p = jnp.where(off, 0, jnp.exp(log_p))
     g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
     return p, g
@@ -239,7 +242,10 @@ def entmax_theta(
             w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
             h2 = (1 - d) * safe_divide(total(w), sp) - h1 * h1
             r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
-            delta = jnp.where(d < 1, delta / (1 - r), delta)
+            if not isinstance(d, float):
+                delta = jnp.where(d < 1, delta / (1 - r), delta)
+            elif d < 1:
+                delta = delta / (1 - r)
         new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
         # A converged row keeps its value while others iterate: its result does not depend on
         # how many passes the rest of the batch needs.

@@ -29,6 +29,10 @@ for _name in _variants.VARIANTS:
         FUNCTIONS[f"{_name}_array"] = lambda x, _n=_name: getattr(sm, _n)(
             x, **{k: jnp.full((x.shape[0], 1), v, x.dtype) for k, v in ARRAY_PARAMS[_n].items()}
         )
+# Python-number parameters off the integer-power paths (Halley steps, alpha > 2's refinement).
+FUNCTIONS["entmax_alpha_1.3"] = lambda x: sm.entmax(x, alpha=1.3)
+FUNCTIONS["entmax_alpha_2.5"] = lambda x: sm.entmax(x, alpha=2.5)
+FUNCTIONS["normmax_alpha_1.7"] = lambda x: sm.normmax(x, alpha=1.7)
 LOSSES = {name: getattr(losses, f"{name}_loss") for name in _variants.VARIANTS}
 
 
