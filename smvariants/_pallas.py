@@ -75,6 +75,13 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute):
     plgpu.store(o_ref.at[rows, pl.ds(first, columns)], p.astype(o_ref.dtype), mask=valid)
 
 
+def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype, varying over ``shard_map``'s manual mesh axes as ``x`` does."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)  # jax >= 0.10; none outside shard_map
+    extra = {} if mat is None or not mat.varying else {"manual_axis_type": mat}
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, **extra)
+
+
 def rows_forward(
     rows_fn: Callable[..., jax.Array],
     x: jax.Array,
@@ -121,7 +128,7 @@ def rows_forward(
     anywhere = pl.BlockSpec(memory_space=pl.ANY)  # whole arrays; the kernel masks its loads
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+        out_shape=_like(x2),
         grid=(pl.cdiv(n_rows, block_rows),),
         in_specs=[anywhere] * (1 + len(per_row)),
         out_specs=anywhere,

@@ -57,8 +57,9 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     ``S = {j : z_j > tau}``. ``tau`` increases, ``S`` shrinks, and once ``|S|`` stops changing
     ``S`` is the support. It starts at ``init``, a lower bound of ``tau``, or at ``tau = -1`` (a
     lower bound, as ``p_max <= 1``), and needs a handful of fused passes. The result is the closed
-    form on the support with an accurate (compensated) sum, so it is exact to rounding on rows of
-    any length and does not depend on the other rows of the batch.
+    form on the support with an accurate sum (``accurate_sum``: compensated, or pairwise on rows
+    of at most 64), so it is exact to rounding on rows of any length and does not depend on the
+    other rows of the batch.
     """
     tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
     if init is not None:
@@ -258,9 +259,11 @@ def entmax_theta(
         return ~all_done & (it < max_iter)
 
     theta0 = jnp.where(n == 0, 0, lo)
-    h0 = jnp.zeros(shape, dtype)
-    frozen = jnp.zeros(shape, bool)
-    state = (theta0, lo, hi, h0, frozen, jnp.array(False), jnp.array(0, jnp.int32))
+    # Initial values computed from the rows (never true, zero), not constants: inside shard_map
+    # a loop's carry must vary over the mesh axes as the rows do.
+    frozen = jnp.broadcast_to(n < 0, shape)
+    h0 = jnp.where(frozen, 1, 0).astype(dtype)
+    state = (theta0, lo, hi, h0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
     theta, *_, iters = lax.while_loop(cond, body, state)
     return theta, iters
 
@@ -394,8 +397,9 @@ def normmax_threshold(
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    frozen = jnp.zeros(tau0.shape, bool)
-    state = (tau0, frozen, jnp.array(False), jnp.array(0, jnp.int32))
+    frozen = n < 0  # never true, computed from the rows (see entmax_theta)
+    tau0 = jnp.where(frozen, 0, tau0)
+    state = (tau0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
     tau, *_ = lax.while_loop(cond, body, state)
     return tau
 
@@ -483,9 +487,9 @@ def budget_threshold(
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    zero = jnp.zeros(shape, z.dtype)
+    zero = jnp.broadcast_to(jnp.where(n < 0, 1, 0).astype(z.dtype), shape)  # see entmax_theta
     f_lo, _, _ = evaluate(lo)
-    state = (lo, lo, f_lo, hi, -jnp.ones(shape, z.dtype), zero, jnp.array(False), 0)
+    state = (lo, lo, f_lo, hi, zero - 1, zero, any_true(zero > 0), 0)
     tau, *_ = lax.while_loop(cond, body, state)
     # The closed form on the pieces at the root, from an accurate sum.
     r = z - tau
@@ -698,7 +702,7 @@ def _resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions):
         return as_rows(t).at[idx].set(fixed).reshape(t.shape)
 
     def every():
-        return solve(scale(x, m, temperature), axis, t, *params)
+        return jnp.where(bad, solve(scale(x, m, temperature), axis, t, *params), t)
 
     n_bad = jnp.sum(bad)
     branch = jnp.sum(n_bad > jnp.array([0, *sizes]))  # 0: none; i: the i-th size holds them

@@ -426,10 +426,11 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
         return xla_forward(x, t, params)
     arrays, statics = _split(params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
+    has_t = t is not None  # the closures below keep no tracer: the kernel's is traced later
 
     def unpack(operands):
         x, *rest = operands
-        t_, arrays = (None, rest) if t is None else (rest[0], rest[1:])
+        t_, arrays = (rest[0], rest[1:]) if has_t else (None, rest)
         return x, t_, merge_params(tuple(arrays), statics)
 
     def on_gpu(*operands):

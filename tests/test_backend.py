@@ -91,6 +91,21 @@ def test_cuda_kernels_read_and_write_half_precision(dtype):
         assert not any("stablehlo.convert" in line for line in full_size), name
 
 
+def test_every_function_runs_inside_shard_map_and_lowers_there_for_cuda():
+    """``shard_map`` checks that a loop's carry and a kernel's output vary over the mesh axes as
+    the rows do (``check_vma``, its default): on the CPU and in a lowering for ``cuda``."""
+    mesh = jax.make_mesh((1,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("rows")
+    rng = np.random.default_rng(7)
+    short = ["sparsemax", "entmax_alpha_1.3", "normmax_array", "budget_sparsemax"]
+    for shape, names in [((8, 40), short), ((4, 600), ["entmax_array"])]:
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        for name in names:
+            f = jax.shard_map(FUNCTIONS[name], mesh=mesh, in_specs=spec, out_specs=spec)
+            np.testing.assert_allclose(jax.jit(f)(x), FUNCTIONS[name](x), atol=1e-6, err_msg=name)
+            assert "xla.gpu.triton" in _lower(f, x, "cuda"), name
+
+
 def _targets(x, name):
     """Labels each loss accepts: class ids, or multi-hot targets of the budget (2)."""
     if name == "budget_sparsemax":
