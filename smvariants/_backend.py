@@ -121,8 +121,8 @@ def _deferred_batched(operands, dims, *, kernel, out):
 batching.primitive_batchers[_deferred_p] = _deferred_batched
 
 
-def own_buffer(x: jax.Array) -> jax.Array:
-    """``x``, computed into a buffer of its own on CPU (unchanged elsewhere).
+def own_buffer(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``x`` (rows along ``axis``), computed into a buffer of its own on CPU (unchanged elsewhere).
 
     XLA:CPU fuses an elementwise producer of ``x`` (a half-precision convert, a mask) into the
     block reduction of long rows, which then runs up to 10x slower than on a stored array. A
@@ -133,9 +133,9 @@ def own_buffer(x: jax.Array) -> jax.Array:
     """
 
     def on_cpu(x):
-        # The first entry of every row (a slice along the rows only: no resharding of sharded
-        # batch dimensions), then one flag.
-        first = lax.slice_in_dim(x, 0, 1, axis=-1)
+        # The first entry of every row along ``axis`` (a slice along the rows only: no
+        # resharding of sharded batch dimensions), then one flag.
+        first = lax.slice_in_dim(x, 0, 1, axis=axis)
         return lax.cond(jnp.all(first == first), lambda x: x, lambda x: x + 0, x)
 
     return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)

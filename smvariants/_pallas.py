@@ -78,7 +78,7 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute):
 def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
     """``x``'s shape and dtype, varying over ``shard_map``'s manual mesh axes as ``x`` does."""
     mat = getattr(jax.typeof(x), "manual_axis_type", None)  # jax >= 0.10; none outside shard_map
-    extra = {} if mat is None or not mat.varying else {"manual_axis_type": mat}
+    extra = {"manual_axis_type": mat} if getattr(mat, "varying", None) else {}
     return jax.ShapeDtypeStruct(x.shape, x.dtype, **extra)
 
 

@@ -652,7 +652,7 @@ def _max_and_threshold(x, temperature, axis, solve, in_support, params):
     if x.shape[axis] <= _DIRECT or x.size == 0:
         m = row_max(x, axis)
         return m, solve(scale(x, m, temperature), axis, None, *params)
-    x = _backend.own_buffer(x)
+    x = _backend.own_buffer(x, axis)
     sub, third = block_top3(x, axis)  # of x: the order is that of x / T
     m = row_max(sub, axis)
     t = _shifted_threshold(scale(sub, m, temperature), axis, solve, in_support, params)
