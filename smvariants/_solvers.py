@@ -496,7 +496,8 @@ def budget_threshold(
     free = (r > 0) & (r < 1)
     k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
     capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
-    closed = (capped + accurate_sum(jnp.where(free, z, 0), axis) - budget) / jnp.maximum(k, 1)
+    # Relative to the iterate: the free entries of r lie in (0, 1), however large z is.
+    closed = tau + (capped + accurate_sum(jnp.where(free, r, 0), axis) - budget) / jnp.maximum(k, 1)
     tau = jnp.where(k > 0, closed, tau)
     # A nan entry is in no piece: the row is nan.
     tau = tau + 0 * jnp.sum(jnp.where(live, r, 0), axis=axis, keepdims=True)
