@@ -39,6 +39,14 @@ from smvariants._numerics import safe_divide
 _EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
+def _carry_zeros(n: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Zeros (False) of ``shape`` computed from the rows' live counts ``n``, not a constant.
+
+    A loop's initial carry: inside ``shard_map`` it must vary over the mesh axes as the rows do.
+    """
+    return jnp.broadcast_to(n < 0, shape).astype(dtype)
+
+
 def _converged(new: jax.Array, old: jax.Array) -> jax.Array:
     """True where a step is at the dtype's rounding level."""
     eps = jnp.finfo(new.dtype).eps
@@ -259,10 +267,8 @@ def entmax_theta(
         return ~all_done & (it < max_iter)
 
     theta0 = jnp.where(n == 0, 0, lo)
-    # Initial values computed from the rows (never true, zero), not constants: inside shard_map
-    # a loop's carry must vary over the mesh axes as the rows do.
-    frozen = jnp.broadcast_to(n < 0, shape)
-    h0 = jnp.where(frozen, 1, 0).astype(dtype)
+    frozen = _carry_zeros(n, shape, bool)
+    h0 = _carry_zeros(n, shape, dtype)
     state = (theta0, lo, hi, h0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
     theta, *_, iters = lax.while_loop(cond, body, state)
     return theta, iters
@@ -397,8 +403,8 @@ def normmax_threshold(
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    frozen = n < 0  # never true, computed from the rows (see entmax_theta)
-    tau0 = jnp.where(frozen, 0, tau0)
+    frozen = _carry_zeros(n, tau0.shape, bool)
+    tau0 = tau0 + _carry_zeros(n, tau0.shape, z.dtype)
     state = (tau0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
     tau, *_ = lax.while_loop(cond, body, state)
     return tau
@@ -487,7 +493,7 @@ def budget_threshold(
         *_, all_done, it = state
         return ~all_done & (it < max_iter)
 
-    zero = jnp.broadcast_to(jnp.where(n < 0, 1, 0).astype(z.dtype), shape)  # see entmax_theta
+    zero = _carry_zeros(n, shape, z.dtype)
     f_lo, _, _ = evaluate(lo)
     state = (lo, lo, f_lo, hi, zero - 1, zero, any_true(zero > 0), 0)
     tau, *_ = lax.while_loop(cond, body, state)
