@@ -21,8 +21,13 @@ def test_accurate_sum_is_within_a_few_roundings_and_row_by_row(n):
     # A row's sum does not depend on the other rows, nor on how many there are.
     others = np.random.default_rng(0).uniform(-1, 0, size=(999, n)).astype(F32)
     batch = np.asarray(_numerics.accurate_sum(jnp.asarray(np.concatenate([others, rows])), 1))
-    np.testing.assert_array_equal(batch[999:], got.astype(F32))
-    np.testing.assert_array_equal(_numerics.accurate_sum(jnp.asarray(rows[3:4]), 1), got[3:4])
+    alone = np.asarray(_numerics.accurate_sum(jnp.asarray(rows[3:4]), 1))
+    if n <= 64:  # elementwise adds in a fixed order: the same bits on every backend
+        np.testing.assert_array_equal(batch[999:], got.astype(F32))
+        np.testing.assert_array_equal(alone, got[3:4].astype(F32))
+    else:  # a reduction: a backend may order it by shape, within the last bit
+        np.testing.assert_allclose(batch[999:], got, rtol=2e-7)
+        np.testing.assert_allclose(alone, got[3:4], rtol=2e-7)
 
 
 def test_accurate_sum_of_empty_rows_is_zero():
