@@ -96,11 +96,15 @@ def accurate_sum(a: jax.Array, axis: int) -> jax.Array:
 
 def any_true(b: jax.Array) -> jax.Array:
     """``jnp.any(b)`` as a maximum, which Pallas kernels lower (they have no ``reduce_or``)."""
+    if b.size == 0:  # (a maximum's ``initial`` does not lower in a kernel; never empty there)
+        return jnp.zeros((), bool)
     return jnp.max(jnp.where(b, 1, 0)) > 0
 
 
 def all_true(b: jax.Array) -> jax.Array:
     """``jnp.all(b)`` as a minimum, which Pallas kernels lower (they have no ``reduce_and``)."""
+    if b.size == 0:
+        return jnp.ones((), bool)
     return jnp.min(jnp.where(b, 1, 0)) > 0
 
 

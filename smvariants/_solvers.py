@@ -443,6 +443,8 @@ def budget_threshold(
     signs of ``f``, or a regula falsi step (Illinois) in it. Rows with fewer live entries than
     ``budget`` have no solution: ``nan``.
     """
+    if z.shape[axis] == 0:  # no entries: no solution (and nothing to reduce below)
+        return jnp.full(reduced_shape(z.shape, axis), jnp.nan, z.dtype)
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
     zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)

@@ -49,6 +49,16 @@ def test_array_parameters_take_the_general_path(case):
         assert arrays == ()
 
 
+@each_case
+def test_rows_of_no_entries_and_batches_of_no_rows(case):
+    # Reductions over nothing (the solvers' loop conditions, budget sparsemax's breakpoints) must
+    # not raise; a batch of no rows of block-reduced length (1000) included.
+    for shape in [(2, 0), (0, 3), (0, 1000)]:
+        x = np.zeros(shape)
+        assert case.ours(x).shape == shape and jax.jit(case.ours)(x).shape == shape
+        assert jax.grad(lambda x: jnp.sum(case.ours(x)))(x).shape == shape
+
+
 # ------------------------------------------------------------------------------------------------
 # Inputs: random and adversarial.
 
