@@ -82,40 +82,47 @@ def gpu_kernel(kernel: Callable[..., jax.Array], default: Callable[..., jax.Arra
     """
     x = operands[0]
     out = ShapedArray(x.shape, x.dtype)
+    x64 = bool(jax.config.jax_enable_x64)  # lowered as traced, also outside ``enable_x64``
 
     def deferred(*operands):
-        return _deferred_p.bind(*operands, kernel=kernel, out=out)
+        return _deferred_p.bind(*operands, kernel=kernel, out=out, x64=x64)
 
     return lax.platform_dependent(*operands, cuda=deferred, default=default)
 
 
-# ``kernel(*operands)``, traced at lowering time; ``out`` is its result's shape and dtype.
+# ``kernel(*operands)``, traced at lowering time; ``out`` is its result's shape and dtype, ``x64``
+# whether 64-bit types were enabled where it was bound.
 _deferred_p = Primitive("smvariants_deferred_kernel")
-_deferred_p.def_impl(lambda *operands, kernel, out: kernel(*operands))
+_deferred_p.def_impl(lambda *operands, kernel, out, x64: kernel(*operands))
 
 
-def _deferred_abstract(x, *operands, kernel, out):
+def _deferred_abstract(x, *operands, kernel, out, x64):
     """``out``, sharded and varying over manual mesh axes (``shard_map``) as ``x`` is."""
-    del operands, kernel
+    del operands, kernel, x64
     if x.ndim != len(out.shape):  # mapped by vmap over the other operands only
         return out
     return x.update(shape=out.shape, dtype=out.dtype, weak_type=False)
 
 
 _deferred_p.def_abstract_eval(_deferred_abstract)
-mlir.register_lowering(
-    _deferred_p,
-    lambda ctx, *operands, kernel, out: mlir.lower_fun(kernel, multiple_results=False)(
-        ctx, *operands
-    ),
-)
 
 
-def _deferred_batched(operands, dims, *, kernel, out):
+def _deferred_lowering(ctx, *operands, kernel, out, x64):
+    """The kernel traced now, with 64-bit types as they were when it was bound."""
+    del out
+    with jax.enable_x64(x64):
+        return mlir.lower_fun(kernel, multiple_results=False)(ctx, *operands)
+
+
+mlir.register_lowering(_deferred_p, _deferred_lowering)
+
+
+def _deferred_batched(operands, dims, *, kernel, out, x64):
     """Under ``vmap``: the mapped kernel (mapped when lowered), the mapped dimension in front."""
     size = next(a.shape[d] for a, d in zip(operands, dims, strict=True) if d is not None)
     mapped = ShapedArray((size, *out.shape), out.dtype)
-    return _deferred_p.bind(*operands, kernel=jax.vmap(kernel, in_axes=dims), out=mapped), 0
+    kernel = jax.vmap(kernel, in_axes=dims)
+    return _deferred_p.bind(*operands, kernel=kernel, out=mapped, x64=x64), 0
 
 
 batching.primitive_batchers[_deferred_p] = _deferred_batched

@@ -173,7 +173,9 @@ def test_the_deferred_kernel_runs_and_maps_as_its_function():
         return x * a + 1
 
     def f(x, a):
-        return _backend._deferred_p.bind(x, a, kernel=kernel, out=ShapedArray(x.shape, x.dtype))
+        out = ShapedArray(x.shape, x.dtype)
+        x64 = jax.config.jax_enable_x64
+        return _backend._deferred_p.bind(x, a, kernel=kernel, out=out, x64=x64)
 
     x, a = jnp.arange(6.0).reshape(2, 3), jnp.array([[2.0], [3.0]])
     lowered = jax.jit(f).trace(x, a)
@@ -184,6 +186,19 @@ def test_the_deferred_kernel_runs_and_maps_as_its_function():
     np.testing.assert_array_equal(jax.jit(jax.vmap(f))(xs, scales), xs * scales + 1)
     np.testing.assert_array_equal(jax.vmap(f, in_axes=(None, 0))(x, scales), x[None] * scales + 1)
     np.testing.assert_array_equal(jax.vmap(f, in_axes=(1, None))(x, a[0]), x.T * 2 + 1)
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax_alpha_1.3"])
+def test_a_float64_program_traced_with_x64_lowers_for_cuda_outside_it(name):
+    """The kernel, traced when lowered, keeps the types of the program it was bound in."""
+    f, x = FUNCTIONS[name], np.random.default_rng(0).normal(size=(4, 40))
+    with jax.enable_x64(True):
+        traced = jax.jit(f).trace(x)
+        mapped = jax.jit(jax.vmap(f)).trace(x[None])
+    for program in (traced, mapped):
+        with jax.enable_x64(False):
+            text = program.lower(lowering_platforms=("cuda",)).as_text()
+        assert "f64" in text and "xla.gpu.triton" in text
 
 
 def test_the_seam_gives_the_same_values_as_the_plain_path():
