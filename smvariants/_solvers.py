@@ -29,9 +29,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from smvariants import _backend
+from smvariants._args import compute_dtype
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
+from smvariants._numerics import from_order_key
+from smvariants._numerics import order_key
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
@@ -566,19 +569,26 @@ def block_top3(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     entries followed by the ``k % n`` entries past the blocks, kept as they are (a sub-multiset of
     the row); ``third[..., i, ...]`` is block ``i``'s third largest entry, an upper bound of the
     entries of that block not in ``sub``: every entry left out of ``sub`` is bounded by its
-    block's. One pass: a variadic reduction whose reducer merges top-three lists (nan propagates
-    through all three).
+    block's. One pass: a variadic reduction whose reducer merges top-three lists; a nan is the
+    largest entry (so ``sub`` keeps it). Half-precision rows are reduced as their
+    :func:`order_key`, which XLA:CPU reduces as vector code (and as float32 it would need a
+    float32 copy of the row).
     """
     k = z.shape[axis]
     n = block_stride(k)
     block = k // n
-    head = lax.slice_in_dim(z, 0, n * block, axis=axis)
+    keys = order_key(z) if jnp.dtype(z.dtype).itemsize == 2 else z
+    head = lax.slice_in_dim(keys, 0, n * block, axis=axis)
     head = head.reshape(z.shape[:axis] + (block, n) + z.shape[axis + 1 :])
-    low = jnp.full_like(head, -jnp.inf)
-    init = (jnp.array(-jnp.inf, z.dtype),) * 3
+    lowest = order_key(jnp.array(-jnp.inf, z.dtype)) if keys is not z else -jnp.inf
+    low = jnp.full_like(head, lowest)
+    init = (jnp.array(lowest, keys.dtype),) * 3
     first, second, third = lax.reduce((head, low, low), init, _top3_of_union, (axis,))
-    tail = lax.slice_in_dim(z, n * block, k, axis=axis)
-    return jnp.concatenate([first, second, tail], axis=axis), third
+    tail = lax.slice_in_dim(keys, n * block, k, axis=axis)
+    sub = jnp.concatenate([first, second, tail], axis=axis)
+    if keys is z:
+        return sub, third
+    return from_order_key(sub, z.dtype), from_order_key(third, z.dtype)
 
 
 def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Array:
@@ -588,7 +598,7 @@ def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Arra
     ``x / T - max(x / T)`` that XLA computes as ``x * (1/T)`` in one fusion and ``x / T`` in
     another is off by an ulp of ``x / T``: catastrophic for a small ``T``).
     """
-    z = x - m
+    z = x.astype(m.dtype) - m  # a half-precision x is converted entry by entry
     if temperature is None:
         return z
     if _backend.in_kernel():
@@ -605,7 +615,8 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
     """Every row's maximum ``m`` (as :func:`row_max`) and the exact threshold of ``(x - m) / T``.
 
     Args:
-      x: rows along ``axis`` (masked entries ``-inf``).
+      x: rows along ``axis`` (masked entries ``-inf``), of any float dtype (half precision is
+        solved in float32, and ``m`` and ``t`` are float32).
       temperature: ``T``, an array broadcastable to the rows' shape (axis kept as 1) or ``None``.
       axis: the row axis (non-negative).
       solve: ``solve(z, axis, init, *params) -> t``, the exact threshold of each row of ``z``
@@ -658,11 +669,15 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
 
 def _max_and_threshold(x, temperature, axis, solve, in_support, params):
     """:func:`max_and_threshold` without the batching rule."""
+    compute = compute_dtype(x.dtype)  # half precision: float32
     if x.shape[axis] <= _DIRECT or x.size == 0:
+        x = x.astype(compute)
         m = row_max(x, axis)
         return m, solve(scale(x, m, temperature), axis, None, *params)
+    # Long rows stay in their dtype: only the subset and the rows re-solved are converted.
     x = _backend.own_buffer(x, axis)
     sub, third = block_top3(x, axis)  # of x: the order is that of x / T
+    sub, third = sub.astype(compute), third.astype(compute)
     m = row_max(sub, axis)
     t = _shifted_threshold(scale(sub, m, temperature), axis, solve, in_support, params)
     bad = jnp.any(in_support(scale(third, m, temperature), t, *params), axis=axis, keepdims=True)

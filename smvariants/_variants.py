@@ -373,11 +373,14 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
     """``v`` applied to ``x / t``: the threshold of each row, then the output.
 
     Long rows take the block reduction of :func:`_solvers.max_and_threshold`, except inside a
-    Pallas kernel, where the rows are on chip and solved directly.
+    Pallas kernel, where the rows are on chip and solved directly. A half-precision ``x`` is
+    computed in float32; where ``max_and_threshold`` takes it, it is never converted whole (the
+    output converts it entry by entry).
     """
     if v.reduce_rows and not _backend.in_kernel():
         m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
     else:
+        x = x.astype(_args.compute_dtype(x.dtype))
         m = _solvers.row_max(x, axis)
         tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
     p = v.output(_solvers.scale(x, m, t), tau, axis, *params)
@@ -419,8 +422,7 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     """
 
     def xla_forward(x, t, params):
-        compute = _args.compute_dtype(x.dtype)
-        return _xla_forward(v, x.astype(compute), t, params, axis).astype(x.dtype)
+        return _xla_forward(v, x, t, params, axis).astype(x.dtype)
 
     if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
         return xla_forward(x, t, params)

@@ -235,3 +235,44 @@ def test_own_buffer_returns_its_input(first):
     np.testing.assert_array_equal(out, expected)
     if first == first:  # the first branch returns x itself, down to the sign of a zero
         np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
+
+
+HALF_LONG = {
+    "sparsemax": sm.sparsemax,
+    "entmax15": sm.entmax15,
+    "entmax_1.3": functools.partial(sm.entmax, alpha=1.3),
+    "budget_sparsemax": functools.partial(sm.budget_sparsemax, budget=2.0),
+}
+
+
+def _negative_nan(dtype):
+    """A nan with its sign bit set (as x86 makes them): its bits sort below -inf's."""
+    return jax.lax.bitcast_convert_type(jnp.array(-64, jnp.int16), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(HALF_LONG))
+def test_half_precision_long_rows_are_the_float32_result_rounded_once(name, dtype):
+    # The block reduction runs on the half-precision row (as integer keys): the subset, and so
+    # the threshold and output, are those of the float32 row, also for nan, inf and masked rows.
+    f = HALF_LONG[name]
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(6, 5000)) * 3, dtype)
+    x = x.at[1, 7].set(_negative_nan(dtype)).at[2, 9].set(jnp.nan).at[3, 11].set(jnp.inf)
+    x = x.at[4, ::2].set(-jnp.inf).at[5].set(-jnp.inf)
+    p = jax.jit(f)(x)
+    assert p.dtype == dtype
+    expected = f(x.astype(jnp.float32)).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(p, np.float32), np.asarray(expected, np.float32))
+    assert np.isnan(np.asarray(p[1:4], np.float32)).all()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's program (GPUs run a kernel)")
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "budget_sparsemax"])
+def test_half_precision_long_rows_are_never_converted_whole(name):
+    # A float32 copy of a bfloat16 row is twice its bytes, in fresh memory on every call (2-3x
+    # the time of the whole computation at 256x32000, as page faults); only the rows re-solved
+    # (a branch) are converted.
+    x = jnp.ones((64, 40000), jnp.bfloat16)
+    text = jax.jit(HALF_LONG[name]).lower(x).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    assert "f32[64,40000]" not in entry[: entry.index("\n}")]
