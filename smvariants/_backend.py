@@ -82,7 +82,7 @@ def gpu_kernel(kernel: Callable[..., jax.Array], default: Callable[..., jax.Arra
     """
     x = operands[0]
     out = ShapedArray(x.shape, x.dtype)
-    x64 = bool(jax.config.jax_enable_x64)  # lowered as traced, also outside ``enable_x64``
+    x64 = bool(jax.config.read("jax_enable_x64"))  # lowered as traced, also outside enable_x64
 
     def deferred(*operands):
         return _deferred_p.bind(*operands, kernel=kernel, out=out, x64=x64)

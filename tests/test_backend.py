@@ -174,7 +174,7 @@ def test_the_deferred_kernel_runs_and_maps_as_its_function():
 
     def f(x, a):
         out = ShapedArray(x.shape, x.dtype)
-        x64 = jax.config.jax_enable_x64
+        x64 = jax.config.read("jax_enable_x64")
         return _backend._deferred_p.bind(x, a, kernel=kernel, out=out, x64=x64)
 
     x, a = jnp.arange(6.0).reshape(2, 3), jnp.array([[2.0], [3.0]])
