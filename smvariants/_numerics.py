@@ -34,35 +34,6 @@ def row_max(z: jax.Array, axis: int) -> jax.Array:
     return jnp.maximum(jnp.max(z, axis=axis, keepdims=True), jnp.finfo(z.dtype).min)
 
 
-def _key_parts(dtype) -> tuple[jnp.dtype, int, int]:
-    """The integer type of ``dtype``'s width, its largest value, and ``dtype``'s nan rotation."""
-    itype = jnp.dtype(f"int{jnp.finfo(dtype).bits}")
-    return itype, int(jnp.iinfo(itype).max), 2 ** jnp.finfo(dtype).nmant - 1
-
-
-def order_key(x: jax.Array) -> jax.Array:
-    """Integers of ``x``'s width that order as the floats ``x`` do, every nan above ``+inf``.
-
-    The bits of a float are sign and magnitude: flipping the magnitude bits of negative values
-    gives two's complement integers in the floats' order (-0 just below +0), with negative nans
-    below -inf. Subtracting ``2^mantissa - 1`` (wrapping) moves exactly those to the top, above
-    the positive nans, and -inf to the lowest integer. Bit operations only: XLA:CPU reduces
-    integer keys as fast vector code where it reduces bfloat16 or float16 as scalar code (40-90x
-    slower) and float32 1.3-1.6x slower. :func:`from_order_key` inverts it.
-    """
-    itype, top, rotation = _key_parts(x.dtype)
-    bits = lax.bitcast_convert_type(x, itype)
-    return (bits ^ ((bits >> (8 * itype.itemsize - 1)) & itype.type(top))) - itype.type(rotation)
-
-
-def from_order_key(key: jax.Array, dtype) -> jax.Array:
-    """The floats of ``dtype`` whose :func:`order_key` is ``key``."""
-    itype, top, rotation = _key_parts(dtype)
-    flipped = key + itype.type(rotation)
-    bits = flipped ^ ((flipped >> (8 * itype.itemsize - 1)) & itype.type(top))
-    return lax.bitcast_convert_type(bits, dtype)
-
-
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` for row sums ``den >= 0`` that are 0 only where ``num`` is 0 (empty rows).
 

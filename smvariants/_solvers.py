@@ -33,8 +33,6 @@ from smvariants._args import compute_dtype
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
-from smvariants._numerics import from_order_key
-from smvariants._numerics import order_key
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
@@ -569,26 +567,24 @@ def block_top3(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     entries followed by the ``k % n`` entries past the blocks, kept as they are (a sub-multiset of
     the row); ``third[..., i, ...]`` is block ``i``'s third largest entry, an upper bound of the
     entries of that block not in ``sub``: every entry left out of ``sub`` is bounded by its
-    block's. One pass: a variadic reduction whose reducer merges top-three lists; a nan is the
-    largest entry (so ``sub`` keeps it). Half-precision rows are reduced as their
-    :func:`order_key`, which XLA:CPU reduces as vector code (and as float32 it would need a
-    float32 copy of the row).
+    block's. One pass: a variadic reduction whose reducer merges top-three lists; a nan is kept
+    in ``sub``. (On a CPU half precision is reduced as order keys: ``comparing_reduction``.)
     """
     k = z.shape[axis]
     n = block_stride(k)
     block = k // n
-    keys = order_key(z) if jnp.dtype(z.dtype).itemsize == 2 else z
-    head = lax.slice_in_dim(keys, 0, n * block, axis=axis)
-    head = head.reshape(z.shape[:axis] + (block, n) + z.shape[axis + 1 :])
-    lowest = order_key(jnp.array(-jnp.inf, z.dtype)) if keys is not z else -jnp.inf
-    low = jnp.full_like(head, lowest)
-    init = (jnp.array(lowest, keys.dtype),) * 3
-    first, second, third = lax.reduce((head, low, low), init, _top3_of_union, (axis,))
-    tail = lax.slice_in_dim(keys, n * block, k, axis=axis)
-    sub = jnp.concatenate([first, second, tail], axis=axis)
-    if keys is z:
-        return sub, third
-    return from_order_key(sub, z.dtype), from_order_key(third, z.dtype)
+
+    def top3(z):  # of floats, or of their order keys
+        head = lax.slice_in_dim(z, 0, n * block, axis=axis)
+        head = head.reshape(z.shape[:axis] + (block, n) + z.shape[axis + 1 :])
+        floats = jnp.issubdtype(z.dtype, jnp.floating)
+        lowest = jnp.array(-jnp.inf if floats else jnp.iinfo(z.dtype).min, z.dtype)
+        low = jnp.full_like(head, lowest)
+        first, second, third = lax.reduce((head, low, low), (lowest,) * 3, _top3_of_union, (axis,))
+        tail = lax.slice_in_dim(z, n * block, k, axis=axis)
+        return jnp.concatenate([first, second, tail], axis=axis), third
+
+    return _backend.comparing_reduction(top3, z)
 
 
 def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Array:

@@ -13,6 +13,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir import passmanager
 
 import smvariants as sm
+from smvariants import _backend
 from smvariants import _variants
 from smvariants import losses
 
@@ -140,6 +141,10 @@ def test_cpu_tuning_is_only_in_the_cpu_lowering():
     long = jnp.ones((4, 2048), jnp.float32)
     cases = {p: _lower(sm.entmax15, long, p).count("stablehlo.case") for p in ("cpu", "tpu")}
     assert cases["cpu"] == cases["tpu"] + 1, cases
+    # Half-precision long rows: the CPU's block reduction compares their order keys (int16).
+    half = long.astype(jnp.bfloat16)
+    assert "xi16>" in _canonical(sm.sparsemax, half, "cpu")
+    assert "xi16>" not in _canonical(sm.sparsemax, half, "tpu")
 
 
 def test_a_cpu_or_tpu_lowering_never_traces_a_kernel(monkeypatch):
@@ -163,8 +168,6 @@ def test_a_cpu_or_tpu_lowering_never_traces_a_kernel(monkeypatch):
 def test_the_deferred_kernel_runs_and_maps_as_its_function():
     """``gpu_kernel``'s branch as a primitive: its function is traced when lowered, also mapped."""
     from jax.core import ShapedArray
-
-    from smvariants import _backend
 
     traced = []
 
@@ -203,8 +206,40 @@ def test_a_float64_program_traced_with_x64_lowers_for_cuda_outside_it(name):
 
 def test_the_seam_gives_the_same_values_as_the_plain_path():
     """The CPU-only helpers change speed, not results: compare them with their defaults."""
-    from smvariants import _backend
-
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32)), jnp.float32)
     np.testing.assert_allclose(_backend.row_sum(x, 1), jnp.sum(x, 1, keepdims=True), rtol=1e-6)
     np.testing.assert_array_equal(jax.jit(_backend.own_buffer)(x), x)
+    # A comparing reduction of half precision (order keys on a CPU): the floats' own maxima.
+    special = jnp.array([jnp.inf, -0.0, 0.0], x.dtype)
+    h = x.at[0, :3].set(special).at[1].set(-jnp.inf).astype(jnp.bfloat16)
+
+    def extremes(a):
+        return jnp.max(a, 1), jnp.min(a, 1)
+
+    for got, expected in zip(_backend.comparing_reduction(extremes, h), extremes(h), strict=True):
+        assert got.dtype == h.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_order_keys_order_as_the_floats_with_every_nan_on_top(dtype):
+    dtype = jnp.dtype(dtype)
+    itype = jnp.dtype(f"int{8 * dtype.itemsize}")
+    if dtype.itemsize == 2:  # every bit pattern
+        bits = np.arange(-(2**15), 2**15).astype(np.int16)
+    else:  # random patterns, and the special values with both signs
+        info = np.iinfo(itype)
+        bits = np.random.default_rng(0).integers(info.min, info.max, 100000, dtype=itype)
+    special = jnp.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0], dtype)
+    bits = np.concatenate([bits, np.asarray(jax.lax.bitcast_convert_type(special, itype))])
+    x = jax.lax.bitcast_convert_type(jnp.asarray(bits), dtype)
+    keys = np.asarray(_backend.order_key(x))
+    assert keys.dtype == itype
+    back = _backend.from_order_key(jnp.asarray(keys), dtype)
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(back, itype)), bits)
+    values = np.asarray(x.astype(jnp.float64))
+    nan = np.isnan(values)
+    assert nan.any() and keys[nan].min() > keys[~nan].max()  # nans of either sign on top
+    ordered = values[~nan][np.argsort(keys[~nan], kind="stable")]
+    assert np.all(ordered[1:] >= ordered[:-1])  # larger keys, larger floats
+    assert keys[values == -np.inf].min() == np.iinfo(itype).min  # -inf: the lowest key
