@@ -108,7 +108,7 @@ def comparing_reduction(reduce: Callable[[jax.Array], tuple[jax.Array, ...]], z:
     call when large). ``reduce`` must also accept integers. Elsewhere, and for other dtypes,
     ``reduce(z)``.
     """
-    if jnp.dtype(z.dtype).itemsize != 2 or in_kernel():
+    if jnp.dtype(z.dtype).itemsize != 2:
         return reduce(z)
 
     def on_cpu(z):

@@ -444,8 +444,8 @@ def budget_threshold(
     signs of ``f``, or a regula falsi step (Illinois) in it. Rows with fewer live entries than
     ``budget`` have no solution: ``nan``.
     """
-    if z.shape[axis] == 0:  # no entries: no solution (and nothing to reduce below)
-        return jnp.full(reduced_shape(z.shape, axis), jnp.nan, z.dtype)
+    if z.shape[axis] == 0:  # no entries, as fully masked rows below (and nothing to reduce)
+        return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
     zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)
@@ -526,7 +526,7 @@ def budget_threshold(
 # fail (a block holding three support entries) are re-solved from that lower bound. One pass over
 # the row finds the blocks' top three (and with them the row maximum), a second writes the output:
 # a full row is read twice, fewer times than softmax reads it (plus, on CPU, one write and read
-# when it comes from a fused computation, see _own_buffer; failing rows are read again).
+# when it comes from a fused computation, see _backend.own_buffer; failing rows are read again).
 
 _BLOCK = 16  # entries per block at most; each keeps its two largest: about 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly

@@ -374,8 +374,8 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
 
     Long rows take the block reduction of :func:`_solvers.max_and_threshold`, except inside a
     Pallas kernel, where the rows are on chip and solved directly. A half-precision ``x`` is
-    computed in float32; where ``max_and_threshold`` takes it, it is never converted whole (the
-    output converts it entry by entry).
+    computed in float32; a long row is never converted whole (but where every row is re-solved):
+    the output converts it entry by entry.
     """
     if v.reduce_rows and not _backend.in_kernel():
         m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
