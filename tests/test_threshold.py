@@ -266,8 +266,15 @@ def test_half_precision_long_rows_are_the_float32_result_rounded_once(name, dtyp
 
 
 def _assert_same_bits(a, b):
+    """Bit for bit (the sign of zeros too) on the CPU, where both are one program's arithmetic; a
+    GPU compiles the two dtypes' programs separately, and its float32 may differ in the last bit
+    and round the other way: one half-precision ulp there."""
+    if jax.default_backend() != "cpu":
+        tol = float(jnp.finfo(a.dtype).eps)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), tol, tol)
+        return
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int16)
-    np.testing.assert_array_equal(bits(a), bits(b))  # the sign of zeros too
+    np.testing.assert_array_equal(bits(a), bits(b))
 
 
 def test_half_precision_long_rows_with_parameters_axis_and_re_solved_rows():
