@@ -31,16 +31,23 @@ try:  # the Triton lowering's parts; a jaxlib without them runs the XLA path eve
 except ImportError:  # pragma: no cover (every Linux jaxlib has them)
     plgpu = None  # type: ignore[assignment]
 
-# Rows up to this many entries (after padding to a power of two) are held by one program. Longer
-# ones stay on the XLA path.
+# Rows up to this many entries (after padding to a power of two) can be held by one program.
 MAX_COLUMNS = 1 << 17
+# Rows longer than this are not: a program would keep more than 32 entries per thread (at 32
+# warps) and spill them to memory. Their forward pass is split (``_variants.split_forward``).
+SPLIT_COLUMNS = 1 << 15
 # Entries a program holds when rows are short: 4096 is 32 per thread at 4 warps.
 _TILE = 4096
 
 
-def fits(shape: tuple[int, ...], axis: int) -> bool:
-    """Whether rows of ``shape`` along ``axis`` take a kernel (non-empty, ``<= MAX_COLUMNS``)."""
-    return plgpu is not None and 0 not in shape and shape[axis] <= MAX_COLUMNS
+def fits(shape: tuple[int, ...], axis: int, columns: int | None = None) -> bool:
+    """Whether rows of ``shape`` along ``axis`` can take a kernel.
+
+    Non-empty, and a row (or the ``columns`` of it that a program holds) of at most
+    ``MAX_COLUMNS`` entries.
+    """
+    held = shape[axis] if columns is None else columns
+    return plgpu is not None and 0 not in shape and held <= MAX_COLUMNS
 
 
 def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -51,8 +58,13 @@ def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return columns, rows, warps
 
 
-def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute):
-    """A block of rows: load (padding ``-inf``), ``rows_fn`` in ``compute``, store what is valid."""
+def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guarded):
+    """A block of rows: load (padding ``-inf``), ``rows_fn`` in ``compute``, store what is valid.
+
+    ``per_row``: ``rows_fn`` gives one value per row (a threshold), stored as a column. ``guarded``:
+    the first two parameters are a flag and a value per row; only a block with a flagged row
+    loads its rows and runs ``rows_fn``, and rows not flagged get their value.
+    """
     x_ref, *param_refs, o_ref = refs
     block_rows, columns = block
     start = pl.program_id(0) * jnp.int32(block_rows)  # int32 indices, also under jax_enable_x64
@@ -63,23 +75,37 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute):
     col = lax.broadcasted_iota(jnp.int32, (1, columns), 1)
     valid = (row < n_rows) & (col < n_cols)
     rows = pl.ds(start, block_rows)
+    out = o_ref.at[rows, pl.ds(first, 1 if per_row else columns)]
     with _backend.kernel_body():
-        x = plgpu.load(x_ref.at[rows, pl.ds(first, columns)], mask=valid, other=-jnp.inf)
-        x = x.astype(compute)  # half precision: converted in registers
         # Per-row values (temperature, parameters) of padding rows: a valid value, never stored.
         params = [
             plgpu.load(ref.at[rows, pl.ds(first, 1)], mask=row < n_rows, other=fill)
             for ref, fill in zip(param_refs, fills, strict=True)
         ]
-        p = rows_fn(x, *params)
-    plgpu.store(o_ref.at[rows, pl.ds(first, columns)], p.astype(o_ref.dtype), mask=valid)
+
+        def run(params):
+            x = plgpu.load(x_ref.at[rows, pl.ds(first, columns)], mask=valid, other=-jnp.inf)
+            x = x.astype(compute)  # half precision: converted in registers
+            return rows_fn(x, *params)
+
+        if not guarded:
+            mask = (row < n_rows) if per_row else valid
+            plgpu.store(out, run(params).astype(o_ref.dtype), mask=mask)
+            return
+        flag, keep, *params = params
+        plgpu.store(out, keep.astype(o_ref.dtype), mask=row < n_rows)
+
+        @pl.when(jnp.max(flag) > 0)
+        def _():
+            value = jnp.where(flag > 0, run(params), keep)
+            plgpu.store(out, value.astype(o_ref.dtype), mask=row < n_rows)
 
 
-def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
-    """``x``'s shape and dtype, varying over ``shard_map``'s manual mesh axes as ``x`` does."""
+def _like(x: jax.Array, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype (or those given), varying over manual mesh axes as ``x`` does."""
     mat = getattr(jax.typeof(x), "manual_axis_type", None)  # jax >= 0.10; none outside shard_map
     extra = {"manual_axis_type": mat} if getattr(mat, "varying", None) else {}
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, **extra)
+    return jax.ShapeDtypeStruct(x.shape if shape is None else shape, dtype or x.dtype, **extra)
 
 
 def rows_forward(
@@ -106,15 +132,72 @@ def rows_forward(
       The output, shape and dtype of ``x`` (a half-precision ``x`` is loaded as it is and
       converted in registers; ``rows_fn`` runs in float32).
     """
+    x2, per_row = as_rows(x, params, axis)
+    out = _call(rows_fn, x2, per_row, fills, _args.compute_dtype(x.dtype), interpret)
+    return from_rows(out, x.shape, axis)
+
+
+def as_rows(x: jax.Array, params: Sequence[jax.Array], axis: int) -> tuple[jax.Array, list]:
+    """``x`` as rows ``(n_rows, n_cols)`` (``axis`` last), each per-row parameter ``(n_rows, 1)``.
+
+    The parameters (broadcastable to ``x``'s shape with ``axis`` kept as 1) are converted to the
+    compute dtype (float32 for a half-precision ``x``). :func:`from_rows` inverts it.
+    """
     moved = jnp.moveaxis(x, axis, -1)
     x2 = moved.reshape(-1, moved.shape[-1])
-    n_rows, n_cols = x2.shape
-    compute = _args.compute_dtype(x.dtype)  # float32 for half precision
+    compute = _args.compute_dtype(x.dtype)
     row_shape = x.shape[:axis] + (1,) + x.shape[axis + 1 :]
     per_row = [
-        jnp.moveaxis(jnp.broadcast_to(p, row_shape), axis, -1).reshape(n_rows, 1).astype(compute)
+        jnp.moveaxis(jnp.broadcast_to(p, row_shape), axis, -1).reshape(-1, 1).astype(compute)
         for p in params
     ]
+    return x2, per_row
+
+
+def from_rows(out: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+    """Rows ``(n_rows, n_cols)`` back in ``shape``, their entries along ``axis``."""
+    moved = shape[:axis] + shape[axis + 1 :] + (shape[axis],)
+    return jnp.moveaxis(out.reshape(moved), -1, axis)
+
+
+def rows_threshold(
+    rows_fn: Callable[..., jax.Array],
+    x: jax.Array,
+    params: Sequence[jax.Array],
+    fills: Sequence[float],
+    where: jax.Array | None = None,
+    otherwise: jax.Array | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``rows_fn``'s one value per row (a threshold) for every row of ``x``, in a Pallas kernel.
+
+    Args:
+      rows_fn: ``rows_fn(x, *params) -> t`` on a block of rows along axis 1 (padding ``-inf``),
+        ``t`` of shape ``(rows, 1)``.
+      x: rows ``(n_rows, n_cols)``, ``n_cols <= MAX_COLUMNS``.
+      params: per-row values, each ``(n_rows, 1)`` in the dtype ``rows_fn`` computes in.
+      fills: for each parameter, a valid value to give the padding rows of the last block.
+      where: ``(n_rows, 1)`` booleans, or ``None`` for every row: the rows to compute. A program
+        whose rows are all False returns without reading them.
+      otherwise: ``(n_rows, 1)``, the value of the rows not computed (with ``where``).
+      interpret: run in Pallas' interpret mode.
+
+    Returns:
+      ``(n_rows, 1)`` in the compute dtype (float32 for a half-precision ``x``).
+    """
+    compute = _args.compute_dtype(x.dtype)
+    params, fills = list(params), list(fills)
+    if where is not None:
+        assert otherwise is not None, "where needs otherwise"
+        params = [where.astype(compute), otherwise.astype(compute), *params]
+        fills = [0.0, 0.0, *fills]
+    out = _like(x, (x.shape[0], 1), compute)
+    return _call(rows_fn, x, params, fills, compute, interpret, out, where is not None)
+
+
+def _call(rows_fn, x2, params, fills, compute, interpret, out=None, guarded=False):
+    """The ``pallas_call`` of :func:`_kernel` over rows ``x2``: one program per block of rows."""
+    n_rows, n_cols = x2.shape
     columns, block_rows, warps = _layout(n_rows, n_cols)
     kernel = partial(
         _kernel,
@@ -124,16 +207,17 @@ def rows_forward(
         n_cols=n_cols,
         block=(block_rows, columns),
         compute=compute,
+        per_row=out is not None,
+        guarded=guarded,
     )
     anywhere = pl.BlockSpec(memory_space=pl.ANY)  # whole arrays; the kernel masks its loads
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=_like(x2),
+        out_shape=_like(x2) if out is None else out,
         grid=(pl.cdiv(n_rows, block_rows),),
-        in_specs=[anywhere] * (1 + len(per_row)),
+        in_specs=[anywhere] * (1 + len(params)),
         out_specs=anywhere,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="smvariants_rows",
-    )(x2, *per_row)
-    return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
+    )(x2, *params)

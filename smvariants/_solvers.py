@@ -304,6 +304,11 @@ def entmax15_tau(z: jax.Array, axis: int, init: jax.Array | None = None) -> jax.
 _REFINE_STEPS = 16  # steps on the low part of the threshold for alpha > 2
 
 
+def refines(d: jax.Array | float | None) -> bool:
+    """Whether :func:`entmax_refined_output` refines: ``d = alpha - 1 > 1``, a Python number."""
+    return isinstance(d, float) and d > 1
+
+
 def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, axis: int):
     """alpha-entmax from its threshold, accurate also where ``alpha > 2`` makes it ill-conditioned.
 
@@ -319,7 +324,7 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
     """
     p, _ = deformed_exp(z - theta, d)
     sp = jnp.sum(p, axis=axis, keepdims=True)
-    if not isinstance(d, float) or d <= 1:
+    if not refines(d):
         return safe_divide(p, sp)
     c_hi = theta - 1 / d
 
@@ -558,6 +563,12 @@ def block_stride(k: int, block: int = _BLOCK) -> int:
     return 8 * min(range(lo, lo + lo // 2 + 1), key=lambda j: 16 * j + k % (8 * j))
 
 
+def subset_length(k: int) -> int:
+    """The length of :func:`block_top3`'s subset of a row of ``k`` entries (about ``k / 8``)."""
+    n = block_stride(k)
+    return 2 * n + k % n
+
+
 def block_top3(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """The three largest entries of each strided block of a row along ``axis >= 0``.
 
@@ -672,15 +683,35 @@ def _max_and_threshold(x, temperature, axis, solve, in_support, params):
         return m, solve(scale(x, m, temperature), axis, None, *params)
     # Long rows stay in their dtype: only the subset and the rows re-solved are converted.
     x = _backend.own_buffer(x, axis)
+    return certified_threshold(
+        x,
+        temperature,
+        axis,
+        in_support,
+        params,
+        lambda z: _shifted_threshold(z, axis, solve, in_support, params),
+        lambda m, t, bad: resolve_rows(x, m, temperature, axis, t, bad, solve, params),
+    )
+
+
+def certified_threshold(x, temperature, axis, in_support, params, solve_subset, resolve):
+    """``(m, t)`` of :func:`max_and_threshold` for long rows, with the two solves given.
+
+    ``solve_subset(z)`` is the threshold of the shifted subset ``z`` of :func:`block_top3` (a
+    lower bound of the row's); ``resolve(m, t, bad)`` returns ``t`` with the rows flagged ``bad``
+    (those the blocks' third largest entries do not certify) re-solved on the whole row from ``t``.
+    """
+    compute = compute_dtype(x.dtype)  # half precision: float32
     sub, third = block_top3(x, axis)  # of x: the order is that of x / T
     sub, third = sub.astype(compute), third.astype(compute)
     m = row_max(sub, axis)
-    t = _shifted_threshold(scale(sub, m, temperature), axis, solve, in_support, params)
+    t = solve_subset(scale(sub, m, temperature))
     bad = jnp.any(in_support(scale(third, m, temperature), t, *params), axis=axis, keepdims=True)
     # A subset can have no solution where the row has one (budget sparsemax: fewer entries than
-    # the budget); a nan row is re-solved too, and stays nan.
+    # the budget): its nan threshold is no bound, and such a row starts from scratch (-inf is below
+    # every solver's own starting bound). A nan row is re-solved too, and stays nan.
     bad = bad | jnp.isnan(t)
-    return m, _resolve_rows(x, m, temperature, axis, t, bad, solve, params, _FIX_FRACTIONS)
+    return m, resolve(m, jnp.where(jnp.isnan(t), -jnp.inf, t), bad)
 
 
 def _shifted_threshold(z, axis, solve, in_support, params):
@@ -690,19 +721,17 @@ def _shifted_threshold(z, axis, solve, in_support, params):
     sub, third = block_top3(z, axis)
     t = _shifted_threshold(sub, axis, solve, in_support, params)
     bad = jnp.any(in_support(third, t, *params), axis=axis, keepdims=True) | jnp.isnan(t)
-    return _resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, ())
+    t = jnp.where(jnp.isnan(t), -jnp.inf, t)
+    return resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, ())
 
 
-def _resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions):
+def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions=_FIX_FRACTIONS):
     """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``.
 
     Failing rows are gathered into the smallest batch of ``1/f`` of the rows (``f`` in
-    ``fractions``) that holds them, or every row is re-solved.
+    ``fractions``) that holds them, or every row is re-solved. ``t`` is a lower bound of each
+    flagged row's threshold, or ``-inf``.
     """
-    # A subset can have no solution where the row has one (budget sparsemax: fewer live entries
-    # than the budget): its nan threshold is no bound, and such a row starts from scratch (-inf
-    # is below every solver's own starting bound).
-    t = jnp.where(jnp.isnan(t), -jnp.inf, t)
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
     sizes = sorted({max(1, rows.shape[0] // f) for f in fractions})
 

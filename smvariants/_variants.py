@@ -127,6 +127,10 @@ class Variant:
       reduce_rows: long rows use the block reduction, and NVIDIA GPUs run the variant in one
         Pallas kernel (both pointless where every entry is in the support: softmax, which XLA
         fuses into one kernel itself).
+      output_loops: ``output_loops(*statics)`` (``None`` for a parameter given as an array):
+        whether the output map iterates over whole rows (alpha > 2's refinement). A GPU then
+        holds rows too long for a program whole in one anyway: split across kernels
+        (:func:`split_forward`), the output would loop in XLA.
     """
 
     name: str
@@ -145,6 +149,7 @@ class Variant:
     label_sum: str | None = None
     capped: bool = False
     reduce_rows: bool = True
+    output_loops: Callable[..., bool] = lambda *statics: False
 
 
 def _nan_like(p: jax.Array) -> jax.Array:
@@ -246,6 +251,7 @@ ENTMAX = Variant(
     params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
     exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),
     logit_tangents={"alpha": lambda p, axis, alpha, max_iter: entmax_alpha_tangent(p, alpha - 1)},
+    output_loops=lambda alpha, max_iter: alpha is not None and _solvers.refines(alpha - 1),
 )
 
 
@@ -383,6 +389,11 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
         x = x.astype(_args.compute_dtype(x.dtype))
         m = _solvers.row_max(x, axis)
         tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
+    return _output(v, x, m, tau, t, params, axis)
+
+
+def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
+    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype)."""
     p = v.output(_solvers.scale(x, m, t), tau, axis, *params)
     if t is not None:
         # x / T overflows: to +inf, a nan row (as jax.nn.softmax(x / T)); to -inf, masked.
@@ -399,8 +410,14 @@ def kernel_forward(
     axis: int,
     interpret: bool = False,
 ) -> jax.Array:
-    """:func:`forward` in a Pallas kernel, rows on chip (``interpret``: on any backend)."""
+    """:func:`forward` in a Pallas kernel, rows on chip (``interpret``: on any backend).
+
+    Rows longer than ``_pallas.SPLIT_COLUMNS`` take :func:`split_forward` (unless the output
+    map loops: ``Variant.output_loops``).
+    """
     arrays, statics = _split(params)
+    if x.shape[axis] > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics):
+        return split_forward(v, x, t, params, axis, interpret)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
     fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
     per_row = list(arrays) if t is None else [t, *arrays]
@@ -411,6 +428,58 @@ def kernel_forward(
         return _xla_forward(v, x, t_rows, merge_params(tuple(arrays), statics), 1)
 
     return _pallas.rows_forward(rows_fn, x, per_row, fills, axis, interpret)
+
+
+def split_forward(
+    v: Variant,
+    x: jax.Array,
+    t: jax.Array | None,
+    params: tuple,
+    axis: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`forward` of rows too long for a program to hold: two kernels and XLA passes.
+
+    The block reduction of long rows (``_solvers.certified_threshold``) with its two solves in
+    kernels. An XLA pass reads every row once for its blocks' top three entries and its maximum;
+    a kernel solves each row's subset of those (about 1/8 of the row) on chip; the subset's
+    threshold is certified against the blocks' third largest entries (1/16 of the row); a
+    second kernel re-solves, from that lower bound, the rows that fail (its other programs
+    return without reading their rows); an XLA pass writes the output. A row is read twice and
+    written once, with no ``while`` or ``case`` outside the kernels. (Rows longer than
+    ``_pallas.MAX_COLUMNS`` re-solve failing rows on the XLA path: one ``case``.)
+    """
+    arrays, statics = _split(params)
+    per_row = list(arrays) if t is None else [t, *arrays]
+    x2, rows = _pallas.as_rows(x, per_row, axis)
+    t2, row_arrays = (None, rows) if t is None else (rows[0], rows[1:])
+    fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
+    row_params = merge_params(tuple(row_arrays), statics)
+
+    def solve_subset(z):
+        def rows_fn(z, *arrays):
+            return v.solve(z, 1, None, *merge_params(arrays, statics))
+
+        return _pallas.rows_threshold(rows_fn, z, row_arrays, fills, interpret=interpret)
+
+    def resolve(m, tau, bad):
+        if not _pallas.fits(x2.shape, 1):
+            return _solvers.resolve_rows(x2, m, t2, 1, tau, bad, v.solve, row_params)
+
+        def rows_fn(x, m, init, *per_row):
+            t_rows, arrays = (None, per_row) if t2 is None else (per_row[0], per_row[1:])
+            z = _solvers.scale(x, m, t_rows)
+            return v.solve(z, 1, init, *merge_params(arrays, statics))
+
+        given = [m, tau, *([] if t2 is None else [t2]), *row_arrays]
+        fill = [0.0, -jnp.inf, *([] if t2 is None else [1.0]), *fills]
+        return _pallas.rows_threshold(rows_fn, x2, given, fill, bad, tau, interpret)
+
+    m, tau = _solvers.certified_threshold(
+        x2, t2, 1, v.in_support, row_params, solve_subset, resolve
+    )
+    p = _output(v, x2, m, tau, t2, row_params, 1).astype(x.dtype)
+    return _pallas.from_rows(p, x.shape, axis)
 
 
 def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
@@ -424,9 +493,12 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     def xla_forward(x, t, params):
         return _xla_forward(v, x, t, params, axis).astype(x.dtype)
 
-    if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
-        return xla_forward(x, t, params)
     arrays, statics = _split(params)
+    n = x.shape[axis]
+    whole = n <= _pallas.SPLIT_COLUMNS or v.output_loops(*statics)
+    held = n if whole else _solvers.subset_length(n)  # what a program holds (split_forward)
+    if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
+        return xla_forward(x, t, params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
     has_t = t is not None  # the closures below keep no tracer: the kernel's is traced later
 

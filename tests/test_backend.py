@@ -14,6 +14,7 @@ from jaxlib.mlir import passmanager
 
 import smvariants as sm
 from smvariants import _backend
+from smvariants import _pallas
 from smvariants import _variants
 from smvariants import losses
 
@@ -62,8 +63,13 @@ ITERATIVE = [name for name, v in _variants.VARIANTS.items() if v.reduce_rows]
 
 @pytest.mark.parametrize("shape", [(64, 32), (2, 40000)])
 def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
-    """Forward, gradient and JVP of every function and loss: no ``while``/``case`` for ``cuda``."""
+    """Forward, gradient and JVP of every function and loss: no ``while``/``case`` for ``cuda``.
+
+    One kernel per iterative variant; rows too long for a program (40000) take two: the subset's
+    solve and the re-solve of the rows it does not certify (``_variants.split_forward``), but
+    where the output map loops (alpha > 2), which holds the row whole in one."""
     x = jnp.ones(shape, jnp.float32)
+    split = shape[1] > _pallas.SPLIT_COLUMNS
     for name, f in {**FUNCTIONS, **{f"{n}_loss": loss for n, loss in LOSSES.items()}}.items():
         if name.endswith("_loss"):
             y = _targets(x, name.removesuffix("_loss"))
@@ -78,7 +84,8 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
             assert "stablehlo.while" not in text and "stablehlo.case" not in text, (name, what)
             kernels = text.count("xla.gpu.triton")
             iterative = any(name.startswith(n) for n in ITERATIVE) and name != "softmax_loss"
-            assert (kernels == 1) if iterative else (kernels == 0), (name, what, kernels)
+            expected = 2 if split and name != "entmax_alpha_2.5" else 1
+            assert kernels == (expected if iterative else 0), (name, what, kernels)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -15,6 +15,7 @@ import pytest
 
 from smvariants import _backend
 from smvariants import _pallas
+from smvariants import _solvers
 from smvariants import _variants
 
 KERNEL_CASES = [c for c in cases.CASES if c.variant.reduce_rows]
@@ -159,3 +160,81 @@ def test_kernel_under_vmap(case, kernels):
     for i in range(x.shape[0]):
         ref = case.ref(np.asarray(x[i], np.float64))
         np.testing.assert_allclose(mapped[i], ref, rtol=2e-6, atol=2e-6)
+
+
+# Rows too long for a program (here: over 512 entries) take two kernels (_variants.split_forward).
+
+
+@pytest.fixture
+def split(kernels, monkeypatch):
+    """Programs hold at most 512 entries of a row; yields the shapes given to ``rows_threshold``."""
+    monkeypatch.setattr(_pallas, "SPLIT_COLUMNS", 512)
+    shapes = []
+    rows_threshold = _pallas.rows_threshold
+
+    def spy(rows_fn, x, *args, **kwargs):
+        shapes.append(x.shape)
+        return rows_threshold(rows_fn, x, *args, **kwargs)
+
+    monkeypatch.setattr(_pallas, "rows_threshold", spy)
+    yield shapes
+
+
+@each_case
+def test_split_kernels_on_rows_too_long_for_a_program(case, split):
+    """Rows of 3000: the subset's kernel, the certificate, the second kernel that re-solves the
+    rows it fails (tied, masked and nan rows), one temperature per row. (alpha > 2, whose output
+    map loops, holds the rows whole in one kernel.)"""
+    rng = np.random.default_rng(6)
+    x, where = _rows((9, 3000), rng)
+    temperature = jnp.asarray(rng.uniform(0.2, 3.0, size=(9, 1)), jnp.float32)
+    _check(case, x, where, temperature, np.float32)
+    loops = case.id == "entmax_3"
+    assert split == ([] if loops else [(9, _solvers.subset_length(3000)), (9, 3000)])
+
+
+@cases.each(FIRST_CASES)
+def test_split_rows_longer_than_any_program_resolve_on_the_xla_path(case, split, monkeypatch):
+    """Where a whole row fits no program, the subset still takes its kernel; failing rows are
+    re-solved by the XLA path."""
+    monkeypatch.setattr(_pallas, "MAX_COLUMNS", 1024)
+    x, where = _rows((9, 3000), np.random.default_rng(7))
+    _check(case, x, where, 0.7, np.float32)
+    assert split == [(9, _solvers.subset_length(3000))]
+
+
+@cases.each(FIRST_CASES)
+def test_split_kernels_take_half_precision_and_other_axes(case, split):
+    """bfloat16 rows along axis 0 and under vmap: the float32 result rounded once."""
+    x, where = _rows((6, 2000), np.random.default_rng(8))
+    half = jnp.asarray(x.T, jnp.bfloat16)
+    p = case.ours(half, where=where.T, axis=0, temperature=0.7)
+    expected = case.ours(half.astype(jnp.float32), where=where.T, axis=0, temperature=0.7)
+    tol = float(jnp.finfo(jnp.bfloat16).eps)  # a GPU's float32 may round the other way
+    assert p.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(p, np.float32), np.asarray(expected.astype(jnp.bfloat16), np.float32), tol, tol
+    )
+    finite = jnp.asarray(np.where(np.isnan(x), 0, x).reshape(2, 3, 2000), jnp.float32)
+    mapped = jax.vmap(case.ours)(finite)
+    for i in range(2):
+        ref = case.ref(np.asarray(finite[i], np.float64))
+        np.testing.assert_allclose(mapped[i], ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(70, 100), (5, 3000)])
+def test_threshold_kernel_computes_only_the_rows_asked_for(shape):
+    """``where``: flagged rows get ``rows_fn``'s value, the others (also in a block of several
+    rows, and the partial last block) the value given."""
+    x = jnp.asarray(np.random.default_rng(9).normal(size=shape), jnp.float32)
+    flags = jnp.arange(shape[0])[:, None] % 3 == 0
+    keep = jnp.full((shape[0], 1), -7.0, jnp.float32)
+    scale = jnp.linspace(1, 2, shape[0], dtype=jnp.float32)[:, None]
+
+    def rows_fn(x, scale):
+        return jnp.max(x, axis=1, keepdims=True) * scale
+
+    every = _pallas.rows_threshold(rows_fn, x, [scale], [1.0], interpret=True)
+    some = _pallas.rows_threshold(rows_fn, x, [scale], [1.0], flags, keep, interpret=True)
+    np.testing.assert_allclose(every, jnp.max(x, axis=1, keepdims=True) * scale, rtol=1e-6)
+    np.testing.assert_array_equal(some, jnp.where(flags, every, keep))
