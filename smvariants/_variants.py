@@ -402,6 +402,11 @@ def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
     return p
 
 
+def _fills(v: Variant, statics: tuple) -> list:
+    """A kernel's values for the array parameters of its padding rows: their defaults."""
+    return [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
+
+
 def kernel_forward(
     v: Variant,
     x: jax.Array,
@@ -419,9 +424,8 @@ def kernel_forward(
     if x.shape[axis] > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics):
         return split_forward(v, x, t, params, axis, interpret)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
-    fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
     per_row = list(arrays) if t is None else [t, *arrays]
-    fills = fills if t is None else [1.0, *fills]
+    fills = _fills(v, statics) if t is None else [1.0, *_fills(v, statics)]
 
     def rows_fn(x, *per_row):
         t_rows, arrays = (None, per_row) if t is None else (per_row[0], per_row[1:])
@@ -453,7 +457,7 @@ def split_forward(
     per_row = list(arrays) if t is None else [t, *arrays]
     x2, rows = _pallas.as_rows(x, per_row, axis)
     t2, row_arrays = (None, rows) if t is None else (rows[0], rows[1:])
-    fills = [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
+    fills = _fills(v, statics)
     row_params = merge_params(tuple(row_arrays), statics)
 
     def solve_subset(z):
