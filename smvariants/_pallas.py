@@ -5,7 +5,9 @@ before it launches the next kernels, and re-reads the rows from memory. Here the
 output map as on the other backends (the variant table's own functions, traced into the kernel)
 run inside one kernel per block of rows: each program loads its rows once (masked entries and
 the padding up to a power of two as ``-inf``), iterates in registers, and writes the output
-once. Short rows are packed several to a program.
+once. Short rows are packed several to a program. Rows too long for a program's registers are
+split (``_variants.split_forward``): :func:`rows_threshold` solves their subsets, then
+re-solves the few rows whose subset is not certified.
 
 The kernels use the Triton lowering of Pallas. They are chosen for ``cuda`` at the backend seam
 (:mod:`smvariants._backend`); on a CPU they run in Pallas' interpret mode, which is how the tests
@@ -31,23 +33,19 @@ try:  # the Triton lowering's parts; a jaxlib without them runs the XLA path eve
 except ImportError:  # pragma: no cover (every Linux jaxlib has them)
     plgpu = None  # type: ignore[assignment]
 
-# Rows up to this many entries (after padding to a power of two) can be held by one program.
+# Rows up to this many entries take kernels (longer ones the XLA path); a program can hold one.
 MAX_COLUMNS = 1 << 17
-# Rows longer than this are not: a program would keep more than 32 entries per thread (at 32
-# warps) and spill them to memory. Their forward pass is split (``_variants.split_forward``).
+# Rows longer than this are split (``_variants.split_forward``): a program holding one would
+# keep more than 32 entries per thread (at 32 warps), spilled to memory. Only the rows that the
+# split's certificate fails are then held whole, and alpha > 2, whose output map loops.
 SPLIT_COLUMNS = 1 << 15
 # Entries a program holds when rows are short: 4096 is 32 per thread at 4 warps.
 _TILE = 4096
 
 
-def fits(shape: tuple[int, ...], axis: int, columns: int | None = None) -> bool:
-    """Whether rows of ``shape`` along ``axis`` can take a kernel.
-
-    Non-empty, and a row (or the ``columns`` of it that a program holds) of at most
-    ``MAX_COLUMNS`` entries.
-    """
-    held = shape[axis] if columns is None else columns
-    return plgpu is not None and 0 not in shape and held <= MAX_COLUMNS
+def fits(shape: tuple[int, ...], axis: int) -> bool:
+    """Whether rows of ``shape`` along ``axis`` take kernels (non-empty, ``<= MAX_COLUMNS``)."""
+    return plgpu is not None and 0 not in shape and shape[axis] <= MAX_COLUMNS
 
 
 def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -93,12 +91,16 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guar
             plgpu.store(out, run(params).astype(o_ref.dtype), mask=mask)
             return
         flag, keep, *params = params
-        plgpu.store(out, keep.astype(o_ref.dtype), mask=row < n_rows)
+        computed = jnp.max(flag) > 0
 
-        @pl.when(jnp.max(flag) > 0)
+        @pl.when(computed)
         def _():
             value = jnp.where(flag > 0, run(params), keep)
             plgpu.store(out, value.astype(o_ref.dtype), mask=row < n_rows)
+
+        @pl.when(~computed)
+        def _():
+            plgpu.store(out, keep.astype(o_ref.dtype), mask=row < n_rows)
 
 
 def _like(x: jax.Array, shape=None, dtype=None) -> jax.ShapeDtypeStruct:

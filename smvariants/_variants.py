@@ -450,8 +450,9 @@ def split_forward(
     threshold is certified against the blocks' third largest entries (1/16 of the row); a
     second kernel re-solves, from that lower bound, the rows that fail (its other programs
     return without reading their rows); an XLA pass writes the output. A row is read twice and
-    written once, with no ``while`` or ``case`` outside the kernels. (Rows longer than
-    ``_pallas.MAX_COLUMNS`` re-solve failing rows on the XLA path: one ``case``.)
+    written once, with no ``while`` or ``case`` outside the kernels. The kernels' ``z`` is
+    ``(x - m) * (1 / T)`` (``_solvers.scale`` in a kernel), the XLA passes' ``(x - m) / T``: the
+    two may differ in their last bit, which moves the threshold and the output by a rounding.
     """
     arrays, statics = _split(params)
     per_row = list(arrays) if t is None else [t, *arrays]
@@ -467,9 +468,6 @@ def split_forward(
         return _pallas.rows_threshold(rows_fn, z, row_arrays, fills, interpret=interpret)
 
     def resolve(m, tau, bad):
-        if not _pallas.fits(x2.shape, 1):
-            return _solvers.resolve_rows(x2, m, t2, 1, tau, bad, v.solve, row_params)
-
         def rows_fn(x, m, init, *per_row):
             t_rows, arrays = (None, per_row) if t2 is None else (per_row[0], per_row[1:])
             z = _solvers.scale(x, m, t_rows)
@@ -487,7 +485,7 @@ def split_forward(
 
 
 def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
-    """``v`` applied to ``x / t``, in ``x``'s dtype; on NVIDIA GPUs one Pallas kernel if rows fit.
+    """``v`` applied to ``x / t``, in ``x``'s dtype; on NVIDIA GPUs Pallas kernels if rows fit.
 
     Half precision is computed in float32 and rounded once. The kernel converts in registers, so
     it moves the bytes of the half-precision input and output only. softmax stays on XLA's own
@@ -497,12 +495,9 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     def xla_forward(x, t, params):
         return _xla_forward(v, x, t, params, axis).astype(x.dtype)
 
-    arrays, statics = _split(params)
-    n = x.shape[axis]
-    whole = n <= _pallas.SPLIT_COLUMNS or v.output_loops(*statics)
-    held = n if whole else _solvers.subset_length(n)  # what a program holds (split_forward)
-    if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
+    if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
         return xla_forward(x, t, params)
+    arrays, statics = _split(params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
     has_t = t is not None  # the closures below keep no tracer: the kernel's is traced later
 

@@ -15,7 +15,6 @@ import pytest
 
 from smvariants import _backend
 from smvariants import _pallas
-from smvariants import _solvers
 from smvariants import _variants
 
 KERNEL_CASES = [c for c in cases.CASES if c.variant.reduce_rows]
@@ -190,17 +189,7 @@ def test_split_kernels_on_rows_too_long_for_a_program(case, split):
     temperature = jnp.asarray(rng.uniform(0.2, 3.0, size=(9, 1)), jnp.float32)
     _check(case, x, where, temperature, np.float32)
     loops = case.id == "entmax_3"
-    assert split == ([] if loops else [(9, _solvers.subset_length(3000)), (9, 3000)])
-
-
-@cases.each(FIRST_CASES)
-def test_split_rows_longer_than_any_program_resolve_on_the_xla_path(case, split, monkeypatch):
-    """Where a whole row fits no program, the subset still takes its kernel; failing rows are
-    re-solved by the XLA path."""
-    monkeypatch.setattr(_pallas, "MAX_COLUMNS", 1024)
-    x, where = _rows((9, 3000), np.random.default_rng(7))
-    _check(case, x, where, 0.7, np.float32)
-    assert split == [(9, _solvers.subset_length(3000))]
+    assert split == ([] if loops else [(9, 400), (9, 3000)])
 
 
 @cases.each(FIRST_CASES)
@@ -238,3 +227,27 @@ def test_threshold_kernel_computes_only_the_rows_asked_for(shape):
     some = _pallas.rows_threshold(rows_fn, x, [scale], [1.0], flags, keep, interpret=True)
     np.testing.assert_allclose(every, jnp.max(x, axis=1, keepdims=True) * scale, rtol=1e-6)
     np.testing.assert_array_equal(some, jnp.where(flags, every, keep))
+
+
+def test_split_kernels_with_a_parameter_per_row(split, monkeypatch):
+    """Per-row alpha and budget arrays that differ between rows: as the XLA path gives them."""
+    import smvariants as sm
+
+    x, where = _rows((9, 3000), np.random.default_rng(10))
+    x = jnp.asarray(x, jnp.float32)
+    alpha = jnp.linspace(1.1, 2.6, 9, dtype=jnp.float32)[:, None]
+    budget = jnp.linspace(1.0, 6.0, 9, dtype=jnp.float32)[:, None]
+
+    def run():
+        return [
+            sm.entmax(x, alpha=alpha, where=where, temperature=0.7),
+            sm.normmax(x, alpha=alpha, where=where),
+            sm.budget_sparsemax(x, budget=budget, where=where, temperature=1.3),
+        ]
+
+    on_kernels = run()
+    assert len(split) == 6  # two kernels each
+    jax.clear_caches()
+    monkeypatch.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: default(*ops))
+    for ours, plain in zip(on_kernels, run(), strict=True):
+        np.testing.assert_allclose(ours, plain, rtol=2e-6, atol=2e-6)
