@@ -33,19 +33,25 @@ try:  # the Triton lowering's parts; a jaxlib without them runs the XLA path eve
 except ImportError:  # pragma: no cover (every Linux jaxlib has them)
     plgpu = None  # type: ignore[assignment]
 
-# Rows up to this many entries take kernels (longer ones the XLA path); a program can hold one.
+# Rows up to this many entries (after padding to a power of two) can be held by one program.
 MAX_COLUMNS = 1 << 17
 # Rows longer than this are split (``_variants.split_forward``): a program holding one would
 # keep more than 32 entries per thread (at 32 warps), spilled to memory. Only the rows that the
-# split's certificate fails are then held whole, and alpha > 2, whose output map loops.
+# split's certificate fails are then held whole (up to ``MAX_COLUMNS``), and alpha > 2, whose
+# output map loops.
 SPLIT_COLUMNS = 1 << 15
 # Entries a program holds when rows are short: 4096 is 32 per thread at 4 warps.
 _TILE = 4096
 
 
-def fits(shape: tuple[int, ...], axis: int) -> bool:
-    """Whether rows of ``shape`` along ``axis`` take kernels (non-empty, ``<= MAX_COLUMNS``)."""
-    return plgpu is not None and 0 not in shape and shape[axis] <= MAX_COLUMNS
+def fits(shape: tuple[int, ...], axis: int, columns: int | None = None) -> bool:
+    """Whether rows of ``shape`` along ``axis`` can take a kernel.
+
+    Non-empty, and a row (or the ``columns`` of it that a program holds) of at most
+    ``MAX_COLUMNS`` entries.
+    """
+    held = shape[axis] if columns is None else columns
+    return plgpu is not None and 0 not in shape and held <= MAX_COLUMNS
 
 
 def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:

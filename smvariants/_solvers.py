@@ -563,6 +563,12 @@ def block_stride(k: int, block: int = _BLOCK) -> int:
     return 8 * min(range(lo, lo + lo // 2 + 1), key=lambda j: 16 * j + k % (8 * j))
 
 
+def subset_length(k: int) -> int:
+    """The length of :func:`block_top3`'s subset of a row of ``k`` entries (about ``k / 8``)."""
+    n = block_stride(k)
+    return 2 * n + k % n
+
+
 def block_top3(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """The three largest entries of each strided block of a row along ``axis >= 0``.
 

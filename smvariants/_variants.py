@@ -450,7 +450,9 @@ def split_forward(
     threshold is certified against the blocks' third largest entries (1/16 of the row); a
     second kernel re-solves, from that lower bound, the rows that fail (its other programs
     return without reading their rows); an XLA pass writes the output. A row is read twice and
-    written once, with no ``while`` or ``case`` outside the kernels. The kernels' ``z`` is
+    written once, with no ``while`` or ``case`` outside the kernels. (Rows longer than
+    ``_pallas.MAX_COLUMNS``, which no program holds whole, re-solve on the XLA path: one
+    ``case``, whose loops run only where rows fail.) The kernels' ``z`` is
     ``(x - m) * (1 / T)`` (``_solvers.scale`` in a kernel), the XLA passes' ``(x - m) / T``: the
     two may differ in their last bit, which moves the threshold and the output by a rounding.
     """
@@ -468,6 +470,9 @@ def split_forward(
         return _pallas.rows_threshold(rows_fn, z, row_arrays, fills, interpret=interpret)
 
     def resolve(m, tau, bad):
+        if not _pallas.fits(x2.shape, 1):  # no program holds a whole row
+            return _xla_resolve(v, statics, t2 is not None, x2, m, tau, bad, rows)
+
         def rows_fn(x, m, init, *per_row):
             t_rows, arrays = (None, per_row) if t2 is None else (per_row[0], per_row[1:])
             z = _solvers.scale(x, m, t_rows)
@@ -484,6 +489,32 @@ def split_forward(
     return _pallas.from_rows(p, x.shape, axis)
 
 
+def _xla_resolve(v: Variant, statics: tuple, has_t: bool, x2, m, tau, bad, rows: list):
+    """``_solvers.resolve_rows`` of rows ``x2``, the mapped dimension of a ``vmap`` folded in.
+
+    ``rows``: the temperature (where ``has_t``), then the array parameters, one row each.
+    Folded, the choice of how many rows to re-solve stays one branch for the whole batch
+    (``vmap`` would turn the ``switch`` into a ``select`` that runs every branch).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def resolve(x2, m, tau, bad, *rows):
+        t, arrays = (rows[0], rows[1:]) if has_t else (None, rows)
+        params = merge_params(tuple(arrays), statics)
+        return _solvers.resolve_rows(x2, m, t, 1, tau, bad, v.solve, params)
+
+    @resolve.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        # Each argument is rows (n_rows, k): the mapped dimension in front folds into them.
+        folded = [
+            (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))).reshape(-1, a.shape[-1])
+            for a, b in zip(args, in_batched, strict=True)
+        ]
+        return resolve(*folded).reshape(axis_size, -1, 1), True
+
+    return resolve(x2, m, tau, bad, *rows)
+
+
 def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: int) -> jax.Array:
     """``v`` applied to ``x / t``, in ``x``'s dtype; on NVIDIA GPUs Pallas kernels if rows fit.
 
@@ -495,9 +526,12 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     def xla_forward(x, t, params):
         return _xla_forward(v, x, t, params, axis).astype(x.dtype)
 
-    if not (v.reduce_rows and _pallas.fits(x.shape, axis)):
-        return xla_forward(x, t, params)
     arrays, statics = _split(params)
+    n = x.shape[axis]
+    whole = n <= _pallas.SPLIT_COLUMNS or v.output_loops(*statics)
+    held = n if whole else _solvers.subset_length(n)  # what a program holds (split_forward)
+    if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
+        return xla_forward(x, t, params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
     has_t = t is not None  # the closures below keep no tracer: the kernel's is traced later
 

@@ -88,6 +88,17 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
             assert kernels == (expected if iterative else 0), (name, what, kernels)
 
 
+def test_cuda_rows_longer_than_any_program_wait_for_the_host_once():
+    """Rows of 200000: the subset's kernel, then one ``case`` (the XLA re-solve of the rows the
+    subset does not certify, whose loops are in its branches), also under ``vmap``."""
+    x = jnp.ones((2, 200000), jnp.float32)
+    for name in ["sparsemax", "entmax15", "entmax_alpha_1.3", "normmax", "budget_sparsemax_array"]:
+        for f in (FUNCTIONS[name], jax.vmap(FUNCTIONS[name])):
+            text = _canonical(f, x if f is FUNCTIONS[name] else x[None], "cuda")
+            assert text.count("xla.gpu.triton") == 1, name
+            assert text.count("stablehlo.case") == 1, name
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_cuda_kernels_read_and_write_half_precision(dtype):
     """No float32 copy of half-precision rows before or after a kernel: it converts in registers."""

@@ -193,6 +193,23 @@ def test_split_kernels_on_rows_too_long_for_a_program(case, split):
 
 
 @cases.each(FIRST_CASES)
+def test_split_rows_longer_than_any_program_resolve_on_the_xla_path(case, split, monkeypatch):
+    """Where a whole row fits no program, the subset still takes its kernel; failing rows are
+    re-solved by the XLA path, in one branch for a whole ``vmap``ped batch."""
+    monkeypatch.setattr(_pallas, "MAX_COLUMNS", 1024)
+    x, where = _rows((9, 3000), np.random.default_rng(7))
+    _check(case, x, where, 0.7, np.float32)
+    assert split == [(9, 400)]
+    finite = jnp.asarray(np.where(np.isnan(x), 0, x).reshape(3, 3, 3000), jnp.float32)
+    mapped = jax.vmap(case.ours)(finite)
+    for i in range(3):
+        ref = case.ref(np.asarray(finite[i], np.float64))
+        np.testing.assert_allclose(mapped[i], ref, rtol=2e-6, atol=2e-6)
+    # One ``cond`` (the switch) for the batch, not a ``select`` of every branch per row.
+    assert "cond[" in str(jax.make_jaxpr(jax.vmap(case.ours))(finite))
+
+
+@cases.each(FIRST_CASES)
 def test_split_kernels_take_half_precision_and_other_axes(case, split):
     """bfloat16 rows along axis 0 and under vmap: the float32 result rounded once."""
     x, where = _rows((6, 2000), np.random.default_rng(8))
