@@ -407,6 +407,11 @@ def _fills(v: Variant, statics: tuple) -> list:
     return [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
 
 
+def _splits(v: Variant, n: int, statics: tuple) -> bool:
+    """Whether rows of ``n`` entries take :func:`split_forward` on a GPU (not whole-row kernels)."""
+    return n > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics)
+
+
 def kernel_forward(
     v: Variant,
     x: jax.Array,
@@ -421,7 +426,7 @@ def kernel_forward(
     map loops: ``Variant.output_loops``).
     """
     arrays, statics = _split(params)
-    if x.shape[axis] > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics):
+    if _splits(v, x.shape[axis], statics):
         return split_forward(v, x, t, params, axis, interpret)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
     per_row = list(arrays) if t is None else [t, *arrays]
@@ -528,8 +533,7 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
 
     arrays, statics = _split(params)
     n = x.shape[axis]
-    whole = n <= _pallas.SPLIT_COLUMNS or v.output_loops(*statics)
-    held = n if whole else _solvers.subset_length(n)  # what a program holds (split_forward)
+    held = _solvers.subset_length(n) if _splits(v, n, statics) else n  # what a program holds
     if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
         return xla_forward(x, t, params)
     operands = (x, *arrays) if t is None else (x, t, *arrays)
