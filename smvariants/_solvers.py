@@ -67,7 +67,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     ``S`` is the support. It starts at ``init``, a lower bound of ``tau``, or at ``tau = -1`` (a
     lower bound, as ``p_max <= 1``), and needs a handful of fused passes. The result is the closed
     form on the support with an accurate sum (``accurate_sum``: compensated, or pairwise on rows
-    of at most 64), so it is exact to rounding on rows of any length and does not depend on the
+    of at most 512), so it is exact to rounding on rows of any length and does not depend on the
     other rows of the batch.
     """
     tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
