@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -407,6 +408,16 @@ def _fills(v: Variant, statics: tuple) -> list:
     return [q.default for q, s in zip(v.params, statics, strict=True) if s is None]
 
 
+def _with_t(t: Any, arrays: Sequence) -> list:
+    """Per-row operands: the temperature (or its fill) unless ``None``, then the parameters."""
+    return ([] if t is None else [t]) + list(arrays)
+
+
+def _without_t(has_t: bool, per_row: Sequence) -> tuple[Any, tuple]:
+    """``(temperature or None, parameters)`` from :func:`_with_t`'s operands."""
+    return (per_row[0], tuple(per_row[1:])) if has_t else (None, tuple(per_row))
+
+
 def _splits(v: Variant, n: int, statics: tuple) -> bool:
     """Whether rows of ``n`` entries take :func:`split_forward` on a GPU (not whole-row kernels)."""
     return n > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics)
@@ -429,12 +440,13 @@ def kernel_forward(
     if _splits(v, x.shape[axis], statics):
         return split_forward(v, x, t, params, axis, interpret)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
-    per_row = list(arrays) if t is None else [t, *arrays]
-    fills = _fills(v, statics) if t is None else [1.0, *_fills(v, statics)]
+    has_t = t is not None
+    per_row = _with_t(t, arrays)
+    fills = _with_t(1.0 if has_t else None, _fills(v, statics))
 
     def rows_fn(x, *per_row):
-        t_rows, arrays = (None, per_row) if t is None else (per_row[0], per_row[1:])
-        return _xla_forward(v, x, t_rows, merge_params(tuple(arrays), statics), 1)
+        t_rows, arrays = _without_t(has_t, per_row)
+        return _xla_forward(v, x, t_rows, merge_params(arrays, statics), 1)
 
     return _pallas.rows_forward(rows_fn, x, per_row, fills, axis, interpret)
 
@@ -462,11 +474,11 @@ def split_forward(
     two may differ in their last bit, which moves the threshold and the output by a rounding.
     """
     arrays, statics = _split(params)
-    per_row = list(arrays) if t is None else [t, *arrays]
-    x2, rows = _pallas.as_rows(x, per_row, axis)
-    t2, row_arrays = (None, rows) if t is None else (rows[0], rows[1:])
+    has_t = t is not None
+    x2, rows = _pallas.as_rows(x, _with_t(t, arrays), axis)
+    t2, row_arrays = _without_t(has_t, rows)
     fills = _fills(v, statics)
-    row_params = merge_params(tuple(row_arrays), statics)
+    row_params = merge_params(row_arrays, statics)
 
     def solve_subset(z):
         def rows_fn(z, *arrays):
@@ -476,15 +488,15 @@ def split_forward(
 
     def resolve(m, tau, bad):
         if not _pallas.fits(x2.shape, 1):  # no program holds a whole row
-            return _xla_resolve(v, statics, t2 is not None, x2, m, tau, bad, rows)
+            return _xla_resolve(v, statics, has_t, x2, m, tau, bad, rows)
 
         def rows_fn(x, m, init, *per_row):
-            t_rows, arrays = (None, per_row) if t2 is None else (per_row[0], per_row[1:])
+            t_rows, arrays = _without_t(has_t, per_row)
             z = _solvers.scale(x, m, t_rows)
             return v.solve(z, 1, init, *merge_params(arrays, statics))
 
-        given = [m, tau, *([] if t2 is None else [t2]), *row_arrays]
-        fill = [0.0, -jnp.inf, *([] if t2 is None else [1.0]), *fills]
+        given = [m, tau, *_with_t(t2, row_arrays)]
+        fill = [0.0, -jnp.inf, *_with_t(1.0 if has_t else None, fills)]
         return _pallas.rows_threshold(rows_fn, x2, given, fill, bad, tau, interpret)
 
     m, tau = _solvers.certified_threshold(
@@ -504,8 +516,8 @@ def _xla_resolve(v: Variant, statics: tuple, has_t: bool, x2, m, tau, bad, rows:
 
     @jax.custom_batching.custom_vmap
     def resolve(x2, m, tau, bad, *rows):
-        t, arrays = (rows[0], rows[1:]) if has_t else (None, rows)
-        params = merge_params(tuple(arrays), statics)
+        t, arrays = _without_t(has_t, rows)
+        params = merge_params(arrays, statics)
         return _solvers.resolve_rows(x2, m, t, 1, tau, bad, v.solve, params)
 
     @resolve.def_vmap
@@ -536,13 +548,13 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
     held = _solvers.subset_length(n) if _splits(v, n, statics) else n  # what a program holds
     if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
         return xla_forward(x, t, params)
-    operands = (x, *arrays) if t is None else (x, t, *arrays)
+    operands = (x, *_with_t(t, arrays))
     has_t = t is not None  # the closures below keep no tracer: the kernel's is traced later
 
     def unpack(operands):
         x, *rest = operands
-        t_, arrays = (rest[0], rest[1:]) if has_t else (None, rest)
-        return x, t_, merge_params(tuple(arrays), statics)
+        t_, arrays = _without_t(has_t, rest)
+        return x, t_, merge_params(arrays, statics)
 
     def on_gpu(*operands):
         x, t_, params = unpack(operands)
