@@ -22,8 +22,6 @@ output alone (``_variants``).
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -40,12 +38,13 @@ from smvariants._numerics import safe_divide
 _EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
-def _carry_zeros(n: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Zeros (False) of ``shape`` computed from the rows' live counts ``n``, not a constant.
+def _carry_zeros(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Zeros (False) of ``shape`` that vary over ``shard_map``'s mesh axes as ``like`` does.
 
-    A loop's initial carry: inside ``shard_map`` it must vary over the mesh axes as the rows do.
+    A loop's initial carry, where the body's values vary as the rows do: the types must match. A
+    constant, not computed from ``like`` (a kernel each on a CPU: compile time).
     """
-    return jnp.broadcast_to(n < 0, shape).astype(dtype)
+    return jnp.zeros_like(like, dtype=dtype, shape=shape)
 
 
 def _converged(new: jax.Array, old: jax.Array) -> jax.Array:
@@ -70,9 +69,8 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     of at most 512), so it is exact to rounding on rows of any length and does not depend on the
     other rows of the batch.
     """
-    tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
-    if init is not None:
-        tau0 = jnp.maximum(tau0, init)
+    zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
+    tau0 = zeros - 1 if init is None else jnp.maximum(init, -1)
 
     def step(tau):
         # With r = [z - tau]_+: sum_S z = sum r + |S| tau, so the update is tau + (sum r - 1) / |S|.
@@ -93,8 +91,8 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
         tau, k_new = step(tau)
         return tau, k_new, k
 
-    tau, k = step(tau0)
-    tau, _, _ = lax.while_loop(cond, body, (tau, k, jnp.full_like(k, -1)))
+    # The first pass's count differs from the initial -1, which differs from -2: it runs.
+    tau, _, _ = lax.while_loop(cond, body, (tau0, zeros - 1, zeros - 2))
     # The closed form on the support, from an accurate sum.
     support = z > tau
     k = jnp.sum(support, axis=axis, keepdims=True).astype(z.dtype)
@@ -270,7 +268,7 @@ def entmax_theta(
     theta0 = jnp.where(n == 0, 0, lo)
     frozen = _carry_zeros(n, shape, bool)
     h0 = _carry_zeros(n, shape, dtype)
-    state = (theta0, lo, hi, h0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
+    state = (theta0, lo, hi, h0, frozen, _carry_zeros(n, (), bool), jnp.array(0, jnp.int32))
     theta, *_, iters = lax.while_loop(cond, body, state)
     return theta, iters
 
@@ -385,9 +383,8 @@ def normmax_threshold(
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
     hi = -jnp.exp(-jnp.log(jnp.maximum(n, 1)) / (1 + k_minus_1))
-    tau0 = jnp.full(reduced_shape(z.shape, axis), -1.0, z.dtype)
-    if init is not None:
-        tau0 = jnp.maximum(tau0, init)
+    zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
+    tau0 = zeros - 1 if init is None else jnp.maximum(init, -1)
 
     def body(state):
         tau, frozen, _, it = state
@@ -410,8 +407,7 @@ def normmax_threshold(
         return ~all_done & (it < max_iter)
 
     frozen = _carry_zeros(n, tau0.shape, bool)
-    tau0 = tau0 + _carry_zeros(n, tau0.shape, z.dtype)
-    state = (tau0, frozen, any_true(frozen), jnp.array(0, jnp.int32))
+    state = (tau0, frozen, _carry_zeros(n, (), bool), jnp.array(0, jnp.int32))
     tau, *_ = lax.while_loop(cond, body, state)
     return tau
 
@@ -503,7 +499,7 @@ def budget_threshold(
 
     zero = _carry_zeros(n, shape, z.dtype)
     f_lo, _, _ = evaluate(lo)
-    state = (lo, lo, f_lo, hi, zero - 1, zero, any_true(zero > 0), 0)
+    state = (lo, lo, f_lo, hi, zero - 1, zero, _carry_zeros(n, (), bool), 0)
     tau, *_ = lax.while_loop(cond, body, state)
     # The closed form on the pieces at the root, from an accurate sum.
     r = z - tau
@@ -535,11 +531,13 @@ def budget_threshold(
 
 _BLOCK = 16  # entries per block at most; each keeps its two largest: about 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly
-# Failing rows are gathered and re-solved in a batch of 1/32 or 1/4 of the rows, the smaller one
-# that holds them (at that fraction of the cost of re-solving every row); more re-solve them all.
-# A subset's failing rows (1/8 of a row long or less) are all re-solved: a solver in each branch
-# costs compile time (about 0.15 s each on a CPU), and a subset's re-solve costs little.
-_FIX_FRACTIONS = (32, 4)
+# Failing rows are gathered and re-solved 1/32 of the rows at a time, in a loop that runs until
+# none is left (no trip when every row passes). One solver serves any number of failing rows: a
+# solver for each batch size would cost compile time (about 8 ms per fused kernel on a CPU, 25-45
+# kernels per solver). Larger batches re-solve dense rows faster but a few failing rows slower
+# (1/8: entmax15 18% slower at 1024x1000, 10 of whose rows fail). A subset's failing rows (1/8 of
+# a row long or less) are all re-solved at once.
+_FIX_FRACTION = 32
 
 
 def _top3_of_union(a, b):
@@ -639,9 +637,9 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
       to rounding. Rows longer than ``_DIRECT`` are solved on :func:`block_top3`'s subset,
       certified and, where that fails, re-solved; the maximum comes from the same pass.
 
-    Under ``vmap`` the mapped dimension joins the rows (the work is row-wise), so the choice of
-    how many rows to re-solve stays one branch for the whole batch instead of a ``select`` that
-    runs every branch.
+    Under ``vmap`` the mapped dimension joins the rows (the work is row-wise), so one re-solve
+    loop gathers failing rows from the whole batch, instead of a loop per member whose every trip
+    solves for all members until the slowest is done.
     """
     params = (temperature, *params)
     is_array = [isinstance(p, jax.Array) for p in params]
@@ -722,38 +720,45 @@ def _shifted_threshold(z, axis, solve, in_support, params):
     t = _shifted_threshold(sub, axis, solve, in_support, params)
     bad = jnp.any(in_support(third, t, *params), axis=axis, keepdims=True) | jnp.isnan(t)
     t = jnp.where(jnp.isnan(t), -jnp.inf, t)
-    return resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, ())
+    return resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, 1)
 
 
-def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fractions=_FIX_FRACTIONS):
+def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=_FIX_FRACTION):
     """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``.
 
-    Failing rows are gathered into the smallest batch of ``1/f`` of the rows (``f`` in
-    ``fractions``) that holds them, or every row is re-solved. ``t`` is a lower bound of each
-    flagged row's threshold, or ``-inf``.
+    Failing rows are gathered ``1/fraction`` of the rows at a time (``fraction=1``: every row at
+    once, only if one fails). ``t`` is a lower bound of each flagged row's threshold, or ``-inf``.
     """
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    sizes = sorted({max(1, rows.shape[0] // f) for f in fractions})
+    size = -(-rows.shape[0] // fraction)
 
     def as_rows(a):  # a per-row value (axis kept as size 1), one row each
         return jnp.broadcast_to(a, t.shape).reshape(-1, 1)
 
-    def some(size):
-        # Gather the failing rows and others to fill the batch (``top_k`` of a 0/1 key: one
-        # kernel, where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
-        flags = bad.reshape(-1)
+    if size == rows.shape[0]:
+
+        def every():
+            return jnp.where(bad, solve(scale(x, m, temperature), axis, t, *params), t)
+
+        return lax.cond(any_true(bad), every, lambda: t)
+
+    row_params = [as_rows(p) if isinstance(p, jax.Array) else p for p in params]
+    row_m, row_temperature = as_rows(m), None if temperature is None else as_rows(temperature)
+    # Half precision is gathered as integers: XLA would otherwise convert every row to float32
+    # before the gather, out of the loop (a copy twice the rows' size on every call).
+    bits = jnp.dtype(f"uint{8 * rows.dtype.itemsize}")
+    row_bits = lax.bitcast_convert_type(rows, bits)
+
+    def some(state):
+        # Gather failing rows and others to fill the batch (``top_k`` of a 0/1 key: one kernel,
+        # where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
+        t, flags = state
         idx = lax.top_k(flags.astype(jnp.float32), size)[1]
-        row_params = [as_rows(p)[idx] if isinstance(p, jax.Array) else p for p in params]
-        row_t = None if temperature is None else as_rows(temperature)[idx]
-        z = scale(rows[idx], as_rows(m)[idx], row_t)
-        old = as_rows(t)[idx]
-        fixed = jnp.where(flags[idx, None], solve(z, 1, old, *row_params), old)
-        return as_rows(t).at[idx].set(fixed).reshape(t.shape)
+        x_some = lax.bitcast_convert_type(row_bits[idx], rows.dtype)
+        z = scale(x_some, row_m[idx], None if row_temperature is None else row_temperature[idx])
+        some_params = [p[idx] if isinstance(p, jax.Array) else p for p in row_params]
+        fixed = jnp.where(flags[idx, None], solve(z, 1, t[idx], *some_params), t[idx])
+        return t.at[idx].set(fixed), flags.at[idx].set(False)
 
-    def every():
-        return jnp.where(bad, solve(scale(x, m, temperature), axis, t, *params), t)
-
-    n_bad = jnp.sum(bad)
-    branch = jnp.sum(n_bad > jnp.array([0, *sizes]))  # 0: none; i: the i-th size holds them
-    branches = [lambda: t] + [partial(some, size) for size in sizes] + [every]
-    return lax.switch(branch, branches)
+    t_rows, _ = lax.while_loop(lambda s: any_true(s[1]), some, (as_rows(t), bad.reshape(-1)))
+    return t_rows.reshape(t.shape)

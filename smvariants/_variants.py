@@ -510,8 +510,8 @@ def _xla_resolve(v: Variant, statics: tuple, has_t: bool, x2, m, tau, bad, rows:
     """``_solvers.resolve_rows`` of rows ``x2``, the mapped dimension of a ``vmap`` folded in.
 
     ``rows``: the temperature (where ``has_t``), then the array parameters, one row each.
-    Folded, the choice of how many rows to re-solve stays one branch for the whole batch
-    (``vmap`` would turn the ``switch`` into a ``select`` that runs every branch).
+    Folded, one loop gathers failing rows from the whole batch (``vmap`` would run a loop per
+    member, each trip solving for all members until the slowest is done).
     """
 
     @jax.custom_batching.custom_vmap

@@ -2,10 +2,10 @@
 
 Rows longer than ``_solvers._DIRECT`` are solved on the two largest entries of each block and
 certified by each block's third largest entry, which bounds every entry left out. These tests
-build rows that pass the certificate, batches where a few or several rows fail it (gathered and
-re-solved in a batch of 1/32 or 1/4 of the rows), batches where most fail (all re-solved), and
-rows long enough for the subset to be reduced again (whose failing rows are all re-solved), and
-check every output against the float64 NumPy reference.
+build rows that pass the certificate, batches where a few, several or most rows fail it
+(gathered and re-solved 1/32 of the rows at a time: one trip of the loop, several, every row),
+and rows long enough for the subset to be reduced again (whose failing rows are all re-solved at
+once), and check every output against the float64 NumPy reference.
 """
 
 import functools
@@ -78,8 +78,8 @@ def test_block_stride_keeps_blocks_short_and_the_subset_small(k):
 
 
 # certified: sparse rows, the reduction's answer holds everywhere; few_rows_fail: 2 of 64 rows have
-# a block with 3 support entries; several_rows_fail: 9 of 64, re-solved in the larger gathered
-# batch; most_rows_fail: dense rows, the whole batch is re-solved.
+# a block with 3 support entries (one trip of the re-solve loop, 2 rows a trip); several_rows_fail:
+# 9 of 64 (5 trips); most_rows_fail: dense rows, every row is re-solved (32 trips).
 BRANCHES = ["certified", "few_rows_fail", "several_rows_fail", "most_rows_fail", "all_equal"]
 
 
