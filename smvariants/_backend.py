@@ -174,21 +174,20 @@ def _deferred_batched(operands, dims, *, kernel, out, x64):
 batching.primitive_batchers[_deferred_p] = _deferred_batched
 
 
-def own_buffer(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``x`` (rows along ``axis``), computed into a buffer of its own on CPU (unchanged elsewhere).
+def own_buffer(x: jax.Array) -> jax.Array:
+    """``x``, computed into a buffer of its own on CPU (unchanged elsewhere).
 
     XLA:CPU fuses an elementwise producer of ``x`` (a half-precision convert, a mask) into the
     block reduction of long rows, which then runs up to 10x slower than on a stored array. A
     ``cond`` is a fusion boundary that XLA keeps (an ``optimization_barrier`` is removed before
-    fusion). Its predicate and second branch are only there so that it cannot be folded away:
-    that branch, taken when the first entry of a row is nan, adds 0, which leaves every value as it
-    is up to the sign of a zero. On a GPU a ``cond`` would cost a round trip to the host.
+    fusion). Its predicate, a constant behind an ``optimization_barrier``, is only there so that
+    it cannot be folded away (a predicate computed from ``x`` would cost kernels, and compile
+    time); the second branch is never taken. On a GPU a ``cond`` would cost a round trip to the
+    host.
     """
 
     def on_cpu(x):
-        # The first entry of every row along ``axis`` (a slice along the rows only: no
-        # resharding of sharded batch dimensions), then one flag.
-        first = lax.slice_in_dim(x, 0, 1, axis=axis)
-        return lax.cond(jnp.all(first == first), lambda x: x, lambda x: x + 0, x)
+        kept = lax.optimization_barrier(jnp.array(True))
+        return lax.cond(kept, lambda x: x, lambda x: x + 0, x)
 
     return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: x)

@@ -531,6 +531,9 @@ def budget_threshold(
 
 _BLOCK = 16  # entries per block at most; each keeps its two largest: about 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly
+# Subsets at most this long are solved directly too: one more level (528 entries to 66 at 32000
+# classes) saves little time, and its re-solve costs a solver's compile time.
+_DIRECT_SUBSET = 1024
 # Failing rows are gathered and re-solved 1/32 of the rows at a time, in a loop that runs until
 # none is left (no trip when every row passes). One solver serves any number of failing rows: a
 # solver for each batch size would cost compile time (about 8 ms per fused kernel on a CPU, 25-45
@@ -680,7 +683,7 @@ def _max_and_threshold(x, temperature, axis, solve, in_support, params):
         m = row_max(x, axis)
         return m, solve(scale(x, m, temperature), axis, None, *params)
     # Long rows stay in their dtype: only the subset and the rows re-solved are converted.
-    x = _backend.own_buffer(x, axis)
+    x = _backend.own_buffer(x)
     return certified_threshold(
         x,
         temperature,
@@ -714,7 +717,7 @@ def certified_threshold(x, temperature, axis, in_support, params, solve_subset, 
 
 def _shifted_threshold(z, axis, solve, in_support, params):
     """The threshold of rows ``z`` whose maximum is already 0, block-reduced if they are long."""
-    if z.shape[axis] <= _DIRECT:
+    if z.shape[axis] <= _DIRECT_SUBSET:
         return solve(z, axis, None, *params)
     sub, third = block_top3(z, axis)
     t = _shifted_threshold(sub, axis, solve, in_support, params)
