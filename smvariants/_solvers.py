@@ -747,21 +747,24 @@ def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=_FIX_F
 
     row_params = [as_rows(p) if isinstance(p, jax.Array) else p for p in params]
     row_m, row_temperature = as_rows(m), None if temperature is None else as_rows(temperature)
-    # Half precision is gathered as integers: XLA would otherwise convert every row to float32
-    # before the gather, out of the loop (a copy twice the rows' size on every call).
-    bits = jnp.dtype(f"uint{8 * rows.dtype.itemsize}")
-    row_bits = lax.bitcast_convert_type(rows, bits)
 
     def some(state):
         # Gather failing rows and others to fill the batch (``top_k`` of a 0/1 key: one kernel,
         # where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
         t, flags = state
         idx = lax.top_k(flags.astype(jnp.float32), size)[1]
-        x_some = lax.bitcast_convert_type(row_bits[idx], rows.dtype)
-        z = scale(x_some, row_m[idx], None if row_temperature is None else row_temperature[idx])
+        z = scale(rows[idx], row_m[idx], None if row_temperature is None else row_temperature[idx])
         some_params = [p[idx] if isinstance(p, jax.Array) else p for p in row_params]
         fixed = jnp.where(flags[idx, None], solve(z, 1, t[idx], *some_params), t[idx])
         return t.at[idx].set(fixed), flags.at[idx].set(False)
 
-    t_rows, _ = lax.while_loop(lambda s: any_true(s[1]), some, (as_rows(t), bad.reshape(-1)))
-    return t_rows.reshape(t.shape)
+    def loop():
+        state = (as_rows(t), bad.reshape(-1))
+        return lax.while_loop(lambda s: any_true(s[1]), some, state)[0].reshape(t.shape)
+
+    if x.dtype == jnp.result_type(m):
+        return loop()
+    # Half precision: XLA:CPU gathers it as float32, converting every row first, and would do so
+    # before the loop, on every call; in a ``cond``, only when a row fails (on a GPU, one more
+    # wait for the host).
+    return lax.cond(any_true(bad), loop, lambda: t)
