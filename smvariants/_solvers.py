@@ -70,7 +70,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     other rows of the batch.
     """
     zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
-    tau0 = zeros - 1 if init is None else jnp.maximum(init, -1)
+    tau0 = zeros - 1 if init is None else jnp.maximum(zeros - 1, init)
 
     def step(tau):
         # With r = [z - tau]_+: sum_S z = sum r + |S| tau, so the update is tau + (sum r - 1) / |S|.
@@ -384,7 +384,7 @@ def normmax_threshold(
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
     hi = -jnp.exp(-jnp.log(jnp.maximum(n, 1)) / (1 + k_minus_1))
     zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
-    tau0 = zeros - 1 if init is None else jnp.maximum(init, -1)
+    tau0 = zeros - 1 if init is None else jnp.maximum(zeros - 1, init)
 
     def body(state):
         tau, frozen, _, it = state
@@ -751,12 +751,12 @@ def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=_FIX_F
     def some(state):
         # Gather failing rows and others to fill the batch (``top_k`` of a 0/1 key: one kernel,
         # where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
-        t, flags = state
+        row_t, flags = state
         idx = lax.top_k(flags.astype(jnp.float32), size)[1]
         z = scale(rows[idx], row_m[idx], None if row_temperature is None else row_temperature[idx])
         some_params = [p[idx] if isinstance(p, jax.Array) else p for p in row_params]
-        fixed = jnp.where(flags[idx, None], solve(z, 1, t[idx], *some_params), t[idx])
-        return t.at[idx].set(fixed), flags.at[idx].set(False)
+        fixed = jnp.where(flags[idx, None], solve(z, 1, row_t[idx], *some_params), row_t[idx])
+        return row_t.at[idx].set(fixed), flags.at[idx].set(False)
 
     def loop():
         state = (as_rows(t), bad.reshape(-1))
