@@ -469,7 +469,8 @@ def split_forward(
     return without reading their rows); an XLA pass writes the output. A row is read twice and
     written once, with no ``while`` or ``case`` outside the kernels. (Rows longer than
     ``_pallas.MAX_COLUMNS``, which no program holds whole, re-solve on the XLA path: one
-    ``case``, whose loops run only where rows fail.) The kernels' ``z`` is
+    ``while``, inside a ``cond`` for half precision, that makes no trip where every row is
+    certified.) The kernels' ``z`` is
     ``(x - m) * (1 / T)`` (``_solvers.scale`` in a kernel), the XLA passes' ``(x - m) / T``: the
     two may differ in their last bit, which moves the threshold and the output by a rounding.
     """

@@ -23,7 +23,7 @@ from smvariants import _variants
 
 import reference
 
-K = 2048  # > _DIRECT: reduced twice (2048 -> 256)
+K = 2048  # > _DIRECT: reduced once (2048 -> 256, solved directly)
 
 
 def _stride(k):
