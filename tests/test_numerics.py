@@ -1,5 +1,6 @@
-"""The numerical helpers (_numerics.py): accurate row sums."""
+"""The numerical helpers (_numerics.py): accurate row sums, log1p."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,3 +35,16 @@ def test_accurate_sum_is_within_a_few_roundings_and_row_by_row(n):
 def test_accurate_sum_of_empty_rows_is_zero():
     assert _numerics.accurate_sum(jnp.zeros((3, 0), F32), 1).shape == (3, 1)
     np.testing.assert_array_equal(_numerics.accurate_sum(jnp.zeros((3, 0), F32), 1), 0)
+
+
+def test_log1p_is_within_a_few_ulps_under_jit():
+    # Down to the tiny arguments where log(1 + v) is all rounding (v = -3e-8: 1 + v rounds to
+    # 1 - 6e-8, twice v), and up to -1, where it is -inf.
+    v = np.concatenate([-np.logspace(-12, 0, 2001), -np.random.default_rng(0).uniform(size=4000)])
+    v = v.astype(F32)
+    got = np.asarray(jax.jit(_numerics.log1p)(jnp.asarray(v)), np.float64)
+    finite = v > -1
+    exact = np.log1p(v[finite].astype(np.float64))
+    ulps = np.abs(got[finite] - exact) / np.spacing(np.abs(exact).astype(F32))
+    assert ulps.max() <= 4
+    assert np.all(got[~finite] == -np.inf) and np.any(~finite)
