@@ -154,10 +154,17 @@ _deferred_p.def_abstract_eval(_deferred_abstract)
 
 
 def _deferred_lowering(ctx, *operands, kernel, out, x64):
-    """The kernel traced now, with 64-bit types as they were when it was bound."""
+    """The kernel traced now, with 64-bit types as they were when it was bound.
+
+    Lowered for ``cuda`` alone: in a lowering for several platforms (``("cpu", "cuda")``, as
+    ``jax.export`` does), ``platform_dependent``'s branches are lowered for all of them, and a
+    Pallas kernel has no CPU lowering; this branch only ever runs on ``cuda``.
+    """
     del out
     with jax.enable_x64(x64):
-        return mlir.lower_fun(kernel, multiple_results=False)(ctx, *operands)
+        return mlir.lower_fun(kernel, multiple_results=False)(
+            ctx.replace(platforms=("cuda",)), *operands
+        )
 
 
 mlir.register_lowering(_deferred_p, _deferred_lowering)

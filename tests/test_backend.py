@@ -153,6 +153,26 @@ def test_every_function_and_gradient_lowers_for_accelerators(platform, shape):
         _lower(jax.grad(lambda x, loss=loss, y=y: jnp.sum(loss(x, y))), x, platform)
 
 
+@pytest.mark.parametrize("shape", [(8, 40), (2, 200000)])  # whole rows, and split long rows
+def test_a_lowering_for_several_platforms_has_the_kernel_and_runs_on_this_one(shape):
+    """``jax.export`` for ``("cpu", "cuda")`` (a program that picks its platform when run): the
+    kernel is lowered for ``cuda`` only, and the program runs here as the plain jit does."""
+    from jax import export
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+    q = jnp.asarray(np.random.default_rng(4).normal(size=(1, 16, 2, 8)), jnp.float32)
+    cases = [(FUNCTIONS["entmax_array"], x)]
+    if shape[1] < 1000:
+        cases += [(jax.grad(lambda x: _weighted(sm.entmax15(x))), x)]
+        cases += [(lambda q: sm.attention.dot_product_attention(q, q, q), q)]
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for f, a in cases:
+        for platforms in [("cpu", "cuda"), ("cuda", "tpu", "cpu")]:
+            exported = export.export(jax.jit(f), platforms=platforms, disabled_checks=[triton])(a)
+            assert "xla.gpu.triton" in exported.mlir_module()
+            np.testing.assert_array_equal(exported.call(a), jax.jit(f)(a))
+
+
 def test_cpu_tuning_is_only_in_the_cpu_lowering():
     # Short rows: the CPU sums a Michelot pass as a matrix-vector product with ones.
     short = jnp.ones((64, 32), jnp.float32)
