@@ -390,7 +390,7 @@ def normmax_threshold(
     def body(state):
         tau, frozen, _, it = state
         b = jnp.maximum(z - tau, 0)  # -inf entries: 0
-        b_km1 = _power(b, k_minus_1)
+        b_km1 = power(b, k_minus_1)
         s_k = _backend.row_sum(b * b_km1, axis)  # ||b||_k^k
         s_km1 = _backend.row_sum(b_km1, axis)
         norm = jnp.exp(jnp.log(s_k) / (1 + k_minus_1))
@@ -413,8 +413,14 @@ def normmax_threshold(
     return tau
 
 
-def _power(b: jax.Array, e: jax.Array | float) -> jax.Array:
-    """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan); integer powers for a static integer ``e``."""
+def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
+    """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan; ``e = 0``: 1 where ``b > 0``).
+
+    A static integer ``e`` (up to 16) is an integer power, ``e = 0`` a comparison: no ``exp`` and
+    ``log`` per entry (normmax's alpha = 2 backward pass: 2-3x faster on XLA:CPU).
+    """
+    if isinstance(e, float) and e == 0:
+        return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
     if isinstance(e, float) and e == round(e) and 1 <= e <= _MAX_INTEGER_POWER:
         return lax.integer_pow(b, round(e))
     on = b > 0
@@ -424,7 +430,7 @@ def _power(b: jax.Array, e: jax.Array | float) -> jax.Array:
 
 def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis: int):
     """``q / sum(q)`` with ``q_j = [z_j - tau]_+^(1/(alpha - 1))``."""
-    q = _power(jnp.maximum(z - tau, 0), 1 / (alpha - 1))
+    q = power(jnp.maximum(z - tau, 0), 1 / (alpha - 1))
     return safe_divide(q, jnp.sum(q, axis=axis, keepdims=True))
 
 

@@ -224,9 +224,8 @@ ENTMAX15 = Variant(
 
 
 def _entmax_g(p, alpha, max_iter=None):
-    """``g = p^(2 - alpha)`` on the support, 0 off it."""
-    on = p > 0
-    return jnp.where(on, jnp.exp((2 - alpha) * _log_p(p)), 0) + _nan_like(p)
+    """``g = p^(2 - alpha)`` on the support, 0 off it (``nan`` where ``p`` is)."""
+    return _solvers.power(p, 2 - alpha)
 
 
 def _entmax_phi(p, axis, alpha, max_iter=None):
@@ -260,10 +259,9 @@ ENTMAX = Variant(
 
 
 def _norm(p, axis, alpha):
-    """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0``."""
-    on = p > 0
-    s = jnp.sum(jnp.where(on, jnp.exp(alpha * _log_p(p)), 0), axis=axis, keepdims=True)
-    return jnp.exp(jnp.log(s) / alpha) + jnp.sum(_nan_like(p), axis=axis, keepdims=True)
+    """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0`` (``nan`` in a row with ``nan``)."""
+    s = jnp.sum(_solvers.power(p, alpha), axis=axis, keepdims=True)
+    return jnp.exp(jnp.log(s) / alpha)
 
 
 def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
@@ -279,14 +277,16 @@ def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
     def dot(a, b):
         return jnp.sum(a * b, axis=axis, keepdims=True)
 
-    pz = dot(p, z_dot)
-    return c * (g * z_dot - g * pz - p * dot(g, z_dot) + jnp.sum(g, axis, keepdims=True) * p * pz)
+    # As g (dz - <p, dz>) + p (sum(g) <p, dz> - <g, dz>), scaled: two inner products and one
+    # pass, and its transpose (the backward pass) has the same form.
+    dz = c * z_dot
+    pz = dot(p, dz)
+    return g * (dz - pz) + p * (jnp.sum(g, axis, keepdims=True) * pz - dot(g, dz))
 
 
 def _normmax_phi(p, axis, alpha, max_iter=None):
     """On the support ``z = tau + (p / ||p||_alpha)^(alpha - 1)``."""
-    q = p / _norm(p, axis, alpha)
-    return jnp.where(p > 0, jnp.exp((alpha - 1) * _log_p(q)), 0)
+    return _solvers.power(p / _norm(p, axis, alpha), alpha - 1)
 
 
 def _normmax_dp_dalpha(p, axis, alpha, max_iter=None):
