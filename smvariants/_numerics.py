@@ -55,6 +55,8 @@ def _compensated_add(left, right):
     return s, c1 + c2 + e
 
 
+MAX_INTEGER_POWER = 16  # static exponents up to this one are integer powers (alpha = 1 + 1/n)
+
 # Rows up to this long are summed pairwise (see ``accurate_sum``).
 _PAIRWISE_MAX = 512
 
@@ -121,6 +123,29 @@ def log1p(v: jax.Array) -> jax.Array:
     """
     b = 1 + v
     return jnp.log(b) + ((1 - b) + v) * (2 - b)
+
+
+def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
+    """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan; ``e = 0``: 1 where ``b > 0``).
+
+    A static ``e`` that is an integer (up to 16), or one over 2 or 4 (``p^(3/4)`` of alpha = 1.25's
+    backward pass), is an integer power of ``b`` or of its square roots, ``e = 0`` a sign: no
+    ``exp`` and ``log`` per entry (several times cheaper on XLA:CPU, and as accurate).
+    """
+    if isinstance(e, float) and e == 0:
+        return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
+    if isinstance(e, float) and e == round(e) and 1 <= e <= MAX_INTEGER_POWER:
+        return lax.integer_pow(b, round(e))
+    on = b > 0
+    if isinstance(e, float) and 0 < e <= MAX_INTEGER_POWER and (4 * e) == round(4 * e):
+        roots = 1 if (2 * e) == round(2 * e) else 2
+        root = jnp.where(on, b, 1)  # the inner where keeps higher derivatives finite at 0
+        for _ in range(roots):
+            root = jnp.sqrt(root)
+        out = jnp.where(on, lax.integer_pow(root, round(e * 2**roots)), 0)
+    else:
+        out = jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
+    return jnp.where(jnp.isnan(b), jnp.nan, out)
 
 
 def expm1_ratio(x: jax.Array) -> jax.Array:

@@ -28,10 +28,12 @@ from jax import lax
 
 from smvariants import _backend
 from smvariants._args import compute_dtype
+from smvariants._numerics import MAX_INTEGER_POWER
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
 from smvariants._numerics import log1p
+from smvariants._numerics import power
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
@@ -105,15 +107,12 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 # alpha-entmax: safeguarded Newton on theta.
 
 
-_MAX_INTEGER_POWER = 16  # static alpha = 1 + 1/n up to this n uses integer powers
-
-
 def _integer_power(d: jax.Array | float) -> int:
     """``n`` where a static ``d`` is ``1/n`` (up to 16), else 0: integer powers serve there."""
     n = round(1 / d) if isinstance(d, float) and d > 0 else 0
     # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
     # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
-    if isinstance(d, float) and 1 <= n <= _MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
+    if isinstance(d, float) and 1 <= n <= MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
         return n
     return 0
 
@@ -411,21 +410,6 @@ def normmax_threshold(
     state = (tau0, frozen, _carry_zeros(n, (), bool), jnp.array(0, jnp.int32))
     tau, *_ = lax.while_loop(cond, body, state)
     return tau
-
-
-def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
-    """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan; ``e = 0``: 1 where ``b > 0``).
-
-    A static integer ``e`` (up to 16) is an integer power, ``e = 0`` a comparison: no ``exp`` and
-    ``log`` per entry (normmax's alpha = 2 backward pass: 2-3x faster on XLA:CPU).
-    """
-    if isinstance(e, float) and e == 0:
-        return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
-    if isinstance(e, float) and e == round(e) and 1 <= e <= _MAX_INTEGER_POWER:
-        return lax.integer_pow(b, round(e))
-    on = b > 0
-    out = jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
-    return jnp.where(jnp.isnan(b), jnp.nan, out)
 
 
 def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis: int):

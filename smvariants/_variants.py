@@ -33,6 +33,7 @@ from smvariants import _pallas
 from smvariants import _solvers
 from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import expm1_ratio
+from smvariants._numerics import power
 from smvariants._numerics import safe_divide
 from smvariants._numerics import tsallis
 
@@ -225,7 +226,7 @@ ENTMAX15 = Variant(
 
 def _entmax_g(p, alpha, max_iter=None):
     """``g = p^(2 - alpha)`` on the support, 0 off it (``nan`` where ``p`` is)."""
-    return _solvers.power(p, 2 - alpha)
+    return power(p, 2 - alpha)
 
 
 def _entmax_phi(p, axis, alpha, max_iter=None):
@@ -260,7 +261,7 @@ ENTMAX = Variant(
 
 def _norm(p, axis, alpha):
     """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0`` (``nan`` in a row with ``nan``)."""
-    s = jnp.sum(_solvers.power(p, alpha), axis=axis, keepdims=True)
+    s = jnp.sum(power(p, alpha), axis=axis, keepdims=True)
     return jnp.exp(jnp.log(s) / alpha)
 
 
@@ -286,7 +287,7 @@ def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
 
 def _normmax_phi(p, axis, alpha, max_iter=None):
     """On the support ``z = tau + (p / ||p||_alpha)^(alpha - 1)``."""
-    return _solvers.power(p / _norm(p, axis, alpha), alpha - 1)
+    return power(p / _norm(p, axis, alpha), alpha - 1)
 
 
 def _normmax_dp_dalpha(p, axis, alpha, max_iter=None):

@@ -1,4 +1,4 @@
-"""The numerical helpers (_numerics.py): accurate row sums, log1p."""
+"""The numerical helpers (_numerics.py): accurate row sums, log1p, powers."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +48,18 @@ def test_log1p_is_within_a_few_ulps_under_jit():
     ulps = np.abs(got[finite] - exact) / np.spacing(np.abs(exact).astype(F32))
     assert ulps.max() <= 4
     assert np.all(got[~finite] == -np.inf) and np.any(~finite)
+
+
+@pytest.mark.parametrize("e", [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 0.3])
+def test_power_is_accurate_zero_at_zero_nan_at_nan_and_twice_differentiable_there(e):
+    # Static exponents that are integers or over 2 or 4 take integer powers of square roots
+    # (within a few ulps, where exp(e log b) is off by up to 100); others exp and log.
+    b = np.concatenate([np.random.default_rng(1).uniform(size=10000), np.logspace(-8, 0, 200)])
+    got = np.asarray(jax.jit(lambda b: _numerics.power(b, e))(jnp.asarray(b, F32)), np.float64)
+    exact = b.astype(F32).astype(np.float64) ** e
+    ulps = np.abs(got - exact) / np.spacing(exact.astype(F32))
+    assert ulps.max() <= (20 if e == 0.3 else 8)
+    edge = jnp.array([0.0, np.nan], F32)
+    np.testing.assert_array_equal(_numerics.power(edge, e), [0.0, np.nan])
+    second = jax.grad(lambda b: jnp.sum(jax.grad(lambda b: jnp.sum(_numerics.power(b, e)))(b)))
+    assert np.isfinite(second(jnp.zeros(3, F32))).all()
