@@ -55,8 +55,6 @@ def _compensated_add(left, right):
     return s, c1 + c2 + e
 
 
-MAX_INTEGER_POWER = 16  # static exponents up to this one are integer powers (alpha = 1 + 1/n)
-
 # Rows up to this long are summed pairwise (see ``accurate_sum``).
 _PAIRWISE_MAX = 512
 
@@ -112,26 +110,35 @@ def all_true(b: jax.Array) -> jax.Array:
 
 
 def log1p(v: jax.Array) -> jax.Array:
-    """``log1p(v)`` for ``v >= -1``: ``log(1 + v)`` corrected by the rounding error of ``1 + v``.
+    """``log1p(v)`` for ``-1 <= v <= 1``: ``log(1 + v)`` corrected by the rounding of ``1 + v``.
 
     With ``b = fl(1 + v)``, ``log1p(v) = log(b) + log(1 + e / b)`` where ``e = (1 - b) + v`` is
-    the rounding error (exact for ``b >= 1/2``, Sterbenz), and ``e / b ~ e (2 - b)`` where the
-    term matters (``b`` near 1; elsewhere ``|log b| >= 0.69`` dwarfs it): within 3 ulps, as
-    ``jnp.log1p``, for a ``log`` and five flops. XLA:CPU's ``log1p`` costs 1.5 ``log``'s (a
-    series and a ``log`` for every entry): the general entmax pass, with an ``exp`` too, is 25%
-    faster. (Not Goldberg's ``log(b) v / (b - 1)``: XLA rewrites ``(1 + v) - 1`` as ``v``.)
+    the rounding error (exact for ``1/2 <= b <= 2``, Sterbenz), and ``e / b ~ e (2 - b)`` where
+    the term matters (``b`` near 1; below 1/2, ``|log b| >= 0.69`` dwarfs it): within 3 ulps,
+    as ``jnp.log1p``, for a ``log`` and six flops (not for ``v > 1``, where ``2 - b`` is no
+    ``1 / b``; the solvers' ``d (z - theta)`` is at most 0). XLA:CPU's ``log1p`` costs 1.5
+    ``log``'s (a series and a ``log`` for every entry): the general entmax pass, with an ``exp``
+    too, is 25% faster. (Not Goldberg's ``log(b) v / (b - 1)``: XLA rewrites ``(1 + v) - 1``
+    as ``v``.)
     """
     b = 1 + v
     return jnp.log(b) + ((1 - b) + v) * (2 - b)
 
 
+MAX_INTEGER_POWER = 16  # static exponents up to this one are integer powers (alpha = 1 + 1/n)
+_EPS64 = 2.0**-52
+
+
 def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
     """``b^e`` for ``b >= 0`` (0 at 0; nan stays nan; ``e = 0``: 1 where ``b > 0``).
 
-    A static ``e`` that is an integer (up to 16), or one over 2 or 4 (``p^(3/4)`` of alpha = 1.25's
-    backward pass), is an integer power of ``b`` or of its square roots, ``e = 0`` a sign: no
-    ``exp`` and ``log`` per entry (several times cheaper on XLA:CPU, and as accurate).
+    A static ``e`` that is a multiple of 1/4 up to 16 (to 8 ulps: ``1 / (4/3 - 1)`` is 3 only to
+    rounding) is an integer power of ``b`` or of its first or second square root (``p^(3/4)`` of
+    alpha = 1.25's backward pass), ``e = 0`` a sign: no ``exp`` and ``log`` per entry (several
+    times cheaper on XLA:CPU, and more accurate).
     """
+    if isinstance(e, float) and abs(4 * e - round(4 * e)) <= 32 * _EPS64 * max(1, abs(e)):
+        e = round(4 * e) / 4
     if isinstance(e, float) and e == 0:
         return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
     if isinstance(e, float) and e == round(e) and 1 <= e <= MAX_INTEGER_POWER:

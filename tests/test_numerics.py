@@ -63,3 +63,10 @@ def test_power_is_accurate_zero_at_zero_nan_at_nan_and_twice_differentiable_ther
     np.testing.assert_array_equal(_numerics.power(edge, e), [0.0, np.nan])
     second = jax.grad(lambda b: jnp.sum(jax.grad(lambda b: jnp.sum(_numerics.power(b, e)))(b)))
     assert np.isfinite(second(jnp.zeros(3, F32))).all()
+
+
+def test_power_takes_exponents_equal_to_a_quarter_up_to_rounding_as_such():
+    # normmax at alpha = 4/3 and 1.2: 1 / (alpha - 1) is 3 and 5 only to an ulp of float64.
+    b = jnp.asarray(np.random.default_rng(2).uniform(size=100), F32)
+    for alpha, n in [(4 / 3, 3), (1.2, 5)]:
+        np.testing.assert_array_equal(_numerics.power(b, 1 / (alpha - 1)), b**n)
