@@ -126,7 +126,7 @@ def log1p(v: jax.Array) -> jax.Array:
 
 
 MAX_INTEGER_POWER = 16  # static exponents up to this one are integer powers (alpha = 1 + 1/n)
-_EPS64 = 2.0**-52
+EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
 def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
@@ -137,7 +137,7 @@ def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
     alpha = 1.25's backward pass), ``e = 0`` a sign: no ``exp`` and ``log`` per entry (several
     times cheaper on XLA:CPU, and more accurate).
     """
-    if isinstance(e, float) and abs(4 * e - round(4 * e)) <= 32 * _EPS64 * max(1, abs(e)):
+    if isinstance(e, float) and abs(4 * e - round(4 * e)) <= 32 * EPS64 * max(1, abs(e)):
         e = round(4 * e) / 4
     if isinstance(e, float) and e == 0:
         return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)

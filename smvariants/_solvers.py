@@ -28,6 +28,7 @@ from jax import lax
 
 from smvariants import _backend
 from smvariants._args import compute_dtype
+from smvariants._numerics import EPS64
 from smvariants._numerics import MAX_INTEGER_POWER
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
@@ -37,8 +38,6 @@ from smvariants._numerics import power
 from smvariants._numerics import reduced_shape
 from smvariants._numerics import row_max
 from smvariants._numerics import safe_divide
-
-_EPS64 = float(jnp.finfo(jnp.float64).eps)
 
 
 def _carry_zeros(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -112,7 +111,7 @@ def _integer_power(d: jax.Array | float) -> int:
     n = round(1 / d) if isinstance(d, float) and d > 0 else 0
     # alpha - 1 of a float alpha such as 4/3 or 1.2 is 1/n only to a few ulps (exactly only for
     # powers of 2): within 8 ulps, the exponent 1/d and n differ by rounding alone.
-    if isinstance(d, float) and 1 <= n <= MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * _EPS64:
+    if isinstance(d, float) and 1 <= n <= MAX_INTEGER_POWER and abs(d * n - 1) <= 8 * EPS64:
         return n
     return 0
 

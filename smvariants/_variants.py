@@ -204,19 +204,13 @@ SPARSEMAX = Variant(
 # entmax15 -----------------------------------------------------------------------------------------
 
 
-def _sqrt_on_support(p):
-    """``sqrt(p)`` on the support, 0 off it; the inner where keeps higher derivatives finite."""
-    on = p > 0
-    return jnp.where(on, jnp.sqrt(jnp.where(on, p, 1)), 0) + _nan_like(p)
-
-
 ENTMAX15 = Variant(
     name="entmax15",
     solve=_solvers.entmax15_tau,
     in_support=lambda z, t: 0.5 * z > t,
     output=lambda z, t, axis: jnp.maximum(0.5 * z - t, 0) ** 2,
-    g=_sqrt_on_support,
-    phi=lambda p, axis: 2 * _sqrt_on_support(p),
+    g=lambda p: power(p, 0.5),  # sqrt(p) on the support, 0 off it
+    phi=lambda p, axis: 2 * power(p, 0.5),
     regulariser=lambda p, axis: -tsallis(p, 1.5, axis),
 )
 
