@@ -52,7 +52,7 @@ def test_log1p_is_within_a_few_ulps_under_jit():
 
 @pytest.mark.parametrize("e", [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 0.3])
 def test_power_is_accurate_zero_at_zero_nan_at_nan_and_twice_differentiable_there(e):
-    # Static exponents that are integers or over 2 or 4 take integer powers of square roots
+    # Static multiples of 1/4 take integer powers of b or of its square roots
     # (within a few ulps, where exp(e log b) is off by up to 100); others exp and log.
     b = np.concatenate([np.random.default_rng(1).uniform(size=10000), np.logspace(-8, 0, 200)])
     got = np.asarray(jax.jit(lambda b: _numerics.power(b, e))(jnp.asarray(b, F32)), np.float64)
