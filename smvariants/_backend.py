@@ -24,6 +24,8 @@ from jax.interpreters import mlir
 
 # Rows up to this length take the CPU's matrix-vector row sum (see ``row_sum``).
 _CPU_DOT_MAX = 64
+# Rows up to this length are solved by columns on the CPU (see ``by_columns``).
+_CPU_COLUMNS_MAX = 32
 
 _tracing = threading.local()
 
@@ -69,6 +71,25 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
         )
 
     return lax.platform_dependent(a, cpu=on_cpu, default=plain)
+
+
+def by_columns(
+    solve_by_columns: Callable[[jax.Array], jax.Array],
+    solve: Callable[[jax.Array], jax.Array],
+    z: jax.Array,
+    axis: int,
+) -> jax.Array:
+    """``solve_by_columns(z)`` on XLA:CPU for rows of at most 32 entries, ``solve(z)`` elsewhere.
+
+    Both solve the rows of ``z`` along ``axis``; ``solve_by_columns`` with sums over the columns
+    (:func:`smvariants._numerics.column_sums`) and several passes per trip of its loop. XLA:CPU
+    runs each pass as one loop over the rows (a reduction along a short row is scalar code, and a
+    loop's trip costs several kernels), but compiles every column's work: longer rows take
+    ``solve``. A GPU's kernels and a TPU's layout (rows along vector lanes) want ``solve``.
+    """
+    if not 0 < z.shape[axis] <= _CPU_COLUMNS_MAX or in_kernel():
+        return solve(z)
+    return lax.platform_dependent(z, cpu=solve_by_columns, default=solve)
 
 
 def _key_parts(dtype) -> tuple[jnp.dtype, int, int]:

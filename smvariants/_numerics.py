@@ -7,6 +7,7 @@ where one is taken.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,10 @@ _PAIRWISE_MAX = 512
 
 
 def _pairwise_sum(a: jax.Array, axis: int) -> jax.Array:
-    """The sum along ``axis`` (kept) as a tree of halves: elementwise adds in a fixed order."""
+    """The sum along ``axis`` (kept) as a tree of halves: elementwise adds in a fixed order.
+
+    The order of :func:`column_sums`: the two give the same bits.
+    """
     while a.shape[axis] > 1:
         half = a.shape[axis] // 2
         low = lax.slice_in_dim(a, 0, half, axis=axis)
@@ -68,6 +72,23 @@ def _pairwise_sum(a: jax.Array, axis: int) -> jax.Array:
         rest = lax.slice_in_dim(a, 2 * half, a.shape[axis], axis=axis)
         a = jnp.concatenate([low + high, rest], axis=axis)
     return a
+
+
+def column_sums(f: Callable[..., tuple], z: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """The row sums along ``axis`` (kept) of each array of ``f(z)``, as elementwise work.
+
+    ``f`` maps entries to a tuple of arrays of their shape, entry by entry; it is applied to each
+    column of ``z`` (one entry of every row, ``axis`` kept as 1) and the results are summed as a
+    tree of halves, in :func:`_pairwise_sum`'s order. No reduction: a pass over short rows is one
+    loop over the rows, which XLA fuses with whatever computes ``f``'s operands and results
+    (``_backend.by_columns`` says where that pays). The program grows with the row length.
+    """
+    terms = [f(lax.index_in_dim(z, j, axis)) for j in range(z.shape[axis])]
+    while len(terms) > 1:
+        half = len(terms) // 2
+        low, high, rest = terms[:half], terms[half : 2 * half], terms[2 * half :]
+        terms = [tuple(map(jnp.add, a, b)) for a, b in zip(low, high, strict=True)] + rest
+    return tuple(terms[0])
 
 
 def accurate_sum(a: jax.Array, axis: int) -> jax.Array:

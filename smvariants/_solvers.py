@@ -33,6 +33,7 @@ from smvariants._numerics import MAX_INTEGER_POWER
 from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
+from smvariants._numerics import column_sums
 from smvariants._numerics import log1p
 from smvariants._numerics import power
 from smvariants._numerics import reduced_shape
@@ -69,20 +70,43 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     lower bound, as ``p_max <= 1``), and needs a handful of fused passes. The result is the closed
     form on the support with an accurate sum (``accurate_sum``: compensated, or pairwise on rows
     of at most 512), so it is exact to rounding on rows of any length and does not depend on the
-    other rows of the batch.
+    other rows of the batch. Short rows on a CPU are solved by columns
+    (:func:`_sparsemax_by_columns`), to the same bits.
     """
-    zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
-    tau0 = zeros - 1 if init is None else jnp.maximum(zeros - 1, init)
+    if init is None:
+        return _backend.by_columns(
+            lambda z: _sparsemax_by_columns(z, axis), lambda z: _michelot(z, axis, None), z, axis
+        )
+    return _michelot(z, axis, init)
 
-    def step(tau):
+
+def _michelot_step(tau: jax.Array, sums) -> tuple[jax.Array, jax.Array]:
+    """Michelot's step from ``tau``, and ``|S|``; ``sums(f)``: the row sums of ``f(z)``'s arrays."""
+
+    def relu_and_sign(z):
         # With r = [z - tau]_+: sum_S z = sum r + |S| tau, so the update is tau + (sum r - 1) / |S|.
         # (This form, with |S| = sum sign(r), fuses into one fast pass on XLA:CPU; a select-sum
         # and an integer count of the same comparison are several times slower.)
         r = jnp.maximum(z - tau, 0)
-        f = _backend.row_sum(r, axis)
-        k = _backend.row_sum(jnp.sign(r), axis)
-        # max() keeps tau monotone under rounding, which bounds the loop by the row length.
-        return jnp.maximum(tau + (f - 1) / jnp.maximum(k, 1), tau), k
+        return r, jnp.sign(r)
+
+    f, k = sums(relu_and_sign)
+    # max() keeps tau monotone under rounding, which bounds the iterations by the row length.
+    return jnp.maximum(tau + (f - 1) / jnp.maximum(k, 1), tau), k
+
+
+def _sparsemax_closed_form(tau: jax.Array, k: jax.Array, total: jax.Array) -> jax.Array:
+    """``(sum_S z - 1) / |S|`` from ``|S| = k`` and ``sum_S z = total`` (nan where ``tau`` is)."""
+    return jnp.where(jnp.isnan(tau), jnp.nan, (total - 1) / jnp.maximum(k, 1))
+
+
+def _michelot(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
+    """:func:`sparsemax_threshold` as a loop of single passes with reductions along ``axis``."""
+    zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
+    tau0 = zeros - 1 if init is None else jnp.maximum(zeros - 1, init)
+
+    def sums(f):
+        return tuple(_backend.row_sum(a, axis) for a in f(z))
 
     def cond(state):
         tau, k, k_prev = state
@@ -90,7 +114,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
 
     def body(state):
         tau, k, _ = state
-        tau, k_new = step(tau)
+        tau, k_new = _michelot_step(tau, sums)
         return tau, k_new, k
 
     # The first pass's count differs from the initial -1, which differs from -2: it runs.
@@ -98,8 +122,38 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     # The closed form on the support, from an accurate sum.
     support = z > tau
     k = jnp.sum(support, axis=axis, keepdims=True).astype(z.dtype)
-    total = accurate_sum(jnp.where(support, z, 0), axis)
-    return jnp.where(jnp.isnan(tau), jnp.nan, (total - 1) / jnp.maximum(k, 1))
+    return _sparsemax_closed_form(tau, k, accurate_sum(jnp.where(support, z, 0), axis))
+
+
+# Michelot steps per trip of the loop that solves short rows by columns; then the closed form.
+_MICHELOT_PASSES = 2
+
+
+def _sparsemax_by_columns(z: jax.Array, axis: int) -> jax.Array:
+    """:func:`sparsemax_threshold` from ``tau = -1`` with sums over the columns (a CPU's short rows).
+
+    Each trip of the loop takes a few Michelot steps and the closed form on the support they
+    leave, which is the threshold when no entry above the last step's ``tau`` is at or below it
+    (Michelot would stop there). Rows where some entry is take another trip from the closed form,
+    a lower bound; the others keep it. Rows of 32 normal logits need one trip.
+    """
+    shape = reduced_shape(z.shape, axis)
+
+    def sums(f):
+        return column_sums(f, z, axis)
+
+    def trip(state):
+        tau, open_ = state
+        t = tau
+        for _ in range(_MICHELOT_PASSES):
+            t, _ = _michelot_step(t, sums)
+        k, total = sums(lambda z: ((z > t).astype(z.dtype), jnp.where(z > t, z, 0)))
+        closed = _sparsemax_closed_form(t, k, total)
+        (left,) = sums(lambda z: (((z > t) & (z <= closed)).astype(z.dtype),))
+        return jnp.where(open_, closed, tau), open_ & (left > 0)
+
+    state = (_carry_zeros(z, shape, z.dtype) - 1, ~_carry_zeros(z, shape, bool))
+    return lax.while_loop(lambda state: any_true(state[1]), trip, state)[0]
 
 
 # --------------------------------------------------------------------------------------------------

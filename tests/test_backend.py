@@ -174,11 +174,16 @@ def test_a_lowering_for_several_platforms_has_the_kernel_and_runs_on_this_one(sh
 
 
 def test_cpu_tuning_is_only_in_the_cpu_lowering():
-    # Short rows: the CPU sums a Michelot pass as a matrix-vector product with ones.
-    short = jnp.ones((64, 32), jnp.float32)
-    assert _lower(sm.sparsemax, short, "cpu").count("stablehlo.dot_general") > 0
+    # Rows of up to 32: the CPU solves them by columns (a slice per column and pass, and no
+    # reduction in the loop). Rows of 33-64: it sums a Michelot pass as a product with ones.
+    short, medium = jnp.ones((64, 32), jnp.float32), jnp.ones((64, 48), jnp.float32)
+    assert _lower(sm.sparsemax, short, "cpu").count("stablehlo.slice") >= 3 * 32
+    assert _lower(sm.sparsemax, medium, "cpu").count("stablehlo.dot_general") > 0
     for platform in ("cuda", "tpu"):
-        assert _lower(sm.sparsemax, short, platform).count("stablehlo.dot_general") == 0
+        for x in (short, medium):
+            lowered = _lower(sm.sparsemax, x, platform)
+            assert lowered.count("stablehlo.dot_general") == 0
+            assert lowered.count("stablehlo.slice") < 32
     # Long rows: the CPU computes the input into a buffer of its own (a cond) before the block
     # reduction; the TPU has one conditional fewer, and the GPU none but the platform's choice.
     long = jnp.ones((4, 2048), jnp.float32)
