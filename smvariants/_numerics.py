@@ -63,7 +63,8 @@ _PAIRWISE_MAX = 512
 def _pairwise_sum(a: jax.Array, axis: int) -> jax.Array:
     """The sum along ``axis`` (kept) as a tree of halves: elementwise adds in a fixed order.
 
-    The order of :func:`column_sums`: the two give the same bits.
+    The order of :func:`column_sums`: the two give the same bits (unless XLA contracts a product
+    with an add into one rounding in one of them).
     """
     while a.shape[axis] > 1:
         half = a.shape[axis] // 2

@@ -71,7 +71,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     form on the support with an accurate sum (``accurate_sum``: compensated, or pairwise on rows
     of at most 512), so it is exact to rounding on rows of any length and does not depend on the
     other rows of the batch. Short rows on a CPU are solved by columns
-    (:func:`_sparsemax_by_columns`), to the same bits.
+    (:func:`_sparsemax_by_columns`), to rounding.
     """
     if init is None:
         return _backend.by_columns(
@@ -130,7 +130,7 @@ _MICHELOT_PASSES = 2
 
 
 def _sparsemax_by_columns(z: jax.Array, axis: int) -> jax.Array:
-    """:func:`sparsemax_threshold` from ``tau = -1`` with sums over the columns (a CPU's short rows).
+    """:func:`sparsemax_threshold` from scratch, with sums over the columns (a CPU's short rows).
 
     Each trip of the loop takes a few Michelot steps and the closed form on the support they
     leave, which is the threshold when no entry above the last step's ``tau`` is at or below it

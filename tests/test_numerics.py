@@ -32,6 +32,19 @@ def test_accurate_sum_is_within_a_few_roundings_and_row_by_row(n):
         np.testing.assert_allclose(alone, got[3:4], rtol=2e-7)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_column_sums_are_the_pairwise_sums_bit_for_bit(n, axis):
+    rows = np.random.default_rng(n).normal(size=(20, n)).astype(F32)
+    z = jnp.asarray(rows if axis == 1 else rows.T)
+    sums = jax.jit(_numerics.column_sums, static_argnums=(0, 2))(lambda c: (c, jnp.abs(c)), z, axis)
+    for got, a in zip(sums, (z, jnp.abs(z)), strict=True):
+        assert got.shape == _numerics.reduced_shape(z.shape, axis)
+        np.testing.assert_array_equal(
+            got, jax.jit(_numerics._pairwise_sum, static_argnums=1)(a, axis)
+        )
+
+
 def test_accurate_sum_of_empty_rows_is_zero():
     assert _numerics.accurate_sum(jnp.zeros((3, 0), F32), 1).shape == (3, 1)
     np.testing.assert_array_equal(_numerics.accurate_sum(jnp.zeros((3, 0), F32), 1), 0)
