@@ -13,6 +13,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ _CPU_DOT_MAX = 64
 _CPU_COLUMNS_MAX = 32
 
 _tracing = threading.local()
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -74,11 +76,11 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
 
 
 def by_columns(
-    solve_by_columns: Callable[[jax.Array], jax.Array],
-    solve: Callable[[jax.Array], jax.Array],
+    solve_by_columns: Callable[[jax.Array], _T],
+    solve: Callable[[jax.Array], _T],
     z: jax.Array,
     axis: int,
-) -> jax.Array:
+) -> _T:
     """``solve_by_columns(z)`` on XLA:CPU for rows of at most 32 entries, ``solve(z)`` elsewhere.
 
     Both solve the rows of ``z`` along ``axis``; ``solve_by_columns`` with sums over the columns

@@ -1,4 +1,4 @@
-"""Short rows solved by columns (_solvers.py on XLA:CPU): the loop's thresholds, to rounding.
+"""Short rows solved by columns (_solvers.py on XLA:CPU): the loops' thresholds, to rounding.
 
 Rows of at most 32 entries are solved on a CPU with sums over their columns and several passes
 per trip of the loop (``_backend.by_columns``). These tests call both solvers directly, so they
@@ -52,3 +52,43 @@ def test_sparsemax_by_columns_along_another_axis_and_row_by_row():
     # Each row's threshold is its own: the same bits alone as in the batch.
     for i in (0, 70, z.shape[0] - 1):
         np.testing.assert_array_equal(solve(z[i : i + 1], 1), whole[i : i + 1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 31, 32])
+def test_entmax15_by_columns_is_the_loops_threshold(n):
+    z = jnp.asarray(_rows(n))
+    by_columns = jax.jit(_solvers._entmax15_by_columns, static_argnums=1)(z, 1)
+    loop = jax.jit(_solvers._entmax15_loop, static_argnums=(1, 2))(z, 1, None)
+    np.testing.assert_allclose(by_columns, loop, rtol=3e-7, atol=3e-7)
+    np.testing.assert_array_equal(np.isnan(by_columns), np.isnan(loop))
+    p = jnp.maximum(0.5 * z - by_columns, 0) ** 2
+    np.testing.assert_allclose(p, reference.entmax15(np.asarray(z, np.float64)), atol=3e-7)
+
+
+@pytest.mark.parametrize("alpha", [1.25, 4 / 3, 1.1, 1 + 1 / 16])
+@pytest.mark.parametrize("n", [1, 7, 32])
+def test_entmax_theta_by_columns_at_alpha_one_plus_one_over_an_integer(alpha, n):
+    z = jnp.asarray(_rows(n))
+    d = alpha - 1
+    k = _solvers._integer_power(d)
+    assert k > 1
+    solve = jax.jit(_solvers._theta_by_columns, static_argnums=(1, 2, 3, 4))
+    theta, passes = solve(z, d, k, 1, 64)
+    loop, _ = jax.jit(_solvers._entmax_theta, static_argnums=(1, 2, 3))(z, d, 1, 64)
+    np.testing.assert_allclose(theta, loop, rtol=2e-7 * k, atol=2e-7 * k)
+    assert 0 < passes < 64  # converged, not stopped by max_iter
+    p, _ = _solvers.deformed_exp(z - theta, d)
+    want = reference.entmax(np.asarray(z, np.float64), alpha=alpha)
+    # p = b^k has k times the relative error of its base b (the loop's too: 5e-7 at k = 10).
+    np.testing.assert_allclose(p, want, atol=1e-7 * k)
+
+
+def test_theta_by_columns_honours_max_iter():
+    z = jnp.asarray(_rows(32))
+    solve = jax.jit(_solvers._theta_by_columns, static_argnums=(1, 2, 3, 4))
+    for max_iter in (1, 2, 4):
+        _, passes = solve(z, 0.25, 4, 1, max_iter)
+        assert 0 < passes <= max_iter
+    rough, _ = solve(z, 0.25, 4, 1, 1)
+    exact, _ = solve(z, 0.25, 4, 1, 64)
+    assert np.nanmax(np.abs(rough - exact)) > 1e-3  # one step is not enough: the cap is real
