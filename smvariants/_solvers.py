@@ -136,7 +136,7 @@ def _sparsemax_by_columns(z: jax.Array, axis: int) -> jax.Array:
     Each trip of the loop takes a few Michelot steps and the closed form on the support they
     leave, which is the threshold when no entry above the last step's ``tau`` is at or below it
     (Michelot would stop there). Rows where some entry is take another trip from the closed form,
-    a lower bound; the others keep it. Rows of 32 normal logits need one trip.
+    a lower bound; the others keep it. A batch of rows of 32 normal logits takes one or two.
     """
     shape = reduced_shape(z.shape, axis)
 
@@ -253,9 +253,9 @@ def entmax_theta(
 ) -> tuple[jax.Array, jax.Array]:
     """``theta`` solving ``sum_j [1 + d (z_j - theta)]_+^(1/d) = 1`` for rows whose maximum is 0.
 
-    :func:`_entmax_theta`'s safeguarded Halley iteration; short rows on a CPU, where ``d = 1/n``
-    (alpha = 1.5, 4/3, 1.25, ...), by columns (:func:`_theta_by_columns`). Returns ``theta`` and
-    the passes used.
+    :func:`_entmax_theta`'s safeguarded Newton or Halley steps; short rows on a CPU, where
+    ``d = 1/n`` (alpha = 1.5, 4/3, 1.25, ...), by columns (:func:`_theta_by_columns`). Returns
+    ``theta`` and the passes used.
     """
     axis = axis % z.ndim
     n = _integer_power(d)
@@ -414,19 +414,14 @@ def _theta_by_columns(
     entry alone has mass 1 there) its iterates are lower bounds, so it needs no safeguard, and
     ``psi`` is linear on a support of equal entries (for ``n = 1`` this is Michelot's
     algorithm). Each trip of the loop takes a few steps, at most ``max_iter`` in all; a row is
-    done when its last step is at rounding level. Rows of 32 normal logits need 3-5 steps.
-    Returns ``theta`` and the steps taken.
+    done when its last step is at rounding level. A batch of 4096 rows of 32 normal logits takes
+    4-6 steps. Returns ``theta`` and the steps taken.
     """
     shape = reduced_shape(z.shape, axis)
-    passes = min(_COLUMN_PASSES, max_iter)
+    passes = _COLUMN_PASSES if max_iter % _COLUMN_PASSES == 0 else 1  # exactly max_iter at most
 
     def step(theta):
-        def powers(z):
-            b = jnp.maximum(1 + d * (z - theta), 0)
-            b_nm1 = lax.integer_pow(b, n - 1)
-            return b * b_nm1, b_nm1
-
-        total, slope = column_sums(powers, z, axis)
+        total, slope = column_sums(lambda z: deformed_exp(z - theta, d), z, axis)
         # theta + (psi - 1) / -psi' with psi' = -d slope / psi^(n - 1); max() keeps theta
         # monotone under rounding (and where no entry is left: masked rows).
         psi, psi_nm1 = power(total, 1 / n), power(total, (n - 1) / n)

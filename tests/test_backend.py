@@ -5,6 +5,7 @@ A lowering for another platform shows what that platform would run, without its 
 (a Triton custom call) and no loop or conditional that would wait for the host.
 """
 
+import functools
 import re
 
 import jax
@@ -175,9 +176,12 @@ def test_a_lowering_for_several_platforms_has_the_kernel_and_runs_on_this_one(sh
 
 def test_cpu_tuning_is_only_in_the_cpu_lowering():
     # Rows of up to 32: the CPU solves them by columns (a slice per column and pass, and no
-    # reduction in the loop). Rows of 33-64: it sums a Michelot pass as a product with ones.
+    # reduction in the loop): sparsemax, entmax15 and alpha = 1 + 1/n, not other alphas. Rows of
+    # 33-64: it sums a Michelot pass as a product with ones.
     short, medium = jnp.ones((64, 32), jnp.float32), jnp.ones((64, 48), jnp.float32)
-    assert _lower(sm.sparsemax, short, "cpu").count("stablehlo.slice") >= 3 * 32
+    for f in (sm.sparsemax, sm.entmax15, functools.partial(sm.entmax, alpha=1.25)):
+        assert _lower(f, short, "cpu").count("stablehlo.slice") >= 2 * 32
+    assert _lower(functools.partial(sm.entmax, alpha=1.3), short, "cpu").count("slice") < 32
     assert _lower(sm.sparsemax, medium, "cpu").count("stablehlo.dot_general") > 0
     for platform in ("cuda", "tpu"):
         for x in (short, medium):
