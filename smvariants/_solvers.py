@@ -254,14 +254,14 @@ def entmax_theta(
     """``theta`` solving ``sum_j [1 + d (z_j - theta)]_+^(1/d) = 1`` for rows whose maximum is 0.
 
     :func:`_entmax_theta`'s safeguarded Newton or Halley steps; short rows on a CPU, where
-    ``d = 1/n`` (alpha = 1.5, 4/3, 1.25, ...), by columns (:func:`_theta_by_columns`). Returns
+    ``d = 1/n`` (alpha = 1.5, 4/3, 1.25, ...), by columns (:func:`_norm_root_by_columns`). Returns
     ``theta`` and the passes used.
     """
     axis = axis % z.ndim
     n = _integer_power(d)
     if init is None and n > 1 and isinstance(d, float):  # (isinstance: for mypy; n > 1 says so)
         return _backend.by_columns(
-            lambda z: _theta_by_columns(z, d, n, axis, max_iter),
+            lambda z: _norm_root_by_columns(z, d, n, axis, max_iter),
             lambda z: _entmax_theta(z, d, axis, max_iter, None),
             z,
             axis,
@@ -393,8 +393,8 @@ def _entmax15_loop(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array
 
 
 def _entmax15_by_columns(z: jax.Array, axis: int) -> jax.Array:
-    """:func:`entmax15_tau` from scratch: :func:`_theta_by_columns`, then the closed form."""
-    theta, _ = _theta_by_columns(z, 0.5, 2, axis, _ENTMAX15_MAX_ITER)
+    """:func:`entmax15_tau` from scratch: :func:`_norm_root_by_columns`, then the closed form."""
+    theta, _ = _norm_root_by_columns(z, 0.5, 2, axis, _ENTMAX15_MAX_ITER)
     return _entmax15_closed_form(z, theta, axis)
 
 
@@ -404,24 +404,30 @@ def _entmax15_closed_form(z: jax.Array, theta: jax.Array, axis: int) -> jax.Arra
     return jnp.where(jnp.isnan(theta), jnp.nan, entmax15_threshold(0.5 * z, support, axis))
 
 
-def _theta_by_columns(
+def _norm_root_by_columns(
     z: jax.Array, d: float, n: int, axis: int, max_iter: int
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`entmax_theta` at ``d = 1/n`` (alpha = 1 + 1/n) by columns (a CPU's short rows).
+    """``theta`` of ``psi(theta) = ||[1 + d (z - theta)]_+||_n = 1`` by columns (short rows, CPU).
 
-    Newton's method on ``psi(theta) = ||[1 + d (z - theta)]_+||_n = 1``, a norm of convex
-    functions of ``theta``: convex and decreasing. From ``theta = 0`` (a lower bound: the top
-    entry alone has mass 1 there) its iterates are lower bounds, so it needs no safeguard, and
-    ``psi`` is linear on a support of equal entries (for ``n = 1`` this is Michelot's
-    algorithm). Each trip of the loop takes a few steps, at most ``max_iter`` in all; a row is
-    done when its last step is at rounding level. A batch of 4096 rows of 32 normal logits takes
-    4-6 steps. Returns ``theta`` and the steps taken.
+    alpha-entmax's ``theta`` at ``d = 1/n`` (alpha = 1 + 1/n), and normmax's ``tau + 1`` at
+    ``d = 1``, ``n = alpha / (alpha - 1)``. ``psi``, a norm of convex functions of ``theta``, is
+    convex and decreasing. Newton's method from ``theta = 0`` (a lower bound: the top entry alone
+    has norm 1 there) gives lower bounds, so it needs no safeguard, and ``psi`` is linear on a
+    support of equal entries (for ``n = 1`` this is Michelot's algorithm). Each trip of the loop
+    takes a few steps, at most ``max_iter`` in all; a row is done when its last step is at
+    rounding level. A batch of 4096 rows of 32 normal logits takes 4-6 steps. Returns ``theta``
+    and the steps taken.
     """
     shape = reduced_shape(z.shape, axis)
     passes = _COLUMN_PASSES if max_iter % _COLUMN_PASSES == 0 else 1  # exactly max_iter at most
 
     def step(theta):
-        total, slope = column_sums(lambda z: deformed_exp(z - theta, d), z, axis)
+        def powers(z):
+            b = jnp.maximum(1 + d * (z - theta), 0)  # masked: 0
+            b_nm1 = lax.integer_pow(b, n - 1)
+            return b * b_nm1, b_nm1
+
+        total, slope = column_sums(powers, z, axis)
         # theta + (psi - 1) / -psi' with psi' = -d slope / psi^(n - 1); max() keeps theta
         # monotone under rounding (and where no entry is left: masked rows).
         psi, psi_nm1 = power(total, 1 / n), power(total, (n - 1) / n)
@@ -525,7 +531,24 @@ def normmax_threshold(
     1, so convex and decreasing (exactly linear while one entry is in the support): Newton's
     method from the left, from ``tau = -1`` (the top entry alone has norm 1) or ``init``,
     increases monotonically to the root, guarded above by ``-(1/n)^(1/k)`` (n equal entries).
+    Short rows on a CPU, where ``k`` is an integer (alpha = 2, 1.5, 4/3, ...), by columns
+    (:func:`_norm_root_by_columns`, ``theta = tau + 1``).
     """
+    k = _integer_power((alpha - 1) / alpha) if isinstance(alpha, float) else 0
+    if init is None and k > 1:
+        return _backend.by_columns(
+            lambda z: _norm_root_by_columns(z, 1.0, k, axis, max_iter)[0] - 1,
+            lambda z: _normmax_loop(z, alpha, axis, max_iter, None),
+            z,
+            axis,
+        )
+    return _normmax_loop(z, alpha, axis, max_iter, init)
+
+
+def _normmax_loop(
+    z: jax.Array, alpha: jax.Array | float, axis: int, max_iter: int, init: jax.Array | None
+) -> jax.Array:
+    """:func:`normmax_threshold` as a loop of single passes."""
     k_minus_1 = 1 / (alpha - 1)  # k - 1
     live = z != -jnp.inf
     n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)

@@ -176,10 +176,12 @@ def test_a_lowering_for_several_platforms_has_the_kernel_and_runs_on_this_one(sh
 
 def test_cpu_tuning_is_only_in_the_cpu_lowering():
     # Rows of up to 32: the CPU solves them by columns (a slice per column and pass, and no
-    # reduction in the loop): sparsemax, entmax15 and alpha = 1 + 1/n, not other alphas. Rows of
-    # 33-64: it sums a Michelot pass as a product with ones.
+    # reduction in the loop): sparsemax, entmax15, alpha = 1 + 1/n and normmax where its norm's
+    # order is an integer, not other alphas. Rows of 33-64: it sums a Michelot pass as a product
+    # with ones.
     short, medium = jnp.ones((64, 32), jnp.float32), jnp.ones((64, 48), jnp.float32)
-    for f in (sm.sparsemax, sm.entmax15, functools.partial(sm.entmax, alpha=1.25)):
+    by_columns = (sm.entmax15, functools.partial(sm.entmax, alpha=1.25), sm.normmax)
+    for f in (sm.sparsemax, *by_columns):
         assert _lower(f, short, "cpu").count("stablehlo.slice") >= 2 * 32
     assert _lower(functools.partial(sm.entmax, alpha=1.3), short, "cpu").count("slice") < 32
     assert _lower(sm.sparsemax, medium, "cpu").count("stablehlo.dot_general") > 0

@@ -72,7 +72,7 @@ def test_entmax_theta_by_columns_at_alpha_one_plus_one_over_an_integer(alpha, n)
     d = alpha - 1
     k = _solvers._integer_power(d)
     assert k > 1
-    solve = jax.jit(_solvers._theta_by_columns, static_argnums=(1, 2, 3, 4))
+    solve = jax.jit(_solvers._norm_root_by_columns, static_argnums=(1, 2, 3, 4))
     theta, passes = solve(z, d, k, 1, 64)
     loop, _ = jax.jit(_solvers._entmax_theta, static_argnums=(1, 2, 3))(z, d, 1, 64)
     np.testing.assert_allclose(theta, loop, rtol=2e-7 * k, atol=2e-7 * k)
@@ -83,12 +83,30 @@ def test_entmax_theta_by_columns_at_alpha_one_plus_one_over_an_integer(alpha, n)
     np.testing.assert_allclose(p, want, atol=1e-7 * k)
 
 
-def test_theta_by_columns_honours_max_iter():
+def test_norm_root_by_columns_honours_max_iter():
     z = jnp.asarray(_rows(32))
-    solve = jax.jit(_solvers._theta_by_columns, static_argnums=(1, 2, 3, 4))
+    solve = jax.jit(_solvers._norm_root_by_columns, static_argnums=(1, 2, 3, 4))
     for max_iter in (1, 2, 3, 4):  # these rows take more steps: every one allowed is taken
         _, passes = solve(z, 0.25, 4, 1, max_iter)
         assert passes == max_iter
     rough, _ = solve(z, 0.25, 4, 1, 1)
     exact, _ = solve(z, 0.25, 4, 1, 64)
     assert np.nanmax(np.abs(rough - exact)) > 1e-3  # one step is not enough: the cap is real
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 4 / 3])
+@pytest.mark.parametrize("n", [1, 7, 32])
+def test_normmax_by_columns_is_the_loops_threshold(alpha, n):
+    z = jnp.asarray(_rows(n))
+    k = _solvers._integer_power((alpha - 1) / alpha)
+    assert k > 1
+    theta, passes = jax.jit(_solvers._norm_root_by_columns, static_argnums=(1, 2, 3, 4))(
+        z, 1.0, k, 1, 64
+    )
+    loop = jax.jit(_solvers._normmax_loop, static_argnums=(1, 2, 3, 4))(z, alpha, 1, 64, None)
+    np.testing.assert_allclose(theta - 1, loop, rtol=4e-7, atol=4e-7)
+    np.testing.assert_array_equal(np.isnan(theta), np.isnan(loop))
+    assert 0 < passes < 64
+    p = _solvers.normmax_output(z, theta - 1, alpha, 1)
+    want = reference.normmax(np.asarray(z, np.float64), alpha=alpha)
+    np.testing.assert_allclose(p, want, atol=3e-7)
