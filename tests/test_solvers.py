@@ -32,16 +32,33 @@ def _rows(n, seed=0):
     return z - np.where(np.isfinite(top), top, 0)
 
 
+# The closed-form variants: (by columns, the loop, the output from a threshold, the reference).
+EXACT = {
+    "sparsemax": (
+        _solvers._sparsemax_by_columns,
+        lambda z, axis: _solvers._michelot(z, axis, None),
+        lambda z, t: jnp.maximum(z - t, 0),
+        reference.sparsemax,
+    ),
+    "entmax15": (
+        _solvers._entmax15_by_columns,
+        lambda z, axis: _solvers._entmax15_loop(z, axis, None),
+        lambda z, t: jnp.maximum(0.5 * z - t, 0) ** 2,
+        reference.entmax15,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize("n", [1, 2, 5, 17, 31, 32])
-def test_sparsemax_by_columns_is_the_loops_threshold(n):
+def test_closed_forms_by_columns_are_the_loops_thresholds(name, n):
+    by_columns, loop, output, want = EXACT[name]
     z = jnp.asarray(_rows(n))
-    by_columns = jax.jit(_solvers._sparsemax_by_columns, static_argnums=1)(z, 1)
-    loop = jax.jit(_solvers._michelot, static_argnums=(1, 2))(z, 1, None)
-    np.testing.assert_allclose(by_columns, loop, rtol=2e-7, atol=2e-7)
-    np.testing.assert_array_equal(np.isnan(by_columns), np.isnan(loop))
-    p = jnp.maximum(z - by_columns, 0)
-    want = reference.sparsemax(np.asarray(z, np.float64))
-    np.testing.assert_allclose(p, want, atol=3e-7)
+    t = jax.jit(by_columns, static_argnums=1)(z, 1)
+    t_loop = jax.jit(loop, static_argnums=1)(z, 1)
+    np.testing.assert_allclose(t, t_loop, rtol=3e-7, atol=3e-7)
+    np.testing.assert_array_equal(np.isnan(t), np.isnan(t_loop))
+    np.testing.assert_allclose(output(z, t), want(np.asarray(z, np.float64)), atol=3e-7)
 
 
 def test_sparsemax_by_columns_along_another_axis_and_row_by_row():
@@ -52,17 +69,6 @@ def test_sparsemax_by_columns_along_another_axis_and_row_by_row():
     # Each row's threshold is its own: the same bits alone as in the batch.
     for i in (0, 70, z.shape[0] - 1):
         np.testing.assert_array_equal(solve(z[i : i + 1], 1), whole[i : i + 1])
-
-
-@pytest.mark.parametrize("n", [1, 2, 5, 17, 31, 32])
-def test_entmax15_by_columns_is_the_loops_threshold(n):
-    z = jnp.asarray(_rows(n))
-    by_columns = jax.jit(_solvers._entmax15_by_columns, static_argnums=1)(z, 1)
-    loop = jax.jit(_solvers._entmax15_loop, static_argnums=(1, 2))(z, 1, None)
-    np.testing.assert_allclose(by_columns, loop, rtol=3e-7, atol=3e-7)
-    np.testing.assert_array_equal(np.isnan(by_columns), np.isnan(loop))
-    p = jnp.maximum(0.5 * z - by_columns, 0) ** 2
-    np.testing.assert_allclose(p, reference.entmax15(np.asarray(z, np.float64)), atol=3e-7)
 
 
 @pytest.mark.parametrize("alpha", [1.25, 4 / 3, 1.1, 1 + 1 / 16])
