@@ -413,7 +413,8 @@ def _norm_root_by_columns(
     ``d = 1``, ``n = alpha / (alpha - 1)``. ``psi``, a norm of convex functions of ``theta``, is
     convex and decreasing. Newton's method from ``theta = 0`` (a lower bound: the top entry alone
     has norm 1 there) gives lower bounds, so it needs no safeguard, and ``psi`` is linear on a
-    support of equal entries (for ``n = 1`` this is Michelot's algorithm). Each trip of the loop
+    support of equal entries (at ``n = 1`` the same method is Michelot's algorithm, which
+    :func:`_sparsemax_by_columns` runs; here ``n >= 2``). Each trip of the loop
     takes a few steps, at most ``max_iter`` in all; a row is done when its last step is at
     rounding level. A batch of 4096 rows of 32 normal logits takes 4-6 steps. Returns ``theta``
     and the steps taken.
