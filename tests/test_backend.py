@@ -182,7 +182,7 @@ def test_cpu_tuning_is_only_in_the_cpu_lowering():
     short, medium = jnp.ones((64, 32), jnp.float32), jnp.ones((64, 48), jnp.float32)
     by_columns = (sm.entmax15, functools.partial(sm.entmax, alpha=1.25), sm.normmax)
     for f in (sm.sparsemax, *by_columns):
-        assert _lower(f, short, "cpu").count("stablehlo.slice") >= 2 * 32
+        assert _lower(f, short, "cpu").count("stablehlo.slice") >= 32
     assert _lower(functools.partial(sm.entmax, alpha=1.3), short, "cpu").count("slice") < 32
     assert _lower(sm.sparsemax, medium, "cpu").count("stablehlo.dot_general") > 0
     for platform in ("cuda", "tpu"):
