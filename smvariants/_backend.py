@@ -84,7 +84,7 @@ def by_columns(
     """``solve_by_columns(z)`` on XLA:CPU for rows of at most 32 entries, ``solve(z)`` elsewhere.
 
     Both solve the rows of ``z`` along ``axis``; ``solve_by_columns`` with sums over the columns
-    (:func:`smvariants._numerics.column_sums`) and several passes per trip of its loop. XLA:CPU
+    (:func:`smvariants._numerics.column_sums`), one or more passes per trip of its loop. XLA:CPU
     runs each pass as one loop over the rows (a reduction along a short row is scalar code, and a
     loop's trip costs several kernels), but compiles every column's work: longer rows take
     ``solve``. A GPU's kernels and a TPU's layout (rows along vector lanes) want ``solve``.

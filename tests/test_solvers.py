@@ -1,9 +1,10 @@
 """Short rows solved by columns (_solvers.py on XLA:CPU): the loops' thresholds, to rounding.
 
-Rows of at most 32 entries are solved on a CPU with sums over their columns and several passes
+Rows of at most 32 entries are solved on a CPU with sums over their columns, one or more passes
 per trip of the loop (``_backend.by_columns``). These tests call both solvers directly, so they
 hold on every backend: on random rows at several scales, tied, masked, all-masked and nan rows,
 lengths from 1 to 32, and rows built to need many trips; against the float64 reference too.
+(test_normalizers' hypothesis tests take the public functions through them on a CPU.)
 """
 
 import jax
