@@ -75,7 +75,9 @@ def _pairwise_sum(a: jax.Array, axis: int) -> jax.Array:
     return a
 
 
-def column_sums(f: Callable[..., tuple], z: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+def column_sums(
+    f: Callable[..., tuple], z: jax.Array, axis: int, combine: tuple[Callable, ...] | None = None
+) -> tuple[jax.Array, ...]:
     """The row sums along ``axis`` (kept) of each array of ``f(z)``, as elementwise work.
 
     ``f`` maps entries to a tuple of arrays of their shape, entry by entry; it is applied to each
@@ -83,12 +85,17 @@ def column_sums(f: Callable[..., tuple], z: jax.Array, axis: int) -> tuple[jax.A
     tree of halves, in :func:`_pairwise_sum`'s order. No reduction: a pass over short rows is one
     loop over the rows, which XLA fuses with whatever computes ``f``'s operands and results
     (``_backend.by_columns`` says where that pays). The program grows with the row length.
+    ``combine`` gives another operation than ``jnp.add`` for each array, such as ``jnp.minimum``
+    (a row minimum in the same pass).
     """
     terms = [f(lax.index_in_dim(z, j, axis)) for j in range(z.shape[axis])]
+    ops = combine or (jnp.add,) * len(terms[0])
     while len(terms) > 1:
         half = len(terms) // 2
         low, high, rest = terms[:half], terms[half : 2 * half], terms[2 * half :]
-        terms = [tuple(map(jnp.add, a, b)) for a, b in zip(low, high, strict=True)] + rest
+        pairs = zip(low, high, strict=True)
+        terms = [tuple(op(u, v) for op, u, v in zip(ops, a, b, strict=True)) for a, b in pairs]
+        terms += rest
     return tuple(terms[0])
 
 

@@ -125,35 +125,52 @@ def _michelot(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
     return _sparsemax_closed_form(tau, k, accurate_sum(jnp.where(support, z, 0), axis))
 
 
-# Michelot steps per trip of the loop that solves short rows by columns (then the closed form).
-# Each is a fused pass that XLA:CPU compiles for every column: about 0.05 s of compile time each.
-_MICHELOT_PASSES = 2
+# The start of the loop that solves short rows by columns: the closed form on the entries above
+# this (tau of a row of maximum 0 is in [-1, 0)). Of -1, -1/2 and grids of several such closed
+# forms in one pass, as fast as any (measured) and the least compile time: each pass is compiled
+# for every column (0.05-0.1 s), a pass with more sums is a longer compile.
+_START_ABOVE = -0.5
 
 
 def _sparsemax_by_columns(z: jax.Array, axis: int) -> jax.Array:
     """:func:`sparsemax_threshold` from scratch, with sums over the columns (a CPU's short rows).
 
-    Each trip of the loop takes a few Michelot steps and the closed form on the support they
-    leave, which is the threshold when no entry above the last step's ``tau`` is at or below it
-    (Michelot would stop there). Rows where some entry is take another trip from the closed form,
-    a lower bound; the others keep it. A batch of rows of 32 normal logits takes one or two.
+    The closed form on any subset ``S`` is a lower bound of ``tau`` (at that value
+    ``sum_S (z - tau) = 1 <= sum_j [z_j - tau]_+``): the loop starts from the closed form on
+    ``{z > -1/2}`` (or -1), one pass. Each trip takes a Michelot step and the closed form on the
+    support it leaves, which is the threshold when no entry above the step's ``tau`` is at or
+    below it (Michelot would stop there): the closed form's pass also takes the support's least
+    entry. Rows where some entry is take another trip from the closed form, a lower bound; the
+    others keep it. A batch of 4096 rows of 32 normal logits takes two or three trips.
     """
     shape = reduced_shape(z.shape, axis)
 
     def sums(f):
         return column_sums(f, z, axis)
 
+    def count_and_total(z):
+        on = z > _START_ABOVE
+        return on.astype(z.dtype), jnp.where(on, z, 0)
+
+    k, total = sums(count_and_total)
+    start = jnp.maximum((total - 1) / jnp.maximum(k, 1), -1)
+
+    def support(t):
+        def count_total_least(z):
+            on = z > t
+            return on.astype(z.dtype), jnp.where(on, z, 0), jnp.where(on, z, jnp.inf)
+
+        return column_sums(count_total_least, z, axis, (jnp.add, jnp.add, jnp.minimum))
+
     def trip(state):
         tau, open_ = state
-        t = tau
-        for _ in range(_MICHELOT_PASSES):
-            t, _ = _michelot_step(t, sums)
-        k, total = sums(lambda z: ((z > t).astype(z.dtype), jnp.where(z > t, z, 0)))
+        t, _ = _michelot_step(tau, sums)  # (one step: as fast as two, one pass less to compile)
+        k, total, least = support(t)
         closed = _sparsemax_closed_form(t, k, total)
-        (left,) = sums(lambda z: (((z > t) & (z <= closed)).astype(z.dtype),))
-        return jnp.where(open_, closed, tau), open_ & (left > 0)
+        # Not certified where an entry above t is at or below the closed form (nan: certified).
+        return jnp.where(open_, closed, tau), open_ & (least <= closed)
 
-    state = (_carry_zeros(z, shape, z.dtype) - 1, ~_carry_zeros(z, shape, bool))
+    state = (start, ~_carry_zeros(z, shape, bool))
     return lax.while_loop(lambda state: any_true(state[1]), trip, state)[0]
 
 

@@ -45,6 +45,17 @@ def test_column_sums_are_the_pairwise_sums_bit_for_bit(n, axis):
         )
 
 
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_column_sums_combine_as_told(n):
+    # A sum, a minimum and a maximum in one pass (the column solvers' certificate takes a minimum).
+    z = jnp.asarray(np.random.default_rng(n).normal(size=(20, n)).astype(F32))
+    ops = (jnp.add, jnp.minimum, jnp.maximum)
+    total, low, high = _numerics.column_sums(lambda c: (c, c, -c), z, 1, ops)
+    np.testing.assert_allclose(total, np.sum(np.asarray(z), 1, keepdims=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(low, np.min(np.asarray(z), 1, keepdims=True))
+    np.testing.assert_array_equal(high, -np.min(np.asarray(z), 1, keepdims=True))
+
+
 def test_accurate_sum_of_empty_rows_is_zero():
     assert _numerics.accurate_sum(jnp.zeros((3, 0), F32), 1).shape == (3, 1)
     np.testing.assert_array_equal(_numerics.accurate_sum(jnp.zeros((3, 0), F32), 1), 0)
