@@ -89,7 +89,7 @@ def column_sums(
     (a row minimum in the same pass).
     """
     terms = [f(lax.index_in_dim(z, j, axis)) for j in range(z.shape[axis])]
-    ops = combine or (jnp.add,) * len(terms[0])
+    ops: tuple[Callable, ...] = combine or (jnp.add,) * len(terms[0])
     while len(terms) > 1:
         half = len(terms) // 2
         low, high, rest = terms[:half], terms[half : 2 * half], terms[2 * half :]
