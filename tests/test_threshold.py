@@ -311,3 +311,19 @@ def test_long_rows_are_never_copied_whole(name, dtype):
         assert "f32[64,40000]" not in entry
     whole = [line for line in entry.split("\n") if "[64,40000]" in line and " fusion(" in line]
     assert len(whole) == 1 and "ROOT" in whole[0], whole
+
+
+@pytest.mark.parametrize("n, bucket", [(100, 128), (700, 1024), (5000, 8192)])
+@pytest.mark.parametrize(
+    "f",
+    [sm.sparsemax, sm.entmax15, functools.partial(sm.entmax, alpha=1.3)],
+    ids=["sparsemax", "entmax15", "entmax a=1.3"],
+)
+def test_rows_padded_with_minus_inf_to_a_bucket_length_keep_their_output(f, n, bucket):
+    # Variable lengths (sequences, vocabularies) compile once per bucket (the README's advice):
+    # the padding gets 0 and the entries the output of the unpadded rows, to rounding.
+    x = np.random.default_rng(n).normal(size=(4, n)).astype(np.float32)
+    padded = np.concatenate([x, np.full((4, bucket - n), -np.inf, np.float32)], axis=1)
+    p = np.asarray(jax.jit(f)(padded))
+    np.testing.assert_array_equal(p[:, n:], 0)
+    np.testing.assert_allclose(p[:, :n], jax.jit(f)(x), rtol=1e-6, atol=1e-7)
