@@ -1,10 +1,12 @@
 """The backend seam: what is tuned for one XLA backend, chosen with ``lax.platform_dependent``.
 
 Everything here has a plain XLA default (taken on TPU, and shown by a lowering for ``("tpu",)``),
-where measurement found one a CPU-only variant, and for the iterative variants a Pallas kernel
-on NVIDIA GPUs (:func:`gpu_kernel`, :mod:`smvariants._pallas`). The solvers call these helpers
-and never test the platform themselves. Inside a kernel's body (:func:`kernel_body`) there is
-one target only, so the helpers take their in-kernel form there without a ``platform_dependent``.
+where measurement found one a CPU-only variant, and for the iterative variants Pallas kernels
+on NVIDIA GPUs (:func:`gpu_kernel`, :mod:`smvariants._pallas`): the forward pass, and the
+Jacobian that the derivative rules apply (:mod:`smvariants._jacobian`). The solvers call these
+helpers and never test the platform themselves. Inside a kernel's body (:func:`kernel_body`)
+there is one target only, so the helpers take their in-kernel form there without a
+``platform_dependent``.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def gpu_kernel(kernel: Callable[..., jax.Array], default: Callable[..., jax.Arra
     A lowering for ``("cuda",)`` shows the kernel's custom call and none of ``default``'s loops.
     ``kernel`` is traced when that branch is lowered, not with the program: a lowering for the
     CPU or the TPU, which never takes it, does not trace a Pallas kernel (0.02-0.1 s of every
-    compile on a CPU). The branch has no derivative rules: it serves inside a ``custom_jvp``.
+    compile on a CPU). The branch has no derivative rules: it serves inside a ``custom_jvp``, or
+    as the lowering of a primitive with its own rules (``_jacobian``).
     """
     x = operands[0]
     out = ShapedArray(x.shape, x.dtype)

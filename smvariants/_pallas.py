@@ -7,7 +7,9 @@ run inside one kernel per block of rows: each program loads its rows once (maske
 the padding up to a power of two as ``-inf``), iterates in registers, and writes the output
 once. Short rows are packed several to a program. Rows too long for a program's registers are
 split (``_variants.split_forward``): :func:`rows_threshold` solves their subsets, then
-re-solves the few rows whose subset is not certified.
+re-solves the few rows whose subset is not certified. The derivative rules apply a variant's
+Jacobian in one kernel too (:func:`rows_map`, ``_jacobian``): the output and the tangent read
+once, the result written once.
 
 The kernels use the Triton lowering of Pallas. They are chosen for ``cuda`` at the backend seam
 (:mod:`smvariants._backend`); on a CPU they run in Pallas' interpret mode, which is how the tests
@@ -62,14 +64,16 @@ def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return columns, rows, warps
 
 
-def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guarded):
-    """A block of rows: load (padding ``-inf``), ``rows_fn`` in ``compute``, store what is valid.
+def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guarded, pad, n_in):
+    """A block of rows: load (padding ``pad``), ``rows_fn`` in ``compute``, store what is valid.
 
-    ``per_row``: ``rows_fn`` gives one value per row (a threshold), stored as a column. ``guarded``:
-    the first two parameters are a flag and a value per row; only a block with a flagged row
-    loads its rows and runs ``rows_fn``, and rows not flagged get their value.
+    The first ``n_in`` operands are rows, the others one value per row. ``per_row``: ``rows_fn``
+    gives one value per row (a threshold), stored as a column. ``guarded``: the first two
+    parameters are a flag and a value per row; only a block with a flagged row loads its rows
+    and runs ``rows_fn``, and rows not flagged get their value.
     """
-    x_ref, *param_refs, o_ref = refs
+    *in_refs, o_ref = refs
+    row_refs, param_refs = in_refs[:n_in], in_refs[n_in:]
     block_rows, columns = block
     start = pl.program_id(0) * jnp.int32(block_rows)  # int32 indices, also under jax_enable_x64
     # A traced 0, not the literal: the column slice is then dynamic, so a block wider than the
@@ -88,9 +92,12 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guar
         ]
 
         def run(params):
-            x = plgpu.load(x_ref.at[rows, pl.ds(first, columns)], mask=valid, other=-jnp.inf)
-            x = x.astype(compute)  # half precision: converted in registers
-            return rows_fn(x, *params)
+            loaded = [
+                plgpu.load(r.at[rows, pl.ds(first, columns)], mask=valid, other=pad)
+                for r in row_refs
+            ]
+            # half precision: converted in registers
+            return rows_fn(*(a.astype(compute) for a in loaded), *params)
 
         if not guarded:
             mask = (row < n_rows) if per_row else valid
@@ -141,8 +148,33 @@ def rows_forward(
       converted in registers; ``rows_fn`` runs in float32).
     """
     x2, per_row = as_rows(x, params, axis)
-    out = _call(rows_fn, x2, per_row, fills, _args.compute_dtype(x.dtype), interpret)
+    out = _call(rows_fn, [x2], per_row, fills, _args.compute_dtype(x.dtype), interpret)
     return from_rows(out, x.shape, axis)
+
+
+def rows_map(
+    rows_fn: Callable[..., jax.Array],
+    w: jax.Array,
+    p: jax.Array,
+    params: Sequence[jax.Array],
+    fills: Sequence[float],
+    axis: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """``rows_fn(w, p, *params)`` on the rows of ``w`` and ``p`` along ``axis``, in a Pallas kernel.
+
+    As :func:`rows_forward`, with two arrays of rows (a tangent and an output, for the
+    derivative rules), both padded with 0: each program reads its rows of both once and writes
+    its rows of the result once.
+
+    Returns:
+      The result, shape and dtype of ``w``.
+    """
+    compute = _args.compute_dtype(p.dtype)
+    w2, per_row = as_rows(w, params, axis)
+    p2, _ = as_rows(p, (), axis)
+    out = _call(rows_fn, [w2, p2], per_row, fills, compute, interpret, pad=0.0)
+    return from_rows(out, w.shape, axis)
 
 
 def as_rows(x: jax.Array, params: Sequence[jax.Array], axis: int) -> tuple[jax.Array, list]:
@@ -200,12 +232,16 @@ def rows_threshold(
         params = [where.astype(compute), otherwise.astype(compute), *params]
         fills = [0.0, 0.0, *fills]
     out = _like(x, (x.shape[0], 1), compute)
-    return _call(rows_fn, x, params, fills, compute, interpret, out, where is not None)
+    return _call(rows_fn, [x], params, fills, compute, interpret, out, where is not None)
 
 
-def _call(rows_fn, x2, params, fills, compute, interpret, out=None, guarded=False):
-    """The ``pallas_call`` of :func:`_kernel` over rows ``x2``: one program per block of rows."""
-    n_rows, n_cols = x2.shape
+def _call(rows_fn, rows, params, fills, compute, interpret, out=None, guarded=False, pad=-jnp.inf):
+    """The ``pallas_call`` of :func:`_kernel`: one program per block of rows.
+
+    ``rows``: arrays ``(n_rows, n_cols)``, loaded padded with ``pad``.
+    """
+    rows = tuple(rows)
+    n_rows, n_cols = rows[0].shape
     columns, block_rows, warps = _layout(n_rows, n_cols)
     kernel = partial(
         _kernel,
@@ -217,15 +253,17 @@ def _call(rows_fn, x2, params, fills, compute, interpret, out=None, guarded=Fals
         compute=compute,
         per_row=out is not None,
         guarded=guarded,
+        pad=pad,
+        n_in=len(rows),
     )
     anywhere = pl.BlockSpec(memory_space=pl.ANY)  # whole arrays; the kernel masks its loads
     return pl.pallas_call(
         kernel,
-        out_shape=_like(x2) if out is None else out,
+        out_shape=_like(rows[0]) if out is None else out,
         grid=(pl.cdiv(n_rows, block_rows),),
-        in_specs=[anywhere] * (1 + len(params)),
+        in_specs=[anywhere] * (len(rows) + len(params)),
         out_specs=anywhere,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="smvariants_rows",
-    )(x2, *params)
+    )(*rows, *params)

@@ -154,6 +154,24 @@ def test_half_precision_gradients_have_input_dtype(name):
     assert g.dtype == jnp.bfloat16
 
 
+def test_half_precision_gradients_in_logits_temperature_and_alpha_together():
+    """A bfloat16 cotangent meets the float32 tangents of a temperature and an alpha (under
+    strict dtype promotion): each gradient in its argument's dtype, the float32 one rounded."""
+    x = jnp.asarray(X, jnp.bfloat16)
+    t = jnp.asarray([[0.5], [1.0], [2.0]], jnp.float32)
+    alpha = jnp.asarray([[1.3], [1.5], [1.8]], jnp.float32)
+    w = jnp.arange(4.0, dtype=jnp.float32)[None]
+
+    def loss(x, t, alpha):
+        return jnp.sum(sm.entmax(x, alpha=alpha, temperature=t).astype(jnp.float32) * w)
+
+    half = jax.grad(loss, argnums=(0, 1, 2))(x, t, alpha)
+    full = jax.grad(loss, argnums=(0, 1, 2))(x.astype(jnp.float32), t, alpha)
+    assert [g.dtype for g in half] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for ours, expected in zip(half, full, strict=True):
+        np.testing.assert_allclose(np.asarray(ours, np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Masks, -inf, empty and all-masked rows, nan.
 

@@ -45,10 +45,12 @@ def _lower(f, x, platform):
     return jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
 
 
-def _canonical(f, x, platform):
-    """The lowering after MLIR's canonicalisation, which folds ``platform_dependent``'s choice
-    (a ``case`` on a constant index), as XLA does before it runs anything."""
-    module = jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).compiler_ir("stablehlo")
+def _canonical(f, x, platform, *more):
+    """The lowering of ``f(x, *more)`` after MLIR's canonicalisation, which folds
+    ``platform_dependent``'s choice (a ``case`` on a constant index), as XLA does before it runs
+    anything."""
+    traced = jax.jit(f).trace(x, *more)
+    module = traced.lower(lowering_platforms=(platform,)).compiler_ir("stablehlo")
     with module.context:
         module = ir.Module.parse(str(module))
         passmanager.PassManager.parse("builtin.module(canonicalize)").run(module.operation)
@@ -70,7 +72,8 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
 
     One kernel per iterative variant; rows too long for a program (40000) take two: the subset's
     solve and the re-solve of the rows it does not certify (``_variants.split_forward``), but
-    where the output map loops (alpha > 2), which holds the row whole in one."""
+    where the output map loops (alpha > 2), which holds the row whole in one. The derivative
+    rule of a normalizer (not of a loss: ``p - y``) adds one, where a program holds its rows."""
     x = jnp.ones(shape, jnp.float32)
     split = shape[1] > _pallas.SPLIT_COLUMNS
     for name, f in {**FUNCTIONS, **{f"{n}_loss": loss for n, loss in LOSSES.items()}}.items():
@@ -88,6 +91,7 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
             kernels = text.count("xla.gpu.triton")
             iterative = any(name.startswith(n) for n in ITERATIVE) and name != "softmax_loss"
             expected = 2 if split and name != "entmax_alpha_2.5" else 1
+            expected += what != "forward" and not split and not name.endswith("_loss")
             assert kernels == (expected if iterative else 0), (name, what, kernels)
 
 
@@ -107,12 +111,21 @@ def test_cuda_rows_longer_than_any_program_wait_for_the_host_once():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_cuda_kernels_read_and_write_half_precision(dtype):
-    """No float32 copy of half-precision rows before or after a kernel: it converts in registers."""
+    """No float32 copy of half-precision rows before or after a kernel: it converts in registers.
+    The backward pass's kernel reads the cotangent (``%arg1``) and the output (the forward
+    kernel's ``%0``) as they are, and writes the gradient in their dtype."""
     x = jnp.ones((64, 32), dtype)
     for name in ITERATIVE:
-        text = _canonical(FUNCTIONS[name], x, "cuda")
+        f = FUNCTIONS[name]
+        text = _canonical(f, x, "cuda")
         full_size = [line for line in text.splitlines() if "tensor<64x32x" in line]
         assert any("xla.gpu.triton(%arg0)" in line for line in full_size), name
+        assert not any("stablehlo.convert" in line for line in full_size), name
+        text = _canonical(lambda x, ct, f=f: jax.vjp(f, x)[1](ct)[0], x, "cuda", x)
+        full_size = [line for line in text.splitlines() if "tensor<64x32x" in line]
+        backward = [line for line in full_size if "xla.gpu.triton(%arg1, %0)" in line]
+        half = "tensor<64x32xbf16>" if dtype == jnp.bfloat16 else "tensor<64x32xf16>"
+        assert len(backward) == 1 and backward[0].endswith(f"({half}, {half}) -> {half}"), name
         assert not any("stablehlo.convert" in line for line in full_size), name
 
 

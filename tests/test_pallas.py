@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import smvariants
 from smvariants import _backend
+from smvariants import _jacobian
 from smvariants import _pallas
 from smvariants import _variants
 
@@ -27,7 +29,8 @@ each_case = cases.each(KERNEL_CASES)
 def kernels(monkeypatch):
     """The seam takes the GPU branch on every backend, the kernels in interpret mode.
 
-    Yields the list of variants traced into a kernel (so a test can check that one was).
+    Yields the list of variants traced into a forward kernel (so a test can check that one
+    was), and ``"jacobian"`` for each derivative rule traced into its kernel.
     """
     traced = []
 
@@ -35,9 +38,14 @@ def kernels(monkeypatch):
         traced.append(v.name)
         return original(v, *args, interpret=True, **kwargs)
 
-    original = _variants.kernel_forward
+    def jacobian_kernel(*args, **kwargs):
+        traced.append("jacobian")
+        return original_jacobian(*args, interpret=True, **kwargs)
+
+    original, original_jacobian = _variants.kernel_forward, _jacobian._kernel
     monkeypatch.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: kernel(*ops))
     monkeypatch.setattr(_variants, "kernel_forward", kernel_forward)
+    monkeypatch.setattr(_jacobian, "_kernel", jacobian_kernel)
     jax.clear_caches()  # the cores are jitted: nothing traced before may be reused
     yield traced
     jax.clear_caches()
@@ -108,17 +116,82 @@ def test_kernel_on_rows_of_length_1_and_long_rows(case, shape, kernels):
 
 
 @cases.each(FIRST_CASES)
-def test_kernel_keeps_the_hand_written_derivatives(case, kernels):
-    """The kernel is the forward pass only: gradients come from the variant's rule, as before."""
+def test_kernels_keep_the_hand_written_derivatives(case, kernels):
+    """The forward kernel, then the derivative rule's kernel (the Jacobian applied to each
+    cotangent): the values of the XLA path."""
     x = jnp.asarray(case.grad_point, jnp.float64)
     on_kernel = jax.jacrev(lambda x: case.ours(x))(x)
-    assert kernels == [case.name]
+    assert kernels == [case.name, "jacobian"]
     jax.clear_caches()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: default(*ops))
         plain = jax.jacrev(lambda x: case.ours(x))(x)
     jax.clear_caches()
     np.testing.assert_allclose(on_kernel, plain, rtol=1e-10, atol=1e-12)
+
+
+@each_case
+def test_jacobian_kernel_matches_the_reference(case, kernels):
+    """The backward pass's kernel: ``J ct / T`` on every row of ``_rows`` (70 rows in blocks of
+    32, of 100 entries padded to 128, one temperature per row), ``J`` the float64 closed form at
+    the output; 0 in a fully masked row, ``nan`` in a ``nan`` row (but at its masked entries)."""
+    rng = np.random.default_rng(6)
+    x, where = _rows((70, 100), rng)
+    t = rng.uniform(0.2, 3.0, size=(70, 1)).astype(np.float32)
+    ct = rng.normal(size=x.shape).astype(np.float32)
+    p, vjp = jax.vjp(
+        lambda x: case.ours(x, where=where, temperature=t), jnp.asarray(x, jnp.float32)
+    )
+    dx = np.asarray(vjp(jnp.asarray(ct))[0], np.float64)
+    assert kernels == [case.name, "jacobian"]
+    p = np.asarray(p, np.float64)
+    for i in range(x.shape[0]):
+        if np.isnan(p[i]).any():  # masked entries: no gradient, as on the XLA path
+            assert np.isnan(dx[i, where[i]]).all() and (dx[i, ~where[i]] == 0).all(), i
+            continue
+        expected = np.zeros(x.shape[1]) if p[i].sum() == 0 else case.jacobian(p[i]) @ ct[i] / t[i]
+        # float32: to 1e-5 of the row's largest entry (alpha = 3's g = 1/p is large off-center).
+        scale = max(1.0, np.abs(expected).max())
+        np.testing.assert_allclose(dx[i], expected, rtol=1e-5, atol=2e-5 * scale, err_msg=str(i))
+
+
+def test_jacobian_kernel_gives_every_gradient_of_the_xla_path(kernels):
+    """Logits, a temperature and alpha per row, reverse and forward mode, under ``vmap``, and
+    along a middle axis in bfloat16, in one kernel each: the values of the XLA operations."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(5, 9)))
+    t = jnp.asarray(rng.uniform(0.5, 2.0, size=(5, 1)))
+    alpha = jnp.asarray(rng.uniform(1.1, 1.9, size=(5, 1)))
+    ct = jnp.asarray(rng.normal(size=x.shape))
+
+    def gradients():
+        def f(x, t, alpha):
+            return jnp.sin(jnp.arange(9.0))[None] * smvariants.entmax(x, alpha=alpha, temperature=t)
+
+        vjp = jax.vjp(f, x, t, alpha)[1](ct)
+        jvp = jax.jvp(f, (x, t, alpha), (ct, t, alpha))[1]
+        row = jax.grad(lambda x, t, alpha: jnp.sum(f(x[None], t[None], alpha[None])))
+        # Rows along the middle axis of a 3-d array, bfloat16 (loaded and stored as it is).
+        x3 = x.reshape(5, 3, 3).astype(jnp.bfloat16)
+        middle = jax.grad(lambda x: jnp.sum(smvariants.entmax15(x, axis=1) * x).astype(float))
+        return {
+            **{f"vjp in {name}": g for name, g in zip(["x", "t", "alpha"], vjp, strict=True)},
+            "jvp": jvp,
+            "vmap": jax.vmap(row)(x, t, alpha),
+            "middle axis": np.asarray(middle(x3), np.float64),
+        }
+
+    on_kernel = gradients()
+    assert "jacobian" in kernels  # compiled once: the reverse and forward passes bind equal maps
+    jax.clear_caches()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_backend, "gpu_kernel", lambda kernel, default, *ops: default(*ops))
+        plain = gradients()
+    jax.clear_caches()
+    for name, ours in on_kernel.items():
+        # bfloat16: the kernel's float32 may round the other way (one ulp of bfloat16)
+        tol = 2**-7 if name == "middle axis" else 1e-10
+        np.testing.assert_allclose(ours, plain[name], rtol=tol, atol=tol * 1e-2, err_msg=name)
 
 
 @cases.each(FIRST_CASES)
@@ -157,7 +230,7 @@ def test_kernel_under_vmap(case, kernels):
     x, _ = _rows((18, 20), np.random.default_rng(4))
     x = jnp.asarray(np.where(np.isnan(x), 0, x).reshape(3, 6, 20), jnp.float32)
     mapped = jax.vmap(case.ours)(x)
-    assert set(kernels) == {case.name}
+    assert set(kernels) == {case.name}  # a forward pass: no derivative rule
     for i in range(x.shape[0]):
         ref = case.ref(np.asarray(x[i], np.float64))
         np.testing.assert_allclose(mapped[i], ref, rtol=2e-6, atol=2e-6)
