@@ -29,7 +29,10 @@ on CUDA when torch sees a GPU, else on the CPU; AdaSplash's Triton kernels (``tr
 CUDA device is present. A peer that is missing or fails is reported and skipped.
 
 Default shapes: 4096x32, 1024x1000, 256x32000, 32x128000, and on an accelerator also 65536x1024
-and 8192x32000 (``--shapes large`` or ``all``, or ``BxC,...``, asks for them anywhere).
+and 8192x32000 (``--shapes large`` or ``all``, or ``BxC,...``, asks for them anywhere). On an
+accelerator, sparsemax and entmax15 also run with their derivative rule as XLA's operations
+("(XLA backward)": on NVIDIA GPUs the library applies it in one Pallas kernel), so forward +
+backward compares the two in one run (on the CPU they are the same program: ``--variants``).
 
 Shared machines are noisy: run it with
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456``
@@ -60,6 +63,7 @@ import numpy as np
 import optax
 
 import smvariants as sm
+from smvariants import _jacobian  # its switch to the XLA derivative rule, for a comparison
 
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -127,9 +131,24 @@ def default_shapes(backend: str) -> tuple[tuple[int, int], ...]:
     return SHAPES if backend == "cpu" else SHAPES + LARGE_SHAPES
 
 
+def default_variants(backend: str) -> tuple[str, ...]:
+    """The rows of a run without ``--variants`` on ``backend``."""
+    return tuple(n for n in ALL_VARIANTS if backend != "cpu" or n not in ACCELERATOR_VARIANTS)
+
+
 def per_row_alpha(x: jax.Array, lo: float, hi: float) -> jax.Array:
     """A (batch, 1) alpha array spread over [lo, hi] (the general, per-row path)."""
     return jnp.linspace(lo, hi, x.shape[0], dtype=jnp.float32)[:, None]
+
+
+def xla_backward(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """``f`` with its derivative rule as XLA operations, not the GPU kernel (traced so)."""
+
+    def traced(x: jax.Array) -> jax.Array:
+        with _jacobian.xla_operations():
+            return f(x)
+
+    return traced
 
 
 # name -> function of x (the benchmark's JAX rows; "jax.nn.softmax" is the baseline).
@@ -145,7 +164,12 @@ VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "normmax a=2": lambda x: sm.normmax(x, alpha=2.0),
     "budget_sparsemax b=2": lambda x: sm.budget_sparsemax(x, budget=2.0),
     "optax projection_simplex": jax.vmap(optax.projections.projection_simplex),
+    "sparsemax (XLA backward)": xla_backward(sm.sparsemax),
+    "entmax15 (XLA backward)": xla_backward(sm.entmax15),
 }
+# Rows that differ from another only on an accelerator (on the CPU the derivative rule is XLA's
+# operations either way): not run there unless asked for with --variants.
+ACCELERATOR_VARIANTS = ("sparsemax (XLA backward)", "entmax15 (XLA backward)")
 # torch.softmax and the PyTorch entmax package (peers, on CUDA when torch sees a GPU).
 TORCH_VARIANTS = (
     "torch.softmax",
@@ -178,6 +202,8 @@ REFERENCES: dict[str, tuple[Any, ...]] = {
     "normmax a=2": ("normmax", 2.0),
     "budget_sparsemax b=2": ("budget", 2.0),
     "optax projection_simplex": ("sparsemax",),
+    "sparsemax (XLA backward)": ("sparsemax",),
+    "entmax15 (XLA backward)": ("entmax15",),
     "torch.softmax": ("softmax", 1.0),
     "torch entmax.sparsemax": ("sparsemax",),
     "torch entmax.entmax15": ("entmax15",),
@@ -691,7 +717,7 @@ def measure(
 
     ``report(records)`` is called after each shape and dtype (the script rewrites its files).
     """
-    names = config.variants or ALL_VARIANTS
+    names = config.variants or default_variants(jax.default_backend())
     peers = find_peers(names) if peers is None else peers
     shapes = config.shapes or default_shapes(jax.default_backend())
     dtypes = config.dtypes or DEFAULT_DTYPES

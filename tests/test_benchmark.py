@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scripts
@@ -179,6 +180,25 @@ def test_timing_and_shapes_by_backend():
     assert len(config.shapes) == 6
     config, _ = benchmark.parse_args([])
     assert config.shapes == () and config.dtypes == () and config.timing == "auto"
+
+
+def test_xla_backward_rows_run_only_on_accelerators_and_lower_without_the_kernel():
+    """The comparison rows of the derivative rule: run by default on accelerators only; for
+    ``cuda`` their gradient has the forward kernel alone, the plain row's also the Jacobian's."""
+    assert not set(benchmark.ACCELERATOR_VARIANTS) & set(benchmark.default_variants("cpu"))
+    assert set(benchmark.ACCELERATOR_VARIANTS) <= set(benchmark.default_variants("gpu"))
+    x = jnp.ones((8, 40), jnp.float32)
+    for plain, name in [
+        ("sparsemax", "sparsemax (XLA backward)"),
+        ("entmax15", "entmax15 (XLA backward)"),
+    ]:
+        kernels = []
+        for row in (plain, name):
+            grad = jax.grad(lambda x, f=benchmark.VARIANTS[row]: jnp.sum(f(x) * x))
+            lowered = jax.jit(grad).trace(x).lower(lowering_platforms=("cuda",))
+            kernels.append(lowered.as_text().count("xla.gpu.triton"))
+        assert kernels == [2, 1], name
+        np.testing.assert_array_equal(benchmark.VARIANTS[name](x), benchmark.VARIANTS[plain](x))
 
 
 def _rows(seed, n_rows, n, ties=False):
