@@ -113,6 +113,8 @@ def test_kernel_in_float64(case, kernels):
 def test_kernel_on_rows_of_length_1_and_long_rows(case, shape, kernels):
     x, where = _rows(shape, np.random.default_rng(2))
     _check(case, x, where, 1.0, np.float32)
+    _check_jacobian(case, x, where, np.ones((shape[0], 1), np.float32), np.random.default_rng(3))
+    assert kernels.count("jacobian") == 1
 
 
 @cases.each(FIRST_CASES)
@@ -137,13 +139,17 @@ def test_jacobian_kernel_matches_the_reference(case, kernels):
     the output; 0 in a fully masked row, ``nan`` in a ``nan`` row (but at its masked entries)."""
     rng = np.random.default_rng(6)
     x, where = _rows((70, 100), rng)
-    t = rng.uniform(0.2, 3.0, size=(70, 1)).astype(np.float32)
+    _check_jacobian(case, x, where, rng.uniform(0.2, 3.0, size=(70, 1)).astype(np.float32), rng)
+    assert kernels == [case.name, "jacobian"]
+
+
+def _check_jacobian(case, x, where, t, rng):
+    """The VJP of a random cotangent against the float64 closed-form Jacobian at the output."""
     ct = rng.normal(size=x.shape).astype(np.float32)
     p, vjp = jax.vjp(
         lambda x: case.ours(x, where=where, temperature=t), jnp.asarray(x, jnp.float32)
     )
     dx = np.asarray(vjp(jnp.asarray(ct))[0], np.float64)
-    assert kernels == [case.name, "jacobian"]
     p = np.asarray(p, np.float64)
     for i in range(x.shape[0]):
         if np.isnan(p[i]).any():  # masked entries: no gradient, as on the XLA path
