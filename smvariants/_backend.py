@@ -32,6 +32,7 @@ _CPU_COLUMNS_MAX = 32
 
 _tracing = threading.local()
 _T = TypeVar("_T")
+_Z = TypeVar("_Z", jax.Array, tuple[jax.Array, ...])
 
 
 @contextlib.contextmanager
@@ -78,20 +79,21 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
 
 
 def by_columns(
-    solve_by_columns: Callable[[jax.Array], _T],
-    solve: Callable[[jax.Array], _T],
-    z: jax.Array,
+    solve_by_columns: Callable[[_Z], _T],
+    solve: Callable[[_Z], _T],
+    z: _Z,
     axis: int,
 ) -> _T:
     """``solve_by_columns(z)`` on XLA:CPU for rows of at most 32 entries, ``solve(z)`` elsewhere.
 
-    Both solve the rows of ``z`` along ``axis``; ``solve_by_columns`` with sums over the columns
-    (:func:`smvariants._numerics.column_sums`), one or more passes per trip of its loop. XLA:CPU
-    runs each pass as one loop over the rows (a reduction along a short row is scalar code, and a
-    loop's trip costs several kernels), but compiles every column's work: longer rows take
-    ``solve``. A GPU's kernels and a TPU's layout (rows along vector lanes) want ``solve``.
+    Both solve the rows of ``z`` (an array, or a tuple of arrays of one shape) along ``axis``;
+    ``solve_by_columns`` with sums over the columns (:func:`smvariants._numerics.column_sums`),
+    one or more passes per trip of its loop. XLA:CPU runs each pass as one loop over the rows (a
+    reduction along a short row is scalar code, and a loop's trip costs several kernels), but
+    compiles every column's work: longer rows take ``solve``. A GPU's kernels and a TPU's layout
+    (rows along vector lanes) want ``solve``.
     """
-    if not 0 < z.shape[axis] <= _CPU_COLUMNS_MAX or in_kernel():
+    if not 0 < jax.tree.leaves(z)[0].shape[axis] <= _CPU_COLUMNS_MAX or in_kernel():
         return solve(z)
     return lax.platform_dependent(z, cpu=solve_by_columns, default=solve)
 

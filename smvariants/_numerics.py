@@ -76,19 +76,24 @@ def _pairwise_sum(a: jax.Array, axis: int) -> jax.Array:
 
 
 def column_sums(
-    f: Callable[..., tuple], z: jax.Array, axis: int, combine: tuple[Callable, ...] | None = None
+    f: Callable[..., tuple],
+    z: jax.Array | tuple[jax.Array, ...],
+    axis: int,
+    combine: tuple[Callable, ...] | None = None,
 ) -> tuple[jax.Array, ...]:
     """The row sums along ``axis`` (kept) of each array of ``f(z)``, as elementwise work.
 
     ``f`` maps entries to a tuple of arrays of their shape, entry by entry; it is applied to each
-    column of ``z`` (one entry of every row, ``axis`` kept as 1) and the results are summed as a
+    column of ``z`` (one entry of every row, ``axis`` kept as 1; of each array where ``z`` is a
+    tuple of arrays of one shape) and the results are summed as a
     tree of halves, in :func:`_pairwise_sum`'s order. No reduction: a pass over short rows is one
     loop over the rows, which XLA fuses with whatever computes ``f``'s operands and results
     (``_backend.by_columns`` says where that pays). The program grows with the row length.
     ``combine`` gives another operation than ``jnp.add`` for each array, such as ``jnp.minimum``
     (a row minimum in the same pass).
     """
-    terms = [f(lax.index_in_dim(z, j, axis)) for j in range(z.shape[axis])]
+    n = jax.tree.leaves(z)[0].shape[axis]
+    terms = [f(jax.tree.map(lambda a, j=j: lax.index_in_dim(a, j, axis), z)) for j in range(n)]
     ops: tuple[Callable, ...] = combine or (jnp.add,) * len(terms[0])
     while len(terms) > 1:
         half = len(terms) // 2
@@ -97,6 +102,23 @@ def column_sums(
         terms = [tuple(op(u, v) for op, u, v in zip(ops, a, b, strict=True)) for a, b in pairs]
         terms += rest
     return tuple(terms[0])
+
+
+def row_sums(f: Callable[..., tuple], arrays: tuple[jax.Array, ...], axis: int) -> tuple:
+    """The row sums along ``axis`` (kept) of each array of ``f(*arrays)`` (``f`` elementwise).
+
+    For the derivative rules: on XLA:CPU, rows of at most 32 entries are summed by columns
+    (:func:`column_sums`, one loop over the rows where a reduction along short rows is scalar
+    code: sparsemax's forward+backward at 4096x32 in 0.6x the time); elsewhere reductions.
+    """
+
+    def reduce(arrays):
+        return tuple(jnp.sum(a, axis=axis, keepdims=True) for a in f(*arrays))
+
+    def by_columns(arrays):
+        return column_sums(lambda columns: f(*columns), arrays, axis)
+
+    return _backend.by_columns(by_columns, reduce, arrays, axis)
 
 
 def accurate_sum(a: jax.Array, axis: int) -> jax.Array:

@@ -214,6 +214,26 @@ def test_cpu_tuning_is_only_in_the_cpu_lowering():
     assert "xi16>" not in _canonical(sm.sparsemax, half, "tpu")
 
 
+def test_cpu_derivative_rules_sum_short_rows_by_columns():
+    """The rule's two row sums on XLA:CPU, rows of up to 32, where ``g`` is an indicator
+    (sparsemax, budget sparsemax): a slice per column, no reduction. Not where ``g`` costs work
+    in every column (alpha-entmax: more code, no time saved; softmax: recomputed per column),
+    nor on accelerators."""
+    short = jnp.ones((64, 32), jnp.float32)
+
+    def slices(f, platform, backward):
+        if backward:
+            f = jax.grad(lambda x, f=f: jnp.sum(f(x) * x))
+        return _lower(f, short, platform).count("stablehlo.slice")
+
+    for f in (sm.sparsemax, sm.budget_sparsemax):
+        assert slices(f, "cpu", True) - slices(f, "cpu", False) >= 32
+        for platform in ("cuda", "tpu"):
+            assert slices(f, platform, True) == slices(f, platform, False)
+    for f in (sm.softmax, functools.partial(sm.entmax, alpha=1.3)):
+        assert slices(f, "cpu", True) == slices(f, "cpu", False)
+
+
 def test_a_cpu_or_tpu_lowering_never_traces_a_kernel(monkeypatch):
     """The kernel branch is traced when it is lowered: for ``cuda`` only (compile time)."""
     traced = []
