@@ -109,7 +109,7 @@ def row_sums(f: Callable[..., tuple], arrays: tuple[jax.Array, ...], axis: int) 
 
     For the derivative rules: on XLA:CPU, rows of at most 32 entries are summed by columns
     (:func:`column_sums`, one loop over the rows where a reduction along short rows is scalar
-    code: sparsemax's forward+backward at 4096x32 in 0.6x the time); elsewhere reductions.
+    code; ``f`` is computed in every column); elsewhere reductions.
     """
 
     def reduce(arrays):
