@@ -85,9 +85,9 @@ def column_sums(
 
     ``f`` maps entries to a tuple of arrays of their shape, entry by entry; it is applied to each
     column of ``z`` (one entry of every row, ``axis`` kept as 1; of each array where ``z`` is a
-    tuple of arrays of one shape) and the results are summed as a
-    tree of halves, in :func:`_pairwise_sum`'s order. No reduction: a pass over short rows is one
-    loop over the rows, which XLA fuses with whatever computes ``f``'s operands and results
+    tuple of arrays of one shape) and the results are summed as a tree of halves, in
+    :func:`_pairwise_sum`'s order. No reduction: a pass over short rows is one loop over the
+    rows, which XLA fuses with whatever computes ``f``'s operands and results
     (``_backend.by_columns`` says where that pays). The program grows with the row length.
     ``combine`` gives another operation than ``jnp.add`` for each array, such as ``jnp.minimum``
     (a row minimum in the same pass).
