@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 from smvariants import _solvers
+from smvariants._numerics import count
 from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import safe_divide
 
@@ -479,7 +480,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     def gather(carry: tuple[jax.Array, jax.Array, jax.Array], i: jax.Array):
         cand, dropped, n = carry
         s = score(i)
-        n = n + jnp.sum(s > -jnp.inf, -1, keepdims=True).astype(dtype)
+        n = n + count(s > -jnp.inf, -1, dtype)
         top, _ = lax.top_k(jnp.concatenate([cand, s], axis=-1), kc + 1)
         return (top[..., :kc], jnp.maximum(dropped, top[..., kc:]), n), None
 
@@ -491,7 +492,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     (cand, dropped, n), _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
     m = jnp.maximum(cand[..., :1], lowest)
     z = cand - m
-    n_cand = jnp.sum(z > -jnp.inf, -1, keepdims=True).astype(dtype)
+    n_cand = count(z > -jnp.inf, -1, dtype)
     zero = jnp.zeros(row_shape, dtype)
     # A nan row stays nan (its h is nan); a fully masked row (n = 0) has theta 0 and output 0.
     empty = n == 0

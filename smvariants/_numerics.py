@@ -35,6 +35,15 @@ def row_max(z: jax.Array, axis: int) -> jax.Array:
     return jnp.maximum(jnp.max(z, axis=axis, keepdims=True), jnp.finfo(z.dtype).min)
 
 
+def count(mask: jax.Array, axis: int, dtype) -> jax.Array:
+    """The number of True entries of ``mask`` along ``axis`` (kept as 1), as ``dtype``.
+
+    Counted in int32 whatever ``jax_enable_x64`` says (rows are far shorter than 2^31): an int64
+    count would hold the mask as 64-bit integers, twice the registers in a GPU kernel.
+    """
+    return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32).astype(dtype)
+
+
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` for row sums ``den >= 0`` that are 0 only where ``num`` is 0 (empty rows).
 

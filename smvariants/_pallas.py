@@ -37,11 +37,15 @@ except ImportError:  # pragma: no cover (every Linux jaxlib has them)
 
 # Rows up to this many entries (after padding to a power of two) can be held by one program.
 MAX_COLUMNS = 1 << 17
-# Rows longer than this are split (``_variants.split_forward``): a program holding one would
-# keep more than 32 entries per thread (at 32 warps), spilled to memory. Only the rows that the
-# split's certificate fails are then held whole (up to ``MAX_COLUMNS``), and alpha > 2, whose
-# output map loops.
-SPLIT_COLUMNS = 1 << 15
+# Rows longer than this are split (``_variants.split_forward``), and their derivative rule is
+# XLA's: a program has 64K 32-bit registers (256 KB), 64 a thread at 32 warps, and a row of 2^15
+# takes 32 of them for its entries alone. Compiled for sm_90a (``tools/kernel_registers.py``),
+# every variant's forward kernel but sparsemax's spills there (140-1400 bytes a thread,
+# reloaded in every iteration), and so does every Jacobian kernel (120-1360); at 2^14 (16
+# entries a thread) none does but budget sparsemax (32-64 bytes) and alpha-entmax with an array
+# alpha (150). Only the rows that the split's certificate fails are then held whole (up to
+# ``MAX_COLUMNS``, spilling), and alpha > 2, whose output map loops.
+SPLIT_COLUMNS = 1 << 14
 # Entries a program holds when rows are short: 4096 is 32 per thread at 4 warps.
 _TILE = 4096
 
@@ -57,10 +61,17 @@ def fits(shape: tuple[int, ...], axis: int, columns: int | None = None) -> bool:
 
 
 def _layout(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """``(columns, rows)`` of a program's block (powers of two, as Triton needs) and its warps."""
+    """``(columns, rows)`` of a program's block (powers of two, as Triton needs) and its warps.
+
+    32 entries a thread up to 8 warps (255 registers a thread), 16 beyond (128 registers a
+    thread at 16 warps, 64 at 32): a longer row, held by more threads, leaves each fewer
+    registers. With these, kernels compiled for sm_90a spill (almost) nothing up to
+    ``SPLIT_COLUMNS`` (see there).
+    """
     columns = pl.next_power_of_2(n_cols)
     rows = max(1, min(_TILE // columns, pl.next_power_of_2(n_rows)))
-    warps = min(32, max(4, rows * columns // 1024))
+    entries = rows * columns
+    warps = max(4, entries // 1024) if entries <= 8192 else min(32, entries // 512)
     return columns, rows, warps
 
 
@@ -87,13 +98,13 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guar
     with _backend.kernel_body():
         # Per-row values (temperature, parameters) of padding rows: a valid value, never stored.
         params = [
-            plgpu.load(ref.at[rows, pl.ds(first, 1)], mask=row < n_rows, other=fill)
+            plgpu.load(ref.at[rows, pl.ds(first, 1)], mask=row < n_rows, other=_typed(fill, ref))
             for ref, fill in zip(param_refs, fills, strict=True)
         ]
 
         def run(params):
             loaded = [
-                plgpu.load(r.at[rows, pl.ds(first, columns)], mask=valid, other=pad)
+                plgpu.load(r.at[rows, pl.ds(first, columns)], mask=valid, other=_typed(pad, r))
                 for r in row_refs
             ]
             # half precision: converted in registers
@@ -114,6 +125,14 @@ def _kernel(*refs, rows_fn, fills, n_rows, n_cols, block, compute, per_row, guar
         @pl.when(~computed)
         def _():
             plgpu.store(out, keep.astype(o_ref.dtype), mask=row < n_rows)
+
+
+def _typed(value: float, ref) -> jax.Array:
+    """``value`` in ``ref``'s dtype, for a masked load's ``other``.
+
+    A Python float would be float64 under ``jax_enable_x64``: a tile of float64 in the kernel.
+    """
+    return jnp.asarray(value, ref.dtype)
 
 
 def _like(x: jax.Array, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
@@ -148,7 +167,8 @@ def rows_forward(
       converted in registers; ``rows_fn`` runs in float32).
     """
     x2, per_row = as_rows(x, params, axis)
-    out = _call(rows_fn, [x2], per_row, fills, _args.compute_dtype(x.dtype), interpret)
+    compute = _args.compute_dtype(x.dtype)
+    out = _call("forward", rows_fn, [x2], per_row, fills, compute, interpret)
     return from_rows(out, x.shape, axis)
 
 
@@ -173,7 +193,7 @@ def rows_map(
     compute = _args.compute_dtype(p.dtype)
     w2, per_row = as_rows(w, params, axis)
     p2, _ = as_rows(p, (), axis)
-    out = _call(rows_fn, [w2, p2], per_row, fills, compute, interpret, pad=0.0)
+    out = _call("jacobian", rows_fn, [w2, p2], per_row, fills, compute, interpret, pad=0.0)
     return from_rows(out, w.shape, axis)
 
 
@@ -232,13 +252,17 @@ def rows_threshold(
         params = [where.astype(compute), otherwise.astype(compute), *params]
         fills = [0.0, 0.0, *fills]
     out = _like(x, (x.shape[0], 1), compute)
-    return _call(rows_fn, [x], params, fills, compute, interpret, out, where is not None)
+    role = "threshold" if where is None else "resolve"
+    return _call(role, rows_fn, [x], params, fills, compute, interpret, out, where is not None)
 
 
-def _call(rows_fn, rows, params, fills, compute, interpret, out=None, guarded=False, pad=-jnp.inf):
+def _call(
+    role, rows_fn, rows, params, fills, compute, interpret, out=None, guarded=False, pad=-jnp.inf
+):
     """The ``pallas_call`` of :func:`_kernel`: one program per block of rows.
 
-    ``rows``: arrays ``(n_rows, n_cols)``, loaded padded with ``pad``.
+    ``role`` names the kernel (``smvariants_<role>``, as a GPU profiler shows it); ``rows``:
+    arrays ``(n_rows, n_cols)``, loaded padded with ``pad``.
     """
     rows = tuple(rows)
     n_rows, n_cols = rows[0].shape
@@ -265,5 +289,5 @@ def _call(rows_fn, rows, params, fills, compute, interpret, out=None, guarded=Fa
         out_specs=anywhere,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-        name="smvariants_rows",
+        name=f"smvariants_{role}",
     )(*rows, *params)

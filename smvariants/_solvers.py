@@ -34,6 +34,7 @@ from smvariants._numerics import accurate_sum
 from smvariants._numerics import all_true
 from smvariants._numerics import any_true
 from smvariants._numerics import column_sums
+from smvariants._numerics import count
 from smvariants._numerics import log1p
 from smvariants._numerics import power
 from smvariants._numerics import reduced_shape
@@ -121,7 +122,7 @@ def _michelot(z: jax.Array, axis: int, init: jax.Array | None) -> jax.Array:
     tau, _, _ = lax.while_loop(cond, body, (tau0, zeros - 1, zeros - 2))
     # The closed form on the support, from an accurate sum.
     support = z > tau
-    k = jnp.sum(support, axis=axis, keepdims=True).astype(z.dtype)
+    k = count(support, axis, z.dtype)
     return _sparsemax_closed_form(tau, k, accurate_sum(jnp.where(support, z, 0), axis))
 
 
@@ -312,7 +313,7 @@ def _entmax_theta(
     # integer powers (alpha = 1 + 1/n) a pass is cheap and the sum is not worth it.
     halley_steps = not _integer_power(d)
     live = z != -jnp.inf
-    n = jnp.sum(live, axis=axis, keepdims=True).astype(dtype)
+    n = count(live, axis, dtype)
     lo = jnp.zeros_like(n) if init is None else jnp.maximum(init, 0)
     hi = theta_upper_bound(n, d)
     shape = jnp.broadcast_shapes(hi.shape, lo.shape)
@@ -376,7 +377,7 @@ def entmax15_threshold(u: jax.Array, support: jax.Array, axis: int) -> jax.Array
     the smaller root ``tau = mean_S(u) - sqrt(1/k - var_S(u))`` (Peters et al., 2019). The sums
     are compensated: exact to rounding on long rows.
     """
-    k = jnp.sum(support, axis=axis, keepdims=True).astype(u.dtype)
+    k = count(support, axis, u.dtype)
     k1 = jnp.maximum(k, 1)
     mean = accurate_sum(jnp.where(support, u, 0), axis) / k1
     var = accurate_sum(jnp.where(support, (u - mean) ** 2, 0), axis) / k1
@@ -566,7 +567,7 @@ def _normmax_loop(
     """:func:`normmax_threshold` as a loop of single passes."""
     k_minus_1 = 1 / (alpha - 1)  # k - 1
     live = z != -jnp.inf
-    n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
+    n = count(live, axis, z.dtype)
     hi = -jnp.exp(-jnp.log(jnp.maximum(n, 1)) / (1 + k_minus_1))
     zeros = _carry_zeros(z, reduced_shape(z.shape, axis), z.dtype)
     tau0 = zeros - 1 if init is None else jnp.maximum(zeros - 1, init)
@@ -624,7 +625,7 @@ def budget_threshold(
     if z.shape[axis] == 0:  # no entries, as fully masked rows below (and nothing to reduce)
         return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
     live = z != -jnp.inf
-    n = jnp.sum(live, axis=axis, keepdims=True).astype(z.dtype)
+    n = count(live, axis, z.dtype)
     zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)
     lo = zmin - budget / jnp.maximum(n, 1)  # f(lo) >= 0 when budget <= n
     if init is not None:
@@ -680,8 +681,8 @@ def budget_threshold(
     # The closed form on the pieces at the root, from an accurate sum.
     r = z - tau
     free = (r > 0) & (r < 1)
-    k = jnp.sum(free, axis=axis, keepdims=True).astype(z.dtype)
-    capped = jnp.sum(r >= 1, axis=axis, keepdims=True).astype(z.dtype)
+    k = count(free, axis, z.dtype)
+    capped = count(r >= 1, axis, z.dtype)
     # Relative to the iterate: the free entries of r lie in (0, 1), however large z is.
     closed = tau + (capped + accurate_sum(jnp.where(free, r, 0), axis) - budget) / jnp.maximum(k, 1)
     tau = jnp.where(k > 0, closed, tau)

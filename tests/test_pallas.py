@@ -225,6 +225,10 @@ def test_kernel_takes_half_precision_as_it_is_and_rounds_once(case, dtype, kerne
 def test_kernel_layout_packs_short_rows_and_pads_to_powers_of_two():
     assert _pallas._layout(4096, 32) == (32, 128, 4)  # 128 rows of 32 in one program
     assert _pallas._layout(3, 1000) == (1024, 4, 4)  # no more rows than there are (rounded up)
+    # 32 entries a thread up to 8 warps, 16 beyond (a thread's registers: 255, 128 at 16, 64 at
+    # 32 warps); rows of 2^15 (re-solved whole) hold 32 a thread at the most warps there are.
+    assert _pallas._layout(10, 5000) == (8192, 1, 8)
+    assert _pallas._layout(10, 10000) == (16384, 1, 32)
     assert _pallas._layout(10, 32000) == (32768, 1, 32)
     assert _pallas.fits((4, _pallas.MAX_COLUMNS), 1)
     assert not _pallas.fits((4, _pallas.MAX_COLUMNS + 1), 1) and not _pallas.fits((0, 5), 1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the test suite, then experiments/benchmark.py with every peer,
-# each part time-boxed, so that the whole fits in about 9 minutes of one `run` call.
+# One call on the GPU machine: the test suite, tools/split_ab.py (rows of 2^15 held whole or
+# split), then experiments/benchmark.py with every peer, each part time-boxed, so that the whole
+# fits in about 9 minutes of one `run` call.
 #
 # Before the call, here (once):
 #   (.whl/ is in .gitignore)
@@ -11,7 +12,7 @@
 # summaries), bench-f32/ and bench-bf16/ (benchmark.json, .md, .csv; rewritten after each shape,
 # so a part stopped at its time box keeps the shapes it finished).
 #
-# Settings (environment): TEST_S, F32_S, BF16_S (seconds for each part; 0 skips it),
+# Settings (environment): TEST_S, SPLIT_S, F32_S, BF16_S (seconds for each part; 0 skips it),
 # TEST_ARGS (pytest selection; default: the whole suite), PYTEST_WORKERS (default 8),
 # F32_SHAPES, BF16_SHAPES, BENCH_VARIANTS (default: every variant and peer), BENCH_ARGS (more
 # benchmark flags, without spaces inside one, e.g. "--min-batch-ms 10").
@@ -20,9 +21,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/gpu_check_out}
-TEST_S=${TEST_S:-210}
+TEST_S=${TEST_S:-180}
+SPLIT_S=${SPLIT_S:-60}
 F32_S=${F32_S:-210}
-BF16_S=${BF16_S:-110}
+BF16_S=${BF16_S:-90}
 TEST_ARGS=${TEST_ARGS:-tests}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 # The large shapes first (the copy roofline, and the backward kernel against XLA's fusion of the
@@ -83,6 +85,14 @@ if [ "$TEST_S" -gt 0 ]; then
   rc=${PIPESTATUS[0]}
   say "pytest exit status $rc$([ "$rc" = 124 ] && echo ' (time box reached)')"
   [ "$rc" = 0 ] || status=1
+fi
+
+if [ "$SPLIT_S" -gt 0 ]; then
+  say "tools/split_ab.py (time box ${SPLIT_S} s)"
+  timeout -k 10 "$SPLIT_S" "$PYTHON" tools/split_ab.py --rounds 2 --min-batch-ms 10 2>&1 |
+    tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  say "split_ab exit status $rc$([ "$rc" = 124 ] && echo ' (time box reached)')"
 fi
 
 bench() {  # bench NAME SECONDS DTYPES SHAPES
