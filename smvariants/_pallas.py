@@ -44,7 +44,7 @@ MAX_COLUMNS = 1 << 17
 # reloaded in every iteration), and so does every Jacobian kernel (120-1360); at 2^14 (16
 # entries a thread) none does but budget sparsemax (32-64 bytes) and alpha-entmax with an array
 # alpha (150). Only the rows that the split's certificate fails are then held whole (up to
-# ``MAX_COLUMNS``, spilling), and alpha > 2, whose output map loops.
+# ``MAX_COLUMNS``, spilling).
 SPLIT_COLUMNS = 1 << 14
 # Entries a program holds when rows are short: 4096 is 32 per thread at 4 warps.
 _TILE = 4096

@@ -146,10 +146,6 @@ class Variant:
       reduce_rows: long rows use the block reduction, and NVIDIA GPUs run the variant in one
         Pallas kernel (both pointless where every entry is in the support: softmax, which XLA
         fuses into one kernel itself).
-      output_loops: ``output_loops(*statics)`` (``None`` for a parameter given as an array):
-        whether the output map iterates over whole rows (alpha > 2's refinement). A GPU then
-        holds rows too long for a program whole in one anyway: split across kernels
-        (:func:`split_forward`), the output would loop in XLA.
     """
 
     name: str
@@ -169,7 +165,6 @@ class Variant:
     capped: bool = False
     projection: bool = False
     reduce_rows: bool = True
-    output_loops: Callable[..., bool] = lambda *statics: False
 
 
 def _nan_like(p: jax.Array) -> jax.Array:
@@ -265,7 +260,6 @@ ENTMAX = Variant(
     params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
     exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),
     logit_tangents={"alpha": lambda p, axis, alpha, max_iter: entmax_alpha_tangent(p, alpha - 1)},
-    output_loops=lambda alpha, max_iter: alpha is not None and _solvers.refines(alpha - 1),
 )
 
 
@@ -432,9 +426,9 @@ def _without_t(has_t: bool, per_row: Sequence) -> tuple[Any, tuple]:
     return (per_row[0], tuple(per_row[1:])) if has_t else (None, tuple(per_row))
 
 
-def _splits(v: Variant, n: int, statics: tuple) -> bool:
+def _splits(n: int) -> bool:
     """Whether rows of ``n`` entries take :func:`split_forward` on a GPU (not whole-row kernels)."""
-    return n > _pallas.SPLIT_COLUMNS and not v.output_loops(*statics)
+    return n > _pallas.SPLIT_COLUMNS
 
 
 def kernel_forward(
@@ -447,12 +441,11 @@ def kernel_forward(
 ) -> jax.Array:
     """:func:`forward` in a Pallas kernel, rows on chip (``interpret``: on any backend).
 
-    Rows longer than ``_pallas.SPLIT_COLUMNS`` take :func:`split_forward` (unless the output
-    map loops: ``Variant.output_loops``).
+    Rows longer than ``_pallas.SPLIT_COLUMNS`` take :func:`split_forward`.
     """
-    arrays, statics = _split(params)
-    if _splits(v, x.shape[axis], statics):
+    if _splits(x.shape[axis]):
         return split_forward(v, x, t, params, axis, interpret)
+    arrays, statics = _split(params)
     # Padding rows get valid parameters: temperature 1, each parameter's default.
     has_t = t is not None
     per_row = _with_t(t, arrays)
@@ -481,7 +474,11 @@ def split_forward(
     threshold is certified against the blocks' third largest entries (1/16 of the row); a
     second kernel re-solves, from that lower bound, the rows that fail (its other programs
     return without reading their rows); an XLA pass writes the output. A row is read twice and
-    written once, with no ``while`` or ``case`` outside the kernels. (Rows longer than
+    written once, with no ``while`` or ``case`` outside the kernels but for alpha > 2, whose
+    output map refines the threshold in a loop of a constant number of passes
+    (``_solvers.entmax_refined_output``: each reads the row; XLA:GPU runs a loop of known trip
+    count without waiting for the host), where one program per row spilled kilobytes of
+    registers a thread (``tools/kernel_registers.py``). (Rows longer than
     ``_pallas.MAX_COLUMNS``, which no program holds whole, re-solve on the XLA path: one
     ``while``, inside a ``cond`` for half precision, that makes no trip where every row is
     certified.) The kernels' ``z`` is
@@ -560,7 +557,7 @@ def forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, axis: 
 
     arrays, statics = _split(params)
     n = x.shape[axis]
-    held = _solvers.subset_length(n) if _splits(v, n, statics) else n  # what a program holds
+    held = _solvers.subset_length(n) if _splits(n) else n  # what a program holds
     if not (v.reduce_rows and _pallas.fits(x.shape, axis, held)):
         return xla_forward(x, t, params)
     operands = (x, *_with_t(t, arrays))

@@ -18,6 +18,7 @@ from jaxlib.mlir import passmanager
 import smvariants as sm
 from smvariants import _backend
 from smvariants import _pallas
+from smvariants import _solvers
 from smvariants import _variants
 from smvariants import losses
 
@@ -66,14 +67,31 @@ def _weighted(out):
 ITERATIVE = [name for name, v in _variants.VARIANTS.items() if v.reduce_rows]
 
 
+def _loops_of_constant_trips(text):
+    """The trip counts of the top-level ``while`` loops of ``text`` that count up to a constant
+    (``None`` for another loop): XLA:GPU runs those without waiting for the host."""
+    counts = []
+    for loop in re.finditer(r"^    %\S+ = stablehlo\.while.*\n\s*cond \{\n(.*)\n", text, re.M):
+        bound = re.search(r"stablehlo\.compare LT, %\S+, (%\S+),", loop.group(1))
+        value = bound and re.search(
+            rf"^\s*{re.escape(bound.group(1))} = stablehlo\.constant "
+            r"dense<(\d+)> : tensor<i\d+>",
+            text,
+            re.M,
+        )
+        counts.append(int(value.group(1)) if value else None)
+    return counts
+
+
 @pytest.mark.parametrize("shape", [(64, 32), (2, 40000)])
 def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
     """Forward, gradient and JVP of every function and loss: no ``while``/``case`` for ``cuda``.
 
     One kernel per iterative variant; rows too long for a program (40000) take two: the subset's
-    solve and the re-solve of the rows it does not certify (``_variants.split_forward``), but
-    where the output map loops (alpha > 2), which holds the row whole in one. The derivative
-    rule of a normalizer (not of a loss: ``p - y``) adds one, where a program holds its rows."""
+    solve and the re-solve of the rows it does not certify (``_variants.split_forward``). Their
+    output is an XLA pass; where it loops (alpha > 2's refinement), a loop of a constant number
+    of trips. The derivative rule of a normalizer (not of a loss: ``p - y``) adds a kernel,
+    where a program holds its rows."""
     x = jnp.ones(shape, jnp.float32)
     split = shape[1] > _pallas.SPLIT_COLUMNS
     for name, f in {**FUNCTIONS, **{f"{n}_loss": loss for n, loss in LOSSES.items()}}.items():
@@ -87,10 +105,14 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
         }
         for what, program in programs.items():
             text = _canonical(program, x, "cuda")
-            assert "stablehlo.while" not in text and "stablehlo.case" not in text, (name, what)
+            assert "stablehlo.case" not in text, (name, what)
+            refines = split and name.startswith("entmax_alpha_2.5")
+            loops = [_solvers._REFINE_STEPS] if refines else []
+            assert _loops_of_constant_trips(text) == loops, (name, what)
+            assert text.count("stablehlo.while") == len(loops), (name, what)
             kernels = text.count("xla.gpu.triton")
             iterative = any(name.startswith(n) for n in ITERATIVE) and name != "softmax_loss"
-            expected = 2 if split and name != "entmax_alpha_2.5" else 1
+            expected = 2 if split else 1
             expected += what != "forward" and not split and not name.endswith("_loss")
             assert kernels == (expected if iterative else 0), (name, what, kernels)
 

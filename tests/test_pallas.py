@@ -264,21 +264,20 @@ def split(kernels, monkeypatch):
     yield shapes
 
 
-# One case of each variant, and alpha > 2 (whose output map loops: whole rows in one program).
+# One case of each variant, and alpha > 2 (whose output map refines in a loop: split too).
 SPLIT_CASES = FIRST_CASES + [c for c in KERNEL_CASES if c.id == "entmax_3"]
 
 
 @cases.each(SPLIT_CASES)
 def test_split_kernels_on_rows_too_long_for_a_program(case, split):
     """Rows of 3000: the subset's kernel, the certificate, the second kernel that re-solves the
-    rows it fails (tied, masked and nan rows), one temperature per row. (alpha > 2, whose output
-    map loops, holds the rows whole in one kernel.)"""
+    rows it fails (tied, masked and nan rows), one temperature per row; alpha > 2 too, its
+    output refined in XLA."""
     rng = np.random.default_rng(6)
     x, where = _rows((9, 3000), rng)
     temperature = jnp.asarray(rng.uniform(0.2, 3.0, size=(9, 1)), jnp.float32)
     _check(case, x, where, temperature, np.float32)
-    loops = case.id == "entmax_3"
-    assert split == ([] if loops else [(9, 400), (9, 3000)])
+    assert split == [(9, 400), (9, 3000)]
 
 
 @cases.each(FIRST_CASES)
