@@ -4,7 +4,9 @@ Each case (variant, shape, dtype, forward or gradient) is lowered for ``cuda`` o
 the Triton IR of each ``pallas_call`` is taken from the lowering (jaxlib's Triton dialect reads
 the bytecode that XLA would compile) and compiled by the ``triton`` package for sm_90a down to a
 cubin, whose ptxas report gives the registers a thread uses and the bytes it spills. A kernel
-that spills reloads those values from memory in every iteration of its solver.
+that spills reloads those values from memory in every iteration of its solver. The seconds
+Triton took to compile each kernel on this machine come with them (a GPU compiles each kernel
+once per program and shape, at ``jit`` time).
 
     pip install triton        # ~300 MB; any machine, no GPU or CUDA driver needed
     python tools/kernel_registers.py                      # the benchmark's shapes, every variant
@@ -58,10 +60,10 @@ VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 # Run by --python: compiles each {"key", "ir", "warps", "stages"} of the JSON list on stdin and
-# prints {"key": {"registers", "spill_bytes", "shared_bytes"} or {"error"}} as JSON. ptxas
-# runs again for its report, with the options Triton gives it.
+# prints {"key": {"registers", "spill_bytes", "shared_bytes", "compile_s"} or {"error"}} as
+# JSON. ptxas runs again for its report, with the options Triton gives it.
 _COMPILE = r"""
-import json, os, re, subprocess, sys, tempfile, warnings
+import json, os, re, subprocess, sys, tempfile, time, warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton
@@ -76,17 +78,20 @@ with tempfile.TemporaryDirectory() as tmp:
             f.write(k["ir"])
         try:
             options = {"num_warps": k["warps"], "num_stages": k["stages"]}
+            began = time.perf_counter()
             compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=options)
             with open(path + ".ptx", "w") as f:
                 f.write(compiled.asm["ptx"])
             cmd = [ptxas, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", path + ".ptx",
                    "-o", path + ".cubin"]
+            seconds = time.perf_counter() - began  # Triton's own compile, ptxas included
             log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
             spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
             out[k["key"]] = {
                 "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
                 "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
                 "shared_bytes": compiled.metadata.shared,
+                "compile_s": round(seconds, 2),
             }
         except Exception as e:  # one kernel's failure is reported, the others still run
             out[k["key"]] = {"error": (str(e) or type(e).__name__)[-2000:]}
@@ -197,19 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             unique.setdefault(key, kernel)
             uses.setdefault(key, []).append(label)
     results = compile_all(unique, args.python)
-    print("| kernel | warps | registers | spilled bytes | first case (of n) |")
-    print("|---|---|---|---|---|")
+    print("| kernel | warps | registers | spilled bytes | Triton compile s | first case (of n) |")
+    print("|---|---|---|---|---|---|")
     failed = False
     for key, kernel in unique.items():
         r = results[key]
         first = f"{uses[key][0]} ({len(uses[key])})"
         if "error" in r:
             failed = True
-            print(f"| {kernel['name']} | {kernel['warps']} | error | | {first} |")
+            print(f"| {kernel['name']} | {kernel['warps']} | error | | | {first} |")
             print(r["error"], file=sys.stderr)
             continue
-        spill = r["spill_bytes"]
-        print(f"| {kernel['name']} | {kernel['warps']} | {r['registers']} | {spill} | {first} |")
+        figures = f"{r['registers']} | {r['spill_bytes']} | {r['compile_s']}"
+        print(f"| {kernel['name']} | {kernel['warps']} | {figures} | {first} |")
     if args.json:
         records = [
             {"kernel": k["name"], "warps": k["warps"], "cases": uses[key], **results[key]}
