@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.lib import version as jaxlib_version
 
 import smvariants as sm
 from smvariants import _variants
@@ -32,6 +33,10 @@ from smvariants import losses
 from smvariants._variants import VARIANTS
 
 import reference
+
+# The custom call of a Pallas (Triton) kernel in a lowering for ``cuda``: jaxlib 0.10 hands XLA
+# the kernel's Triton IR; later versions compile it themselves (with a GPU) and call the result.
+KERNEL_CALL = "__gpu$xla.gpu.triton" if jaxlib_version <= (0, 10, 2) else "triton_kernel_call_ffi"
 
 # --------------------------------------------------------------------------------------------------
 # The references of each variant, with its parameters as floats.

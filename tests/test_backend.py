@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import KERNEL_CALL
 from jaxlib.mlir import ir
 from jaxlib.mlir import passmanager
 
@@ -110,7 +111,7 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
             loops = [_solvers._REFINE_STEPS] if refines else []
             assert _loops_of_constant_trips(text) == loops, (name, what)
             assert text.count("stablehlo.while") == len(loops), (name, what)
-            kernels = text.count("xla.gpu.triton")
+            kernels = text.count(KERNEL_CALL)
             iterative = any(name.startswith(n) for n in ITERATIVE) and name != "softmax_loss"
             expected = 2 if split else 1
             expected += what != "forward" and not split and not name.endswith("_loss")
@@ -125,7 +126,7 @@ def test_cuda_rows_longer_than_any_program_wait_for_the_host_once():
     for name in ["sparsemax", "entmax15", "entmax_alpha_1.3", "normmax", "budget_sparsemax_array"]:
         for f in (FUNCTIONS[name], jax.vmap(FUNCTIONS[name])):
             text = _canonical(f, x if f is FUNCTIONS[name] else x[None], "cuda")
-            assert text.count("xla.gpu.triton") == 1, name
+            assert text.count(KERNEL_CALL) == 1, name
             assert "stablehlo.case" not in text, name
             # A function's own operations are indented by 4, those in a loop's body by more.
             assert len(re.findall(r"^    %\S+ = stablehlo\.while", text, re.M)) == 1, name
@@ -141,11 +142,11 @@ def test_cuda_kernels_read_and_write_half_precision(dtype):
         f = FUNCTIONS[name]
         text = _canonical(f, x, "cuda")
         full_size = [line for line in text.splitlines() if "tensor<64x32x" in line]
-        assert any("xla.gpu.triton(%arg0)" in line for line in full_size), name
+        assert any(f"{KERNEL_CALL}(%arg0)" in line for line in full_size), name
         assert not any("stablehlo.convert" in line for line in full_size), name
         text = _canonical(lambda x, ct, f=f: jax.vjp(f, x)[1](ct)[0], x, "cuda", x)
         full_size = [line for line in text.splitlines() if "tensor<64x32x" in line]
-        backward = [line for line in full_size if "xla.gpu.triton(%arg1, %0)" in line]
+        backward = [line for line in full_size if f"{KERNEL_CALL}(%arg1, %0)" in line]
         half = "tensor<64x32xbf16>" if dtype == jnp.bfloat16 else "tensor<64x32xf16>"
         assert len(backward) == 1 and backward[0].endswith(f"({half}, {half}) -> {half}"), name
         assert not any("stablehlo.convert" in line for line in full_size), name
@@ -163,7 +164,7 @@ def test_every_function_runs_inside_shard_map_and_lowers_there_for_cuda():
         for name in names:
             f = jax.shard_map(FUNCTIONS[name], mesh=mesh, in_specs=spec, out_specs=spec)
             np.testing.assert_allclose(jax.jit(f)(x), FUNCTIONS[name](x), atol=1e-6, err_msg=name)
-            assert "xla.gpu.triton" in _lower(f, x, "cuda"), name
+            assert KERNEL_CALL in _lower(f, x, "cuda"), name
 
 
 def _targets(x, name):
@@ -201,11 +202,11 @@ def test_a_lowering_for_several_platforms_has_the_kernel_and_runs_on_this_one(sh
     if shape[1] < 1000:
         cases += [(jax.grad(lambda x: _weighted(sm.entmax15(x))), x)]
         cases += [(lambda q: sm.attention.dot_product_attention(q, q, q), q)]
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    triton = export.DisabledSafetyCheck.custom_call(KERNEL_CALL)
     for f, a in cases:
         for platforms in [("cpu", "cuda"), ("cuda", "tpu", "cpu")]:
             exported = export.export(jax.jit(f), platforms=platforms, disabled_checks=[triton])(a)
-            assert "xla.gpu.triton" in exported.mlir_module()
+            assert KERNEL_CALL in exported.mlir_module()
             np.testing.assert_array_equal(exported.call(a), jax.jit(f)(a))
 
 
@@ -310,7 +311,7 @@ def test_a_float64_program_traced_with_x64_lowers_for_cuda_outside_it(name):
     for program in (traced, mapped):
         with jax.enable_x64(False):
             text = program.lower(lowering_platforms=("cuda",)).as_text()
-        assert "f64" in text and "xla.gpu.triton" in text
+        assert "f64" in text and KERNEL_CALL in text
 
 
 def test_the_seam_gives_the_same_values_as_the_plain_path():

@@ -26,6 +26,10 @@ kernel_registers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_registers)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Later jaxlibs compile a kernel's Triton IR themselves when lowering (which needs a GPU).
+pytestmark = pytest.mark.skipif(
+    kernel_registers.jaxlib_version > (0, 10, 2), reason="lowerings hold Triton IR in jaxlib 0.10"
+)
 
 
 def _grad(f):

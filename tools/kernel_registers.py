@@ -14,6 +14,8 @@ once per program and shape, at ``jit`` time).
 
 The Triton here is the ``triton`` package, not the one inside XLA that compiles the kernels on a
 GPU: the counts are what that compiler makes of the same IR, close to but not exactly XLA's.
+It needs jaxlib 0.10, whose lowering for ``cuda`` holds the Triton IR (later jaxlibs compile it
+while lowering, with a GPU).
 It runs in a subprocess (``--python``: another environment's interpreter), as jaxlib and triton
 each carry their own LLVM. The kernels are named by role (``smvariants_forward``,
 ``_threshold``, ``_resolve``, ``_jacobian``); ``resolve`` re-solves, on the whole row, the rows
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src.lib import triton as jaxlib_triton
+from jax._src.lib import version as jaxlib_version
 from jax._src.lib.mlir import ir
 
 import smvariants as sm
@@ -116,6 +119,8 @@ def kernels(fn: Callable, *args) -> list[dict]:
 
     Its name, Triton IR (as text), warps and pipeline stages.
     """
+    if jaxlib_version > (0, 10, 2):  # Pallas compiles the IR itself there (with a GPU only)
+        raise SystemExit("kernel_registers.py: needs jaxlib 0.10, whose lowering holds Triton IR")
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     found = []
     for call in _triton_calls(lowered.compiler_ir("stablehlo").operation):
