@@ -27,7 +27,7 @@ import smvariants as sm
 from smvariants import _pallas
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-from benchmark import batched_time  # noqa: E402
+import benchmark  # noqa: E402
 
 VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sparsemax": sm.sparsemax,
@@ -39,17 +39,18 @@ VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
 SETTINGS = {"split (2^14)": 1 << 14, "held whole (2^15)": 1 << 15}
 
 
-def compiled(f: Callable, mode: str, held: int, x: jax.Array, w: jax.Array) -> Callable:
-    """``f``'s forward pass or forward+backward, traced with rows up to ``held`` held whole."""
-    program = f if mode == "forward" else jax.grad(lambda x, w: jnp.sum(f(x) * w))
+def run_n(f: Callable, mode: str, held: int, x: jax.Array, w: jax.Array) -> Callable:
+    """``experiments/benchmark.py``'s ``run_n(n)`` of ``f`` in ``mode`` (one of its MODES).
+
+    Traced with rows of up to ``held`` entries held whole by one program.
+    """
     saved = _pallas.SPLIT_COLUMNS
     _pallas.SPLIT_COLUMNS = held
     try:
-        args = (x,) if mode == "forward" else (x, w)
-        call = jax.jit(program).lower(*args).compile()
+        call, *_ = benchmark._jax_compile(f, x, w, mode)
     finally:
         _pallas.SPLIT_COLUMNS = saved
-    return lambda: call(*args)
+    return benchmark._jax_run_n(call, x)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,20 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     # Variant by variant (the first ones matter most, if a time box stops the run).
     for name, f in VARIANTS.items():
         for text, (x, w) in data.items():
-            for mode in ("forward", "forward+backward"):
-                calls = {s: compiled(f, mode, held, x, w) for s, held in SETTINGS.items()}
+            for mode in benchmark.MODES:
+                runs = {s: run_n(f, mode, held, x, w) for s, held in SETTINGS.items()}
                 times: dict[str, list[float]] = {s: [] for s in SETTINGS}
                 for r in range(args.rounds):  # both orders: no first-position advantage
                     for s in SETTINGS if r % 2 == 0 else reversed(SETTINGS):
-                        call = calls[s]
-
-                        def run_n(n: int, call=call) -> None:
-                            out = None
-                            for _ in range(n):
-                                out = call()
-                            jax.block_until_ready(out)
-
-                        times[s].append(batched_time(run_n, args.min_batch_ms / 1e3, 5)[0])
+                        seconds, _ = benchmark.batched_time(runs[s], args.min_batch_ms / 1e3, 5)
+                        times[s].append(seconds)
                 split, held = (1e3 * float(np.median(times[s])) for s in SETTINGS)
                 ratio = held / split
                 print(f"| {name} | {text} | {mode} | {split:.3f} | {held:.3f} | {ratio:.2f} |")
