@@ -237,6 +237,29 @@ def test_cpu_tuning_is_only_in_the_cpu_lowering():
     assert "xi16>" not in _canonical(sm.sparsemax, half, "tpu")
 
 
+def _computations(hlo):
+    """The computations of an optimised HLO module's text, by name (the entry as ``ENTRY``)."""
+    found = re.finditer(r"^(ENTRY )?(%\S+) [^\n]*\{\n(.*?)\n\}$", hlo, re.M | re.S)
+    return {("ENTRY" if m.group(1) else m.group(2)): m.group(3) for m in found}
+
+
+def test_cpu_sorts_short_rows_once_in_a_kernel_of_their_own():
+    """sparsemax and entmax15 on XLA:CPU, rows of up to 32 entries: a sorting network (191
+    comparators at 32), in a kernel whose output, one threshold per row, the output's kernel
+    reads. Fused into the output's kernel it would be computed for every entry of the row."""
+    x = jax.device_put(jnp.ones((64, 32), jnp.float32), jax.devices("cpu")[0])
+    for f in (sm.sparsemax, sm.entmax15):
+        computations = _computations(jax.jit(f).lower(x).compile().as_text())
+        network = [name for name, body in computations.items() if body.count(" minimum(") >= 191]
+        assert len(network) == 1, network
+        root = re.search(r"ROOT .* fusion\(.*calls=(%[\w.-]+)", computations["ENTRY"])
+        assert root and " minimum(" not in computations[root.group(1)]
+        assert re.search(
+            rf"= f32\[64,1\]\S* fusion\(.*calls={re.escape(network[0])}\b",
+            "\n".join(computations.values()),
+        )
+
+
 def test_cpu_derivative_rules_sum_short_rows_by_columns():
     """The rule's two row sums on XLA:CPU, rows of up to 32, where ``g`` is an indicator
     (sparsemax, budget sparsemax): a slice per column, no reduction. Not where ``g`` costs work

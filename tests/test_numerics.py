@@ -56,6 +56,39 @@ def test_column_sums_combine_as_told(n):
     np.testing.assert_array_equal(high, -np.min(np.asarray(z), 1, keepdims=True))
 
 
+@pytest.mark.parametrize("n", range(1, 13))
+def test_merge_sort_network_sorts_every_row_of_zeros_and_ones(n):
+    # The 0-1 principle: a comparator network that sorts every 0/1 input sorts every input.
+    rows = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    for i, j in _numerics._merge_sort_network(n):
+        assert 0 <= i < j < n
+        rows[:, i], rows[:, j] = (
+            np.maximum(rows[:, i], rows[:, j]),
+            np.minimum(rows[:, i], rows[:, j]),
+        )
+    np.testing.assert_array_equal(rows, -np.sort(-rows, axis=1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 13, 17, 31, 32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_sorted_columns_are_each_rows_entries_in_decreasing_order(n, axis):
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(300, n)).astype(F32)
+    rows[:100] = np.round(rows[:100])  # ties
+    rows[100:200][rng.random((100, n)) < 0.4] = -np.inf  # masked entries
+    rows[200] = -np.inf
+    z = jnp.asarray(rows if axis == 1 else rows.T)
+    columns = jax.jit(_numerics.sorted_columns, static_argnums=1)(z, axis)
+    got = np.concatenate([np.asarray(c).reshape(-1, 1) for c in columns], axis=1)
+    np.testing.assert_array_equal(got, -np.sort(-rows, axis=1))
+    assert len(_numerics._merge_sort_network(32)) == 191
+    # A nan reaches at least one sorted column of its row, and no other row.
+    rows[7, n // 2] = np.nan
+    columns = _numerics.sorted_columns(jnp.asarray(rows), 1)
+    got = np.concatenate([np.asarray(c) for c in columns], axis=1)
+    assert np.isnan(got[7]).any() and not np.isnan(np.delete(got, 7, axis=0)).any()
+
+
 def test_accurate_sum_of_empty_rows_is_zero():
     assert _numerics.accurate_sum(jnp.zeros((3, 0), F32), 1).shape == (3, 1)
     np.testing.assert_array_equal(_numerics.accurate_sum(jnp.zeros((3, 0), F32), 1), 0)

@@ -1,9 +1,11 @@
-"""Short rows solved by columns (_solvers.py on XLA:CPU): the loops' thresholds, to rounding.
+"""Short rows on XLA:CPU (_solvers.py): sorted closed forms and the column loops, to rounding.
 
-Rows of at most 32 entries are solved on a CPU with sums over their columns, one or more passes
-per trip of the loop (``_backend.by_columns``). These tests call both solvers directly, so they
-hold on every backend: on random rows at several scales, tied, masked, all-masked and nan rows,
-lengths from 1 to 32, and rows built to need many trips; against the float64 reference too.
+Rows of at most 32 entries are solved on a CPU without reductions (``_backend.by_columns``):
+sparsemax and entmax15 sort each row with a network of elementwise maxima and minima and take
+the closed form on the support it gives; alpha = 1 + 1/n and normmax sum over the columns, one
+or more passes per trip of a loop. These tests call the solvers directly, so they hold on every
+backend: on random rows at several scales, tied, masked, all-masked, nan and +inf rows, lengths
+from 1 to 32, and rows built to need many trips; against the float64 reference too.
 (test_normalizers' hypothesis tests take the public functions through them on a CPU.)
 """
 
@@ -18,7 +20,8 @@ import reference
 
 
 def _rows(n, seed=0):
-    """Rows of ``n`` entries, maximum 0: normal at several scales, ties, masks, nan, many trips."""
+    """Rows of ``n`` entries, maximum 0: normal at several scales, ties, masks, nan, +inf, many
+    trips."""
     rng = np.random.default_rng(seed)
     rows = [rng.normal(size=(64, n)) * s for s in (0.01, 0.3, 1.0, 3.0, 30.0)]
     rows.append(rng.integers(-2, 1, size=(16, n)).astype(float))  # ties
@@ -30,19 +33,23 @@ def _rows(n, seed=0):
     z = np.concatenate(rows).astype(np.float32)
     z[:, 0] = np.where(np.isnan(z[:, 0]), np.nan, np.maximum(z[:, 0], 0))  # one entry at 0
     top = np.max(np.where(np.isnan(z), -np.inf, z), axis=1, keepdims=True)
-    return z - np.where(np.isfinite(top), top, 0)
+    z = z - np.where(np.isfinite(top), top, 0)
+    # A row with +inf, shifted by its maximum: nan there, -inf elsewhere.
+    inf_row = np.full((1, n), -np.inf, np.float32)
+    inf_row[0, n // 2] = np.nan
+    return np.concatenate([z, inf_row])
 
 
-# The closed-form variants: (by columns, the loop, the output from a threshold, the reference).
+# The closed-form variants: (sorted, the loop, the output from a threshold, the reference).
 EXACT = {
     "sparsemax": (
-        _solvers._sparsemax_by_columns,
+        _solvers._sparsemax_sorted,
         lambda z, axis: _solvers._michelot(z, axis, None),
         lambda z, t: jnp.maximum(z - t, 0),
         reference.sparsemax,
     ),
     "entmax15": (
-        _solvers._entmax15_by_columns,
+        _solvers._entmax15_sorted,
         lambda z, axis: _solvers._entmax15_loop(z, axis, None),
         lambda z, t: jnp.maximum(0.5 * z - t, 0) ** 2,
         reference.entmax15,
@@ -52,19 +59,20 @@ EXACT = {
 
 @pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize("n", [1, 2, 5, 17, 31, 32])
-def test_closed_forms_by_columns_are_the_loops_thresholds(name, n):
-    by_columns, loop, output, want = EXACT[name]
+def test_sorted_closed_forms_are_the_loops_thresholds(name, n):
+    by_sorting, loop, output, want = EXACT[name]
     z = jnp.asarray(_rows(n))
-    t = jax.jit(by_columns, static_argnums=1)(z, 1)
+    t = jax.jit(by_sorting, static_argnums=1)(z, 1)
     t_loop = jax.jit(loop, static_argnums=1)(z, 1)
     np.testing.assert_allclose(t, t_loop, rtol=3e-7, atol=3e-7)
     np.testing.assert_array_equal(np.isnan(t), np.isnan(t_loop))
     np.testing.assert_allclose(output(z, t), want(np.asarray(z, np.float64)), atol=3e-7)
 
 
-def test_sparsemax_by_columns_along_another_axis_and_row_by_row():
+@pytest.mark.parametrize("name", EXACT)
+def test_sorted_closed_forms_along_another_axis_and_row_by_row(name):
     z = jnp.asarray(_rows(32))
-    solve = jax.jit(_solvers._sparsemax_by_columns, static_argnums=1)
+    solve = jax.jit(EXACT[name][0], static_argnums=1)
     whole = solve(z, 1)
     np.testing.assert_array_equal(solve(z.T, 0), whole.T)
     # Each row's threshold is its own: the same bits alone as in the batch.
