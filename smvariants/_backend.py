@@ -87,11 +87,12 @@ def by_columns(
     """``solve_by_columns(z)`` on XLA:CPU for rows of at most 32 entries, ``solve(z)`` elsewhere.
 
     Both solve the rows of ``z`` (an array, or a tuple of arrays of one shape) along ``axis``;
-    ``solve_by_columns`` with sums over the columns (:func:`smvariants._numerics.column_sums`),
-    one or more passes per trip of its loop. XLA:CPU runs each pass as one loop over the rows (a
-    reduction along a short row is scalar code, and a loop's trip costs several kernels), but
-    compiles every column's work: longer rows take ``solve``. A GPU's kernels and a TPU's layout
-    (rows along vector lanes) want ``solve``.
+    ``solve_by_columns`` as elementwise work on the row's columns: sums over them
+    (:func:`smvariants._numerics.column_sums`), one or more passes per trip of its loop, or a
+    sorting network (:func:`smvariants._numerics.sorted_columns`) and no loop. XLA:CPU runs each
+    pass as one loop over the rows (a reduction along a short row is scalar code, and a loop's
+    trip costs several kernels), but compiles every column's work: longer rows take ``solve``.
+    A GPU's kernels and a TPU's layout (rows along vector lanes) want ``solve``.
     """
     if not 0 < jax.tree.leaves(z)[0].shape[axis] <= _CPU_COLUMNS_MAX or in_kernel():
         return solve(z)
