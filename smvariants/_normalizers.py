@@ -158,7 +158,8 @@ def sparsemax(
 
     with ``z = x / T``; alpha-entmax at alpha = 2. Entries more than ``tau`` below the row's
     largest logit get probability exactly 0. The threshold is exact (computed in closed form on the
-    support, found sort-free by Michelot's algorithm), not a tolerance.
+    support, found by Michelot's algorithm, or on a CPU's rows of up to 32 entries by a sorting
+    network), not a tolerance.
 
     Args:
       x: logits, a floating-point array.
@@ -211,8 +212,9 @@ def entmax15(
       = [z / 2 - \tau]_+^2, \qquad \textstyle\sum_j [z_j / 2 - \tau]_+^2 = 1,
 
     with ``z = x / T`` and Tsallis entropy ``H_{1.5}(p) = 4 (1 - \sum_j p_j^{1.5}) / 3``. The
-    support is found sort-free (safeguarded Newton) and ``tau`` is then computed in closed form on
-    it, so the result is exact to float rounding.
+    support is found by safeguarded Newton steps (on a CPU's rows of up to 32 entries by a sorting
+    network) and ``tau`` is then computed in closed form on it, so the result is exact to float
+    rounding.
 
     Args:
       x: logits, a floating-point array.

@@ -73,7 +73,7 @@ def sparsemax_threshold(z: jax.Array, axis: int, init: jax.Array | None = None) 
     lower bound, as ``p_max <= 1``), and needs a handful of fused passes. The result is the closed
     form on the support with an accurate sum (``accurate_sum``: compensated, or pairwise on rows
     of at most 512), so it is exact to rounding on rows of any length and does not depend on the
-    other rows of the batch. Short rows on a CPU are solved by columns
+    other rows of the batch. Short rows on a CPU are solved by sorting them
     (:func:`_sparsemax_sorted`), to rounding.
     """
     if init is None:
