@@ -409,6 +409,8 @@ def _entmax15_sorted(z: jax.Array, axis: int) -> jax.Array:
         squares = squares + step * (column - mean)
         # tau_k <= u_k, as mean_k - u_k (>= 0) <= sqrt(1/k - var_k): a nan (masked) is False.
         inside = (mean - column) ** 2 <= (1 - squares) * (1 / k)
+        # 1/size picked as constants: a division here would have several consumers, which XLA
+        # would not fuse, and the network would be computed again in the kernel of each.
         size, inverse = jnp.where(inside, k, size), jnp.where(inside, 1 / k, inverse)
     top = pairwise_sum([jnp.where(size > j, column, 0) for j, column in enumerate(u)])
     masked = u[0] == -jnp.inf
