@@ -714,9 +714,10 @@ def budget_threshold(
 
 _BLOCK = 16  # entries per block at most; each keeps its two largest: about 1/8 of the row
 _DIRECT = 512  # rows at most this long are solved directly
-# Subsets at most this long are solved directly too: one more level (528 entries to 66 at 32000
-# classes) saves little time, and its re-solve costs a solver's compile time.
-_DIRECT_SUBSET = 1024
+# Subsets at most this long are solved directly too: one more level (2000 entries to 250 at 128000
+# classes) saves little time, and its re-solve costs a solver's compile time (0.2-0.35 s of 1-2 s
+# on a CPU); one of 4000 (at 32000 classes) is reduced again, as solving it directly costs 25-40%.
+_DIRECT_SUBSET = 2048
 # Failing rows are gathered and re-solved 1/32 of the rows at a time, in a loop that runs until
 # none is left (no trip when every row passes). One solver serves any number of failing rows: a
 # solver for each batch size would cost compile time (about 8 ms per fused kernel on a CPU, 25-45

@@ -183,6 +183,21 @@ def test_inner_levels_re_solve_exactly(scale):
     np.testing.assert_allclose(reduced, direct, atol=1e-14)
 
 
+def _cpu_loops(k):
+    x = jnp.zeros((4, k), jnp.float32)
+    text = jax.jit(sm.sparsemax).trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    return text.count("stablehlo.while")
+
+
+def test_subsets_of_up_to_2048_entries_are_solved_without_another_level():
+    # A level is a solver and a re-solve: each costs compile time (0.2-0.35 s of 1-2 s on a CPU).
+    # Rows of 16384 keep a subset of 2048 (solved directly: one level, as rows of 2000); rows of
+    # 16500 keep 2164, reduced again (and so are rows of 128000: 16000 entries, then 2000).
+    assert [_solvers.subset_length(k) for k in (16384, 16500)] == [2048, 2164]
+    one_level = _cpu_loops(2000)
+    assert _cpu_loops(16384) == one_level < _cpu_loops(16500) == _cpu_loops(128000)
+
+
 @pytest.mark.parametrize("k", [1024, 40000])
 def test_budget_rows_whose_subset_holds_fewer_entries_than_the_budget(k):
     # 48 live entries, three to a block: the subset keeps 32, fewer than the budget of 40, so its
