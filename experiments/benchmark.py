@@ -111,6 +111,10 @@ class Config:
     batches: int = 5  # batched: the median of this many batches (>= 1)
     deadline_s: float = 0.0  # stop starting new shapes after this many seconds; 0: no limit
     compile_limit_s: float = 0.5  # the compile-time target the summary counts against
+    # The logits are normal(0, logit_scale) (finite, > 0): 3 gives the sparse rows of the README's
+    # tables; 1 dense ones, where most rows of 1000 classes and more fail the block certificate
+    # at alpha 1.25 (their re-solve is then most of the time).
+    logit_scale: float = 3.0
     force: bool = False  # overwrite results already in --out
     quick: bool = False  # tiny shapes and few repeats
 
@@ -600,7 +604,7 @@ def measure_group(
 ) -> list[dict[str, Any]]:
     """Every record of one shape and dtype: both modes, the JAX rows, then the peers."""
     key_x, key_w = jax.random.split(jax.random.key(0))
-    x = (jax.random.normal(key_x, shape) * 3).astype(dtype)
+    x = (jax.random.normal(key_x, shape) * config.logit_scale).astype(dtype)
     w = jax.random.normal(key_w, shape, jnp.float32)
     rows = sample_rows(*shape)
     x_rows = np.asarray(x[rows]).astype(np.float64)  # the input as the variants see it
@@ -925,6 +929,7 @@ def check_config(config: Config) -> None:
         ("min_batch_ms", True),
         ("deadline_s", False),
         ("compile_limit_s", True),
+        ("logit_scale", True),
     ):
         value = getattr(config, name)
         if not common.is_finite_number(value) or value < 0 or (positive and value == 0):
@@ -933,7 +938,7 @@ def check_config(config: Config) -> None:
             raise common.UsageError(f"--{flag} must be finite and {bound}, got {value!r}")
 
 
-def _header(env: dict[str, Any], incomplete: str | None) -> str:
+def _header(env: dict[str, Any], incomplete: str | None, logit_scale: float) -> str:
     timing = env.get("timing", {})
     methods = {
         "per-call": "median of single calls, each followed by block_until_ready",
@@ -947,6 +952,8 @@ def _header(env: dict[str, Any], incomplete: str | None) -> str:
         "Timing: "
         + "; ".join(f"{who}: {methods.get(how, how)}" for who, how in timing.items())
         + ". Compile: lower + compile, cold. Errors: forward output vs a float64 reference.",
+        "",
+        f"Input: logits ~ normal(0, {logit_scale:g}); forward+backward's weights ~ normal(0, 1).",
     ]
     peers = env.get("peers") or {}
     if peers:
@@ -974,7 +981,7 @@ def write_outputs(
     common.write_csv(out / "benchmark.csv", records)
     common.write_text(
         out / "benchmark.md",
-        _header(env, incomplete)
+        _header(env, incomplete, config.logit_scale)
         + summary(records)
         + "\n\nMax |error| against float64:\n\n"
         + error_summary(records)
@@ -1066,6 +1073,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument("--batches", type=int, default=None, help="batched timing")
     parser.add_argument("--deadline-s", type=float, default=defaults.deadline_s)
     parser.add_argument("--compile-limit-s", type=float, default=defaults.compile_limit_s)
+    parser.add_argument(
+        "--logit-scale", type=float, default=defaults.logit_scale, help="x ~ normal(0, scale)"
+    )
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
@@ -1091,6 +1101,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         timing=args.timing,
         deadline_s=args.deadline_s,
         compile_limit_s=args.compile_limit_s,
+        logit_scale=args.logit_scale,
         force=args.force,
         quick=args.quick,
     )

@@ -57,6 +57,7 @@ def test_quick_run(tmp_path):
     assert "peers" in env and env["peers"] == {}
     markdown = (out / "benchmark.md").read_text()
     assert "| 64x1000 | float32 | fwd+bwd | sparsemax |" in markdown
+    assert "Input: logits ~ normal(0, 3)" in markdown and result["config"]["logit_scale"] == 3
     # The summary: one row per variant, a column per shape and mode, ratios to jax.nn.softmax.
     header = "| variant | 256x32 fwd | 256x32 fwd+bwd | 64x1000 fwd | 64x1000 fwd+bwd |"
     assert header in markdown and header in done.stdout
@@ -315,6 +316,8 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--min-batch-ms", "0"], "--min-batch-ms must be finite and > 0, got 0.0"),
         (["--deadline-s", "-1"], "--deadline-s must be finite and >= 0, got -1.0"),
         (["--deadline-s", "nan"], "--deadline-s must be finite and >= 0, got nan"),
+        (["--logit-scale", "0"], "--logit-scale must be finite and > 0, got 0.0"),
+        (["--logit-scale", "inf"], "--logit-scale must be finite and > 0, got inf"),
         (["--timing", "fast"], "--timing takes auto, per-call, batched, got 'fast'"),
         (["--variants", "sparsemax,fastmax"], "unknown variants ['fastmax']"),
     ],
@@ -327,6 +330,24 @@ def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, m
     assert exit_.value.code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_the_logit_scale_is_the_inputs_standard_deviation(monkeypatch, scale):
+    seen = []
+
+    def record(x):  # traced: the std is reported when it runs
+        jax.debug.callback(lambda std: seen.append(float(std)), jnp.std(x.astype(jnp.float32)))
+        return jax.nn.softmax(x)
+
+    monkeypatch.setitem(benchmark.VARIANTS, "record", record)
+    config, _ = benchmark.parse_args(["--logit-scale", str(scale)])
+    config = dataclasses.replace(
+        config, shapes=((64, 256),), dtypes=("float32",), variants=("record",), repeats=1
+    )
+    benchmark.measure(config, benchmark.find_peers(config.variants))
+    assert config.logit_scale == scale and seen
+    np.testing.assert_allclose(seen, scale, rtol=0.05)
 
 
 def test_variant_names_with_parameters_are_split_on_commas():
