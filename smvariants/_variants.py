@@ -267,9 +267,14 @@ ENTMAX = Variant(
 
 
 def _norm(p, axis, alpha):
-    """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0`` (``nan`` in a row with ``nan``)."""
+    """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0`` (``nan`` in a row with ``nan``).
+
+    0 for a row of zeros (a fully masked row's output), with a zero derivative in ``alpha``
+    (``exp(log(0) / alpha)`` has ``0 * inf`` there: a padding row made a gradient ``nan``).
+    """
     s = jnp.sum(power(p, alpha), axis=axis, keepdims=True)
-    return jnp.exp(jnp.log(s) / alpha)
+    zero = s == 0
+    return jnp.where(zero, 0, jnp.exp(jnp.log(jnp.where(zero, 1, s)) / alpha))
 
 
 def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
@@ -292,8 +297,8 @@ def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
 
 
 def _normmax_phi(p, axis, alpha, max_iter=None):
-    """On the support ``z = tau + (p / ||p||_alpha)^(alpha - 1)``."""
-    return power(p / _norm(p, axis, alpha), alpha - 1)
+    """On the support ``z = tau + (p / ||p||_alpha)^(alpha - 1)`` (0 on a row of zeros)."""
+    return power(safe_divide(p, _norm(p, axis, alpha)), alpha - 1)
 
 
 def _normmax_dp_dalpha(p, axis, alpha, max_iter=None):
@@ -302,16 +307,16 @@ def _normmax_dp_dalpha(p, axis, alpha, max_iter=None):
     With ``q = p / ||p||_alpha`` (so ``||q||_alpha = 1``), ``r = 1/(alpha - 1)``,
     ``L = sum q^alpha log q`` and ``s = sum q``: ``dtau/dalpha = -L / (alpha s)``,
     ``dq_j/dalpha = r (q_j^(2 - alpha) L / (alpha s) - q_j log q_j)``, and
-    ``dp = (dq - p sum(dq)) / s``.
+    ``dp = (dq - p sum(dq)) / s``. 0 on a row of zeros (a fully masked row).
     """
     on = p > 0
-    q = p / _norm(p, axis, alpha)
+    q = safe_divide(p, _norm(p, axis, alpha))
     log_q = jnp.where(on, jnp.log(jnp.where(on, q, 1)), 0)
     s = jnp.sum(q, axis=axis, keepdims=True)
     big_l = jnp.sum(jnp.where(on, jnp.exp(alpha * log_q) * log_q, 0), axis=axis, keepdims=True)
     g = jnp.where(on, jnp.exp((2 - alpha) * log_q), 0)
-    dq = (g * big_l / (alpha * s) - q * log_q) / (alpha - 1)
-    return (dq - p * jnp.sum(dq, axis=axis, keepdims=True)) / s
+    dq = (g * safe_divide(big_l, alpha * s) - q * log_q) / (alpha - 1)
+    return safe_divide(dq - p * jnp.sum(dq, axis=axis, keepdims=True), s)
 
 
 NORMMAX = Variant(

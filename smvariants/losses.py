@@ -112,7 +112,9 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
     ``rows.axis``; the labels are given in the caller's layout (integer ids of a tuple axis: flat
     indices into the reduced axes) and returned arranged. ``bad`` flags rows whose labels are
     invalid but could not be checked at trace time (they get ``nan``); ``ignored`` the rows whose
-    class id is ``ignore_index`` (loss 0).
+    loss is 0 with zero gradient: those whose class id is ``ignore_index``, and the padding,
+    fully masked rows (whatever their label: the regulariser at a one-hot label is not 0 for
+    every variant, normmax's is 1).
     """
     # The values, if known at trace time: taken before the conversion, which traces under jit
     # (and after a first one, which turns a malformed list into a TypeError).
@@ -178,6 +180,7 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
         on_masked = on_masked & ~ignored
     if _args.is_concrete(on_masked) and np.any(np.asarray(on_masked & ~empty)):
         raise ValueError(f"{name}: labels put probability on masked (or -inf) entries.")
+    ignored = empty if ignored is None else ignored | empty
     return jax.lax.stop_gradient(y), (bad | on_masked) & ~empty, ignored
 
 
@@ -255,8 +258,7 @@ def _fenchel_young_loss(
     loss = _fy_loss(x, args.t, y, arrays, axis, v.name, statics)
     # Invalid labels that could not be checked at trace time give nan, never a wrong number.
     loss = _args.nan_where(bad, loss)
-    if ignored is not None:
-        loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
+    loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
     return args.finish_rows(loss)
 
 

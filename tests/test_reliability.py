@@ -254,15 +254,55 @@ def test_ignore_index_gives_loss_zero_and_zero_gradient():
     assert np.all(np.asarray(grad)[[1, 3]] == 0) and np.isfinite(grad).all()
 
 
-def test_fully_masked_row_is_padding_whatever_its_integer_label():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        losses.softmax_loss,
+        losses.sparsemax_loss,
+        losses.entmax15_loss,
+        losses.entmax_loss,
+        losses.normmax_loss,  # its regulariser at a one-hot label is 1: the loss was 1
+        losses.make_fenchel_young_loss("normmax"),
+    ],
+)
+def test_fully_masked_row_is_padding_whatever_its_integer_label(fn, smoothing):
     x = jax.random.normal(jax.random.key(5), (3, 4), F32)
     where = jnp.ones((3, 4), bool).at[1].set(False)
     labels = jnp.array([0, 2, 3])
-    for fn in (losses.softmax_loss, losses.sparsemax_loss, losses.entmax_loss):
-        out = jax.jit(lambda x, fn=fn: fn(x, labels, where=where))(x)
-        assert out[1] == 0 and np.isfinite(out).all()
-        grad = jax.grad(lambda x, fn=fn: jnp.sum(fn(x, labels, where=where)))(x)
-        assert np.all(np.asarray(grad)[1] == 0)
+    out = jax.jit(lambda x: fn(x, labels, where=where, label_smoothing=smoothing))(x)
+    assert out[1] == 0 and np.isfinite(out).all()
+    alone = fn(x[::2], labels[::2], label_smoothing=smoothing)
+    np.testing.assert_allclose(out[::2], alone, rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(fn(x, labels, where=where, label_smoothing=smoothing)))(x)
+    assert np.all(np.asarray(grad)[1] == 0)
+    grad_alone = jax.grad(lambda x: jnp.sum(fn(x, labels[::2], label_smoothing=smoothing)))
+    np.testing.assert_allclose(grad[::2], grad_alone(x[::2]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["normmax", "entmax"])
+def test_a_padding_row_leaves_the_gradients_in_temperature_and_alpha_as_without_it(name):
+    # normmax's gradients in a shared temperature or alpha were nan with one padding row
+    # (p / ||p|| and exp(log ||p||^alpha / alpha) at p = 0).
+    x = jnp.array([[0.5, -0.2, 1.0], [0.3, 0.1, -0.4], [1.2, 0.4, 0.0]], F32)
+    where = jnp.ones((3, 3), bool).at[1].set(False)
+    keep, c = jnp.array([0, 2]), jnp.arange(9.0, dtype=F32).reshape(3, 3)
+    labels = jnp.array([0, 1, 2])
+    fn, loss = getattr(sm, name), getattr(losses, f"{name}_loss")
+    alpha = jnp.array(1.7 if name == "entmax" else 2.0, F32)
+
+    def weighted(rows, where, t, a):
+        return jnp.sum(fn(x[rows], alpha=a, where=where, temperature=t) * c[rows])
+
+    def fy(rows, where, a):
+        return jnp.sum(loss(x[rows], labels[rows], alpha=a, where=where))
+
+    for argnum in (2, 3):
+        padded = jax.grad(weighted, argnum)(jnp.arange(3), where, 0.7, alpha)
+        alone = jax.grad(weighted, argnum)(keep, None, 0.7, alpha)
+        np.testing.assert_allclose(padded, alone, rtol=1e-5)
+    padded = jax.grad(fy, 2)(jnp.arange(3), where, alpha)
+    np.testing.assert_allclose(padded, jax.grad(fy, 2)(keep, None, alpha), rtol=1e-5)
 
 
 def test_label_smoothing_spreads_mass_over_unmasked_classes_only():
