@@ -249,6 +249,26 @@ def test_budget_rows_with_too_few_live_entries_are_nan_and_only_those():
     np.testing.assert_array_equal(g[2:], 0)
 
 
+@pytest.mark.parametrize(
+    "fn",
+    [
+        sm.softmax,
+        sm.sparsemax,
+        sm.entmax15,
+        lambda x: sm.entmax(x, alpha=1.3),
+        lambda x: sm.entmax(x, alpha=jnp.array([[1.3], [2.5], [1.7]], jnp.float32)),
+        sm.normmax,
+        lambda x: sm.budget_sparsemax(x, budget=2.0),
+    ],
+)
+def test_rows_near_the_float32_range_are_solved_as_scaled_down(fn):
+    # The gaps dwarf every scale: the outputs are those of the row over 1e30. Budget sparsemax's
+    # nan check (0 * a sum that overflowed) gave nan; its tau = zmin - 1 was zmin (a 0, not a 1).
+    x = jnp.array([[3e38, 2.9e38, 0.0], [-3e38, 3e38, 1e38], [0.0, -3e38, -jnp.inf]], jnp.float32)
+    np.testing.assert_array_equal(fn(x), fn(x / 1e30))
+    assert np.isfinite(np.asarray(fn(x))).all()
+
+
 @pytest.mark.parametrize("budget", [1.0, 2.0, 3.0])
 def test_budget_exactly_as_many_live_entries_as_the_budget_gives_ones(budget):
     n = int(budget)
