@@ -37,6 +37,13 @@ Condition = tuple[Callable[[Any], Any], str]
 POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
 AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
 ABOVE_ONE: Condition = (lambda v: (v > 1) & (v < np.inf), "finite and > 1")
+# A temperature: XLA flushes subnormal numbers to 0 (on a CPU, and on GPUs in float32), so one
+# below the smallest normal number would divide by 0.
+TEMPERATURE: Condition = (
+    lambda v: (v >= np.finfo(v.dtype).tiny) & (v < np.inf),
+    "finite and > 0, at least the smallest normal number of its dtype (1.2e-38 in float32: XLA "
+    "flushes smaller ones to 0)",
+)
 
 
 def nan_where(invalid: jax.Array | None, value: jax.Array) -> jax.Array:
@@ -357,7 +364,7 @@ def prepare(
     dtype = compute_dtype(x.dtype)
     mask = broadcast_mask(name, where, x.shape, arg)
     array, invalid = row_parameter(
-        name, "temperature", temperature, rows.arranged, rows.axis, dtype, POSITIVE, arg,
+        name, "temperature", temperature, rows.arranged, rows.axis, dtype, TEMPERATURE, arg,
         axes=rows.text,
     )  # fmt: skip
     t = None if static_number(temperature) == 1 else nan_where(invalid, array)

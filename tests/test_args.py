@@ -63,12 +63,23 @@ def test_axis_must_be_an_int_or_a_tuple_of_ints(name):
 
 
 @pytest.mark.parametrize(
-    "temperature", [0.0, -1.0, np.inf, np.nan, 1e-50, np.array([[1.0], [-2.0], [1.0]])]
+    "temperature", [0.0, -1.0, np.inf, np.nan, 1e-50, 1e-39, np.array([[1.0], [-2.0], [1.0]])]
 )
 def test_invalid_temperature(name, temperature):
-    # 1e-50 is 0 in float32, the dtype the check runs in.
-    with pytest.raises(ValueError, match=r"temperature must be finite and > 0, got"):
+    # 1e-50 is 0 in float32, the dtype the check runs in; 1e-39 is subnormal there (XLA makes it
+    # 0: the output was nan).
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0, at least the sma"):
         NORMALIZERS[name](X, temperature=temperature)
+
+
+def test_the_smallest_normal_temperature_is_valid_and_a_traced_subnormal_gives_nan(name):
+    x = jnp.array([[0.3, 0.1, 0.2]], jnp.float32)
+    tiny = float(np.finfo(np.float32).tiny)
+    expected = jax.nn.log_softmax(x / tiny) if name == "log_softmax" else [[1.0, 0.0, 0.0]]
+    np.testing.assert_array_equal(NORMALIZERS[name](x, temperature=tiny), expected)
+    traced = jax.jit(lambda t: NORMALIZERS[name](x, temperature=t))
+    assert np.isnan(traced(jnp.float32(1e-39))).all()
+    np.testing.assert_array_equal(traced(jnp.float32(tiny)), expected)
 
 
 def test_temperature_shape_must_keep_axis_as_one(name):
