@@ -285,7 +285,7 @@ def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
     through ``p = q / sum(q)``. Symmetric, like the others.
     """
     g = _entmax_g(p, alpha)
-    c = jnp.exp((alpha - 1) * jnp.log(_norm(p, axis, alpha))) / (alpha - 1)
+    c = power(_norm(p, axis, alpha), alpha - 1) / (alpha - 1)  # 0 on a row of zeros
 
     def dot(a, b):
         return jnp.sum(a * b, axis=axis, keepdims=True)

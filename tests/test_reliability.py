@@ -280,6 +280,42 @@ def test_fully_masked_row_is_padding_whatever_its_integer_label(fn, smoothing):
     np.testing.assert_allclose(grad[::2], grad_alone(x[::2]), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("softmax", {}),
+        ("sparsemax", {}),
+        ("entmax15", {}),
+        ("entmax", {"alpha": 1.3}),
+        ("entmax", {"alpha": jnp.array(1.5, F32)}),
+        ("normmax", {"alpha": 1.7}),
+        ("normmax", {"alpha": jnp.array(2.0, F32)}),
+        ("budget_sparsemax", {"budget": 2.0}),
+    ],
+)
+def test_a_padding_row_leaves_second_derivatives_in_temperature_and_alpha_as_without_it(
+    name, params
+):
+    # Dividing an empty row's zero by a tiny floor has a derivative of 0 * tiny^-2 = nan: one
+    # padding row made the Hessian in a shared temperature (or alpha) nan.
+    x = jnp.array([[0.5, -0.2, 1.0], [0.3, 0.1, -0.4], [1.2, 0.4, 0.0]], F32)
+    where = jnp.ones((3, 3), bool).at[1].set(False)
+    keep, c = jnp.array([0, 2]), jnp.arange(9.0, dtype=F32).reshape(3, 3)
+    fn = getattr(sm, name)
+
+    def weighted(rows, where, t, **params):
+        return jnp.sum(fn(x[rows], where=where, temperature=t, **params) * c[rows])
+
+    padded = jax.hessian(lambda t: weighted(jnp.arange(3), where, t, **params))(0.7)
+    alone = jax.hessian(lambda t: weighted(keep, None, t, **params))(0.7)
+    np.testing.assert_allclose(padded, alone, rtol=1e-4)
+    (key, value), *_ = params.items() or [(None, None)]
+    if isinstance(value, jax.Array):  # a traced alpha
+        padded = jax.hessian(lambda a: weighted(jnp.arange(3), where, 0.7, **{key: a}))(value)
+        alone = jax.hessian(lambda a: weighted(keep, None, 0.7, **{key: a}))(value)
+        np.testing.assert_allclose(padded, alone, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["normmax", "entmax"])
 def test_a_padding_row_leaves_the_gradients_in_temperature_and_alpha_as_without_it(name):
     # normmax's gradients in a shared temperature or alpha were nan with one padding row
