@@ -304,9 +304,10 @@ def entmax(
       ill-conditioned there: an entry whose base ``1 + (alpha - 1)(z_j - theta)`` is at rounding
       level has an error of order ``eps^(1 / (alpha - 1))``, even with an exactly rounded
       threshold. In float32 the forward error reaches about 5e-5 at ``alpha = 3``, 4e-3 at
-      ``alpha = 4`` and 1e-2 at ``alpha = 5`` (about 1e-7 for ``alpha <= 2``), so float64 is
-      advised for large ``alpha``. A row with no unmasked entry gives all zeros; a row that
-      contains ``nan`` or ``+inf`` gives ``nan`` in that row only.
+      ``alpha = 4`` and 1e-2 at ``alpha = 5`` (about 1e-7 for ``alpha <= 2``; on rows of many
+      tied small entries up to 5e-5 just below ``alpha = 2`` and 3.5e-2 at ``alpha = 4``: see
+      the README), so float64 is advised for large ``alpha``. A row with no unmasked entry
+      gives all zeros; a row that contains ``nan`` or ``+inf`` gives ``nan`` in that row only.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -166,6 +166,30 @@ def test_float32_alpha_above_two_on_near_equal_rows(alpha, k):
     np.testing.assert_allclose(sm.entmax(x, alpha=alpha), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    ("alpha", "ties", "bound"),
+    [
+        (1.75, -1.0, 3e-6),
+        (1.9, -1.0, 1e-4),
+        (1.99, -1.0, 1e-4),
+        (3.5, -0.3, 3e-2),
+        (4.0, -0.3, 7e-2),
+    ],
+)
+def test_rows_of_many_tied_small_entries_within_the_documented_float32_bounds(alpha, ties, bound):
+    # A known limit (README, edge behaviour): the tied entries' bases cancel together in float32;
+    # float64 is exact, as the README advises.
+    k = 1000 if alpha < 2 else 599
+    x = np.concatenate([np.zeros(1), np.full(k, ties)])[None]
+    with jax.enable_x64(True):
+        exact = np.asarray(sm.entmax(jnp.asarray(x, jnp.float64), alpha=alpha))
+    if alpha < 2:
+        np.testing.assert_allclose(exact, reference.entmax(x, alpha=alpha), atol=1e-12)
+    for a in (alpha, jnp.array(alpha, F32)):
+        error = np.max(np.abs(np.asarray(sm.entmax(x.astype(np.float32), alpha=a)) - exact))
+        assert error <= bound, (a, error)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Traced soft labels that are not distributions.
 
