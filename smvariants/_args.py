@@ -37,8 +37,8 @@ Condition = tuple[Callable[[Any], Any], str]
 POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
 AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
 ABOVE_ONE: Condition = (lambda v: (v > 1) & (v < np.inf), "finite and > 1")
-# A temperature: XLA flushes subnormal numbers to 0 (on a CPU, and on GPUs in float32), so one
-# below the smallest normal number would divide by 0.
+# A temperature: XLA:CPU flushes subnormal numbers to 0, so one below the smallest normal number
+# divided by 0 (rows of nan).
 TEMPERATURE: Condition = (
     lambda v: (v >= np.finfo(v.dtype).tiny) & (v < np.inf),
     "finite and > 0, at least the smallest normal number of its dtype (1.2e-38 in float32: XLA "

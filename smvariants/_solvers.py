@@ -692,8 +692,8 @@ def budget_threshold(
     # Relative to the iterate: the free entries of r lie in (0, 1), however large z is.
     closed = tau + (capped + accurate_sum(jnp.where(free, r, 0), axis) - budget) / jnp.maximum(k, 1)
     tau = jnp.where(k > 0, closed, tau)
-    # A nan entry is in no piece: the row is nan. (Its |r| capped at 1, so that the sum of a row
-    # of finite entries near the float range cannot overflow, and 0 * inf make it nan.)
+    # A nan entry is in no piece: the row is nan. Each |r| is capped at 1: a row of finite
+    # entries near the float range summed to inf, and 0 * inf made it nan.
     tau = tau + 0 * jnp.sum(jnp.where(live, jnp.minimum(jnp.abs(r), 1), 0), axis, keepdims=True)
     tau = jnp.where(n < budget, jnp.nan, tau)  # infeasible: fewer entries than the budget
     # Exactly the budget: every entry is 1, z - tau >= 1 (zmin - 1 is zmin beyond 2^24).
