@@ -48,12 +48,16 @@ def count(mask: jax.Array, axis: int, dtype) -> jax.Array:
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den`` for row sums ``den >= 0`` that are 0 only where ``num`` is 0 (empty rows).
 
-    Legitimate sums are >= the smallest normal float (at least one entry of p or g is O(1)). An
-    empty row divides by 1, not by a tiny floor: the derivative in ``den``, ``-num den^-2``, is
-    then 0 there, where ``tiny^-2`` overflows and made second derivatives (in a temperature or
-    alpha shared with a fully masked row) ``nan``. A ``nan`` sum stays ``nan``.
+    Legitimate sums are >= the smallest normal float (at least one entry of p or g is O(1)).
+    Below it (and for a ``den`` that rounding made negative) ``num / tiny``, as a floor at
+    ``tiny`` gives, which the solvers' safeguards read as a step out of their bracket; but with a
+    derivative of 0 in ``den`` there: the floor's, ``-num tiny^-2``, overflows, and made second
+    derivatives (in a temperature or alpha shared with a fully masked row) ``nan``. A ``nan``
+    ``den`` gives ``nan``.
     """
-    return num / jnp.where(den == 0, 1, den)
+    tiny = jnp.finfo(den.dtype).tiny
+    small = den < tiny
+    return jnp.where(small, num / tiny, num / jnp.where(small, 1, den))
 
 
 def _two_sum(a, b):
