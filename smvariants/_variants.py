@@ -270,11 +270,10 @@ def _norm(p, axis, alpha):
     """``||p||_alpha`` along ``axis`` (kept), for ``p >= 0`` (``nan`` in a row with ``nan``).
 
     0 for a row of zeros (a fully masked row's output), with a zero derivative in ``alpha``
-    (``exp(log(0) / alpha)`` has ``0 * inf`` there: a padding row made a gradient ``nan``).
+    (:func:`power` is 0 at 0 with finite derivatives; ``exp(log(0) / alpha)`` has ``0 * inf``
+    there: a padding row made a gradient ``nan``).
     """
-    s = jnp.sum(power(p, alpha), axis=axis, keepdims=True)
-    zero = s == 0
-    return jnp.where(zero, 0, jnp.exp(jnp.log(jnp.where(zero, 1, s)) / alpha))
+    return power(jnp.sum(power(p, alpha), axis=axis, keepdims=True), 1 / alpha)
 
 
 def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
