@@ -163,6 +163,7 @@ VARIANTS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sparsemax": sm.sparsemax,
     "entmax15": sm.entmax15,
     "entmax a=1.25": lambda x: sm.entmax(x, alpha=1.25),
+    "entmax a=1.3": lambda x: sm.entmax(x, alpha=1.3),  # a general alpha (1.25: integer powers)
     "entmax a=1.5 (array)": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.5, 1.5)),
     "entmax a=1.1..1.9 per row": lambda x: sm.entmax(x, alpha=per_row_alpha(x, 1.1, 1.9)),
     "normmax a=2": lambda x: sm.normmax(x, alpha=2.0),
@@ -201,6 +202,7 @@ REFERENCES: dict[str, tuple[Any, ...]] = {
     "sparsemax": ("sparsemax",),
     "entmax15": ("entmax15",),
     "entmax a=1.25": ("entmax", 1.25),
+    "entmax a=1.3": ("entmax", 1.3),
     "entmax a=1.5 (array)": ("entmax rows", 1.5, 1.5),
     "entmax a=1.1..1.9 per row": ("entmax rows", 1.1, 1.9),
     "normmax a=2": ("normmax", 2.0),
