@@ -121,7 +121,11 @@ def _lengths(name: str, arg: str, value: Any, batch: int) -> jax.Array | None:
     return lengths.astype(jnp.int32)
 
 
-def _window(name: str, value: Any) -> tuple[int, int] | None:
+def _window(name: str, value: Any, reach: int) -> tuple[int, int] | None:
+    """``(left, right)`` of ``local_window_size``, each at most ``reach``.
+
+    A wider window masks nothing more, and the positions' int32 sums ``k + left`` cannot overflow.
+    """
     if value is None:
         return None
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
@@ -136,7 +140,7 @@ def _window(name: str, value: Any) -> tuple[int, int] | None:
         ) from None
     if left < 0 or right < 0:
         raise ValueError(f"{name}: local_window_size must be >= 0, got {value!r}.")
-    return left, right
+    return min(left, reach), min(right, reach)
 
 
 def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float | jax.Array:
@@ -186,7 +190,7 @@ def prepare(
     """Validates the arguments (errors name ``name`` and the argument) and groups the heads."""
     q = _float_array(name, "query", query)
     k = _float_array(name, "key", key)
-    v = k if value is None else _float_array(name, "value", value)
+    v = _float_array(name, "value", value)
     if q.ndim not in (3, 4):
         raise ValueError(
             f"{name}: query must have shape [batch, q_length, heads, head_dim] (or [q_length, "
@@ -264,7 +268,7 @@ def prepare(
         alpha=_alpha(name, alpha, heads, k_heads, dtype),
         scale=scale_value,
         is_causal=bool(is_causal),
-        window=_window(name, local_window_size),
+        window=_window(name, local_window_size, tq + s),
         out_dtype=q.dtype,
         batched=batched,
     )
@@ -331,11 +335,15 @@ def combined_mask(args: Prepared) -> jax.Array | None:
 
 
 def scores(q: jax.Array, k: jax.Array, scale: float, bias: jax.Array | None) -> jax.Array:
-    """``scale * q k^T + bias``, ``[B, K, G, T, S]``, from ``[B, K, G, T, H]`` and ``[B, K, S, H]``.
+    """``(scale q) k^T + bias``, ``[B, K, G, T, S]``, from ``[B, K, G, T, H]`` and ``[B, K, S, H]``.
 
-    The scores are in the compute dtype of ``q`` (float32 for half precision).
+    The scores are in the compute dtype of ``q`` (float32 for half precision). The query is
+    scaled before the product, so that no multiplication follows it: the chunked path recomputes
+    a chunk's scores in every pass, and XLA contracts a product with what follows it (``s * scale
+    - m`` as one fused multiply-add) in some passes only; the row maximum's shifted score must be
+    exactly 0 in each (one ulp of a score of 1e8 is 8).
     """
-    s = jnp.einsum("bkgth,bksh->bkgts", q, k) * jnp.asarray(scale, q.dtype)
+    s = jnp.einsum("bkgth,bksh->bkgts", q * jnp.asarray(scale, q.dtype), k)
     return s if bias is None else s + bias
 
 
@@ -641,6 +649,8 @@ def chunked_attention(
     candidates = CANDIDATES if candidates is None else candidates
     max_iter = MAX_ITER if max_iter is None else max_iter
     s = args.k.shape[2]
+    if s == 0:  # no key: every row is fully masked (as on the "xla" path)
+        return jnp.zeros(args.q.shape[:-1] + args.v.shape[-1:], args.q.dtype)
     chunk = max(1, min(chunk, s))
     n_chunks = -(-s // chunk)
     pad = n_chunks * chunk - s

@@ -203,7 +203,7 @@ def attention_weights(
     """
     name = "attention_weights"
     args = _attention.prepare(
-        name, query, key, None, bias, mask, alpha, scale, is_causal,
+        name, query, key, key, bias, mask, alpha, scale, is_causal,
         query_seq_lengths, key_value_seq_lengths, local_window_size,
     )  # fmt: skip
     return _attention.ungroup_weights(args, _attention.xla_weights(args))

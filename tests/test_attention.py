@@ -224,6 +224,47 @@ def test_check_grads_float64(implementation, monkeypatch):
     check_grads(f, (q, k, v, bias, alpha), order=1, modes=modes, eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("alpha", "scale"), [(1.0, 1e10), (1.3, 1e20), (1.5, None), (2.0, None)])
+def test_huge_scores_give_the_best_key(alpha, scale, implementation):
+    """Scores of 1e8 and more (an ulp of 8): every row is the value of its best key, as the
+    float64 reference gives it. The chunked path recomputes the scores in every pass, and gave
+    rows of zeros (or nan) where a pass rounded them differently from the one that took the
+    row maximum."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(1, 4, 1, 8)).astype(np.float32) * (1e8 if scale is None else 1)
+    k = rng.normal(size=(1, 6, 1, 8)).astype(np.float32)
+    v = np.eye(6, 8, dtype=np.float32)[None, :, None, :]  # the output row is the weight row
+    out = attention.dot_product_attention(
+        q, k, v, alpha=alpha, scale=scale, implementation=implementation
+    )
+    s = np.einsum("bthd,bshd->bts", q.astype(np.float64), k) * (scale or 8**-0.5)
+    expected = np.eye(8)[np.argmax(s, -1)]  # one-hot: the gaps are far beyond 1 / (alpha - 1)
+    assert_close(np.asarray(out)[:, :, 0], expected, tol=0)
+
+
+def test_a_window_wider_than_the_rows_masks_nothing_more(implementation):
+    """A window of 2^31 - 1 or more (for "unbounded") is the causal mask with a right size of 0;
+    it wrapped around in int32 (keys inside the window were masked), or overflowed."""
+    q, k, v, _, _ = make_case("causal")
+    causal = attention.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    for left in (2**31 - 2, 2**31 - 1, 2**40):
+        out = attention.dot_product_attention(
+            q, k, v, local_window_size=(left, 0), implementation=implementation
+        )
+        assert_close(out, causal, tol=0)
+
+
+def test_no_keys_give_zeros_with_zero_gradient(implementation):
+    q = np.ones((2, 5, 2, 4), np.float32)
+    k = v = np.zeros((2, 0, 2, 4), np.float32)
+
+    def f(q):
+        return attention.dot_product_attention(q, k, v, implementation=implementation)
+
+    assert np.all(np.asarray(f(q)) == 0) and f(q).shape == q.shape
+    assert np.all(np.asarray(jax.grad(lambda q: f(q).sum())(q)) == 0)
+
+
 def test_jit_unbatched_and_half_precision(implementation):
     q, k, v, _, _ = make_case("random")
     f = jax.jit(functools.partial(attention.dot_product_attention, implementation=implementation))
@@ -275,6 +316,7 @@ BAD_ARGUMENTS = [
     ({"local_window_size": (1, 2, 3)}, ValueError, "local_window_size must be an int or a pair"),
     ({"local_window_size": -1}, ValueError, "local_window_size must be >= 0"),
     ({"scale": "big"}, TypeError, "scale must be a Python number"),
+    ({"value": None}, TypeError, "value must be an array, got None"),
 ]  # fmt: skip
 
 
