@@ -467,7 +467,11 @@ def _newton(evaluate, theta, lo, hi, done, max_iter):
 
 
 def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
-    """Per query row: the maximum ``m`` and the threshold ``theta`` (see the module docstring)."""
+    """Per query row: the maximum ``m`` and the threshold (see the module docstring).
+
+    The threshold is a tuple: ``(theta,)``, or for a Python alpha > 2 ``(c_hi, c_lo)``, ``theta -
+    1/d`` carried beyond float precision (:func:`_probabilities` takes either).
+    """
     lowest = jnp.finfo(dtype).min
     if statics.alpha == 1:
         # softmax: theta = log sum_j exp(s_ij - m_i), kept online (flash attention).
@@ -480,7 +484,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
 
         start = (jnp.full(row_shape, lowest, dtype), jnp.zeros(row_shape, dtype))
         (m, total), _ = lax.scan(online, start, jnp.arange(n_chunks, dtype=jnp.int32))
-        return m, jnp.log(jnp.maximum(total, jnp.finfo(dtype).tiny))
+        return m, (jnp.log(jnp.maximum(total, jnp.finfo(dtype).tiny)),)
 
     d = _d(statics, alpha)
     kc = statics.candidates
@@ -524,7 +528,43 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
 
     hi = _solvers.theta_upper_bound(n, d) + zero
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
-    return m, theta
+    if not _solvers.refines(d):
+        return m, (theta,)
+    # alpha > 2: the threshold carried beyond float precision (_solvers.entmax_refined_output), on
+    # the candidates where they hold the support at it, else over the chunks.
+    c_hi = theta - 1 / d
+    infinite = jnp.full(row_shape, jnp.inf, dtype)
+
+    def candidate_sums(c_lo):
+        q, gq = _solvers.refined_mass(z, c_hi, c_lo, d)
+        return jnp.sum(q, -1, keepdims=True), jnp.sum(gq, -1, keepdims=True)
+
+    def row_sums(c_lo):
+        def add(carry, i):
+            q, gq = _solvers.refined_mass(score(i) - m, c_hi, c_lo, d)
+            sq, sgq = carry
+            return (sq + jnp.sum(q, -1, keepdims=True), sgq + jnp.sum(gq, -1, keepdims=True)), None
+
+        return lax.scan(add, (zero, zero), jnp.arange(n_chunks, dtype=jnp.int32))[0]
+
+    c_lo, _ = _solvers.refine_low_part(candidate_sums, d, infinite)
+    beyond = (d * ((dropped - m - c_hi) - c_lo) > 0) & ~empty
+
+    def over_rows():
+        return jnp.where(beyond, _solvers.refine_low_part(row_sums, d, infinite)[0], c_lo)
+
+    c_lo = lax.cond(jnp.any(beyond), over_rows, lambda: c_lo)
+    return m, (c_hi, c_lo)
+
+
+def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tuple, d: Any):
+    """A chunk's ``(p, g)`` (before normalisation) from its scores and :func:`_threshold`'s."""
+    if statics.alpha == 1:
+        p = jnp.exp(s - m - threshold[0])
+        return p, p
+    if _solvers.refines(d):
+        return _solvers.refined_mass(s - m, *threshold, d)
+    return _solvers.deformed_exp(s - m - threshold[0], d)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -538,19 +578,14 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
     n_chunks = k.shape[2] // statics.chunk
     score = _blocks(statics, q, k, v, bias, mask, q_lengths, kv_lengths)
     row_shape = q.shape[:-1] + (1,)
-    m, theta = _threshold(statics, score, n_chunks, alpha, row_shape, dtype)
+    m, threshold = _threshold(statics, score, n_chunks, alpha, row_shape, dtype)
     d = _d(statics, alpha)
     softmax = statics.alpha == 1
     zero_rows = jnp.zeros(row_shape, dtype)
 
     def accumulate(carry, i):
-        s = score(i)
         vc = lax.dynamic_slice_in_dim(v, i * statics.chunk, statics.chunk, axis=2)
-        if softmax:
-            p = jnp.exp(s - m - theta)
-            g = p
-        else:
-            p, g = _solvers.deformed_exp(s - m - theta, d)
+        p, g = _probabilities(statics, score(i), m, threshold, d)
         out, sp, w, sg = carry
         out = out + jnp.einsum("bkgtc,bkch->bkgth", p, vc)
         sp = sp + jnp.sum(p, -1, keepdims=True)
@@ -567,7 +602,7 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
         w = out
     else:
         w = safe_divide(w, sg)
-    residuals = (q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, w)
+    residuals = (q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, threshold, sp, w)
     return out, residuals
 
 
@@ -582,13 +617,12 @@ def _reduce_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _chunked_bwd(statics, residuals, d_out):
-    q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, theta, sp, w = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, threshold, sp, w = residuals
     dtype = q.dtype
     c = statics.chunk
     n_chunks = k.shape[2] // c
     score = _blocks(statics, q, k, v, bias, mask, q_lengths, kv_lengths)
     d = _d(statics, alpha)
-    softmax = statics.alpha == 1
     learned = statics.alpha is None
     # c_i = sum_j g_ij dP_ij / sum_j g_ij = do_i . w_i.
     centre = jnp.sum(d_out * w, -1, keepdims=True)
@@ -596,14 +630,9 @@ def _chunked_bwd(statics, residuals, d_out):
 
     def step(carry, i):
         dq, d_bias, d_alpha = carry
-        s = score(i)
         kc = lax.dynamic_slice_in_dim(k, i * c, c, axis=2)
         vc = lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
-        if softmax:
-            p = jnp.exp(s - m - theta)
-            g = p
-        else:
-            p, g = _solvers.deformed_exp(s - m - theta, d)
+        p, g = _probabilities(statics, score(i), m, threshold, d)
         p = safe_divide(p, sp)
         d_p = jnp.einsum("bkgth,bkch->bkgtc", d_out, vc)
         ds = g * (d_p - centre)

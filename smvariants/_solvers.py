@@ -490,10 +490,10 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
     moves the sum by ``sum(g) ulp(theta)`` (1e-3 on near-equal float32 rows at alpha = 4), and
     the base ``1 + d (z - theta)`` of a small entry cancels. There the threshold is rewritten as
     ``c = theta - 1/d``, so that the base is ``d (z - c)``, whose subtraction is exact near the
-    edge (Sterbenz), and ``c`` is carried beyond its own precision as ``c_hi + c_lo``: a few
-    root-finding steps on ``sum p = 1`` in ``c_lo``, applied as ``(z - c_hi) - c_lo``. The iterate
-    with the smallest residual is kept, and used where it beats the plain output's. (An array
-    alpha is not refined: the extra passes and buffers would be paid by every learned alpha.)
+    edge (Sterbenz), and ``c`` is carried beyond its own precision as ``c_hi + c_lo``
+    (:func:`refine_low_part`), applied as ``(z - c_hi) - c_lo`` (:func:`refined_mass`), where its
+    residual beats the plain output's. (An array alpha is not refined: the extra passes and
+    buffers would be paid by every learned alpha.)
     """
     p, _ = deformed_exp(z - theta, d)
     sp = jnp.sum(p, axis=axis, keepdims=True)
@@ -501,20 +501,46 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
         return safe_divide(p, sp)
     c_hi = theta - 1 / d
 
-    def mass(c_lo):
+    def sums(c_lo):
         # Recomputed from z in every pass (no full-size buffer kept across the loop but z).
-        base = d * ((z - c_hi) - c_lo)
-        on = base > 0
-        q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d), 0)
-        return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
+        q, gq = refined_mass(z, c_hi, c_lo, d)
+        return jnp.sum(q, axis=axis, keepdims=True), jnp.sum(gq, axis=axis, keepdims=True)
+
+    best, best_residual = refine_low_part(sums, d, jnp.abs(sp - 1))
+    refined, _ = refined_mass(z, c_hi, best, d)
+    better = best_residual < jnp.abs(sp - 1)
+    sr = jnp.sum(refined, axis, keepdims=True)
+    return jnp.where(better, safe_divide(refined, sr), safe_divide(p, sp))
+
+
+def refined_mass(z: jax.Array, c_hi: jax.Array, c_lo: jax.Array, d: float):
+    """``q = [d ((z - c_hi) - c_lo)]_+^(1/d)`` and ``q / base`` (``nan`` where ``base`` is).
+
+    alpha-entmax's output before normalisation at the threshold ``theta = c_hi + c_lo + 1/d``,
+    and ``-dq/dc_lo``.
+    """
+    base = d * ((z - c_hi) - c_lo)
+    on = base > 0
+    q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d), 0)
+    return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
+
+
+def refine_low_part(sums, d: float, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The low part ``c_lo`` of :func:`entmax_refined_output`'s threshold, and its residual.
+
+    ``sums(c_lo) -> (sum q, sum q / base)`` per row (:func:`refined_mass` summed over the row);
+    ``residual`` (per row) is what an iterate must beat to be kept (``inf``: any). A fixed number
+    of root-finding steps on ``sum q = 1``: Illinois (regula falsi that halves a stale end's
+    residual) once the root is bracketed, Newton before that (near the edge of the support the
+    sum behaves like a power below 1 of ``c_lo``, where Newton alone creeps up on the root). The
+    iterate with the smallest residual ``|sum q - 1|`` is returned (0 where none beat
+    ``residual``).
+    """
 
     def step(_, state):
-        # Illinois (regula falsi that halves a stale end's residual) once the root is bracketed,
-        # Newton before that: near the edge of the support the sum behaves like a power below 1
-        # of c_lo, where Newton alone creeps up on the root.
         c, a, fa, b, fb, last, best, best_residual = state
-        q, gq = mass(c)
-        f = jnp.sum(q, axis=axis, keepdims=True) - 1  # decreasing in c
+        sq, sgq = sums(c)
+        f = sq - 1  # decreasing in c
         improved = jnp.abs(f) < best_residual
         best = jnp.where(improved, c, best)
         best_residual = jnp.where(improved, jnp.abs(f), best_residual)
@@ -525,18 +551,15 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
         b, fb = jnp.where(left, b, c), jnp.where(left, fb, f)
         last = jnp.where(left, 1, -1).astype(last.dtype)
         bracketed = (fa > 0) & (fb < 0)
-        newton = c + safe_divide(f, d * jnp.sum(gq, axis=axis, keepdims=True))
+        newton = c + safe_divide(f, d * sgq)
         falsi = a + (b - a) * safe_divide(fa, fa - fb)
         c = jnp.where(bracketed, falsi, newton)
         return c, a, fa, b, fb, last, best, best_residual
 
-    zero = jnp.zeros_like(sp)
-    state = (zero, zero, zero, zero, zero, zero, zero, jnp.abs(sp - 1))
+    zero = jnp.zeros_like(residual)
+    state = (zero, zero, zero, zero, zero, zero, zero, residual)
     *_, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
-    refined, _ = mass(best)
-    better = best_residual < jnp.abs(sp - 1)
-    sr = jnp.sum(refined, axis, keepdims=True)
-    return jnp.where(better, safe_divide(refined, sr), safe_divide(p, sp))
+    return best, best_residual
 
 
 # --------------------------------------------------------------------------------------------------

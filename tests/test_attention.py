@@ -152,7 +152,9 @@ def test_values_and_gradients_match_the_float64_reference(case, alpha, implement
         assert_close(grad, expected_grads[name], tol=tol, what=name)
 
 
-@pytest.mark.parametrize(("case", "alpha"), [("grouped", 1.5), ("lengths", "per_head")])
+@pytest.mark.parametrize(
+    ("case", "alpha"), [("grouped", 1.5), ("grouped", 3.0), ("lengths", "per_head")]
+)
 def test_chunked_matches_xla(case, alpha, monkeypatch):
     q, k, v, kwargs, _ = make_case(case, seed=3)
     if alpha == "per_head":
@@ -240,6 +242,31 @@ def test_huge_scores_give_the_best_key(alpha, scale, implementation):
     s = np.einsum("bthd,bshd->bts", q.astype(np.float64), k) * (scale or 8**-0.5)
     expected = np.eye(8)[np.argmax(s, -1)]  # one-hot: the gaps are far beyond 1 / (alpha - 1)
     assert_close(np.asarray(out)[:, :, 0], expected, tol=0)
+
+
+@pytest.mark.parametrize("alpha", [3.0, 5.0])
+def test_alpha_above_two_is_refined_on_both_paths(alpha, implementation):
+    """float32 scores at alpha > 2, where the base of a small weight cancels: the threshold is
+    carried beyond float precision on the chunked path too (on its candidates, or over the
+    chunks where the support is larger, as in the last row with chunks of 3 and 2 candidates).
+    Without it the chunked path gave [1, 0] for [0.978, 0.022] in the first row at alpha 5."""
+    bias = np.array(
+        [
+            [3.1000423, 2.8715672, -5, -5, -5, -5],
+            [0.0, -0.23, -3, -3, -3, -3],
+            [0.0, -0.49, -3, -3, -3, -3],
+            [0.0, -0.01, -0.02, -0.03, -0.04, -2],
+        ],
+        np.float32,
+    )
+    q, k = np.zeros((1, 4, 1, 6), np.float32), np.zeros((1, 6, 1, 6), np.float32)
+    v = np.eye(6, dtype=np.float32)[None, :, None, :]  # the output row is the weight row
+    out = attention.dot_product_attention(
+        q, k, v, bias[None, None], alpha=alpha, implementation=implementation
+    )
+    expected = reference.entmax(bias.astype(np.float64), alpha)
+    # entmax's float32 errors here (the README's bound at alpha = 5: the last row is off by 5e-5).
+    assert_close(np.asarray(out)[0, :, 0], expected, tol=2e-7 if alpha == 3 else 2e-4)
 
 
 def test_a_window_wider_than_the_rows_masks_nothing_more(implementation):
