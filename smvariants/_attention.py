@@ -563,7 +563,8 @@ def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tupl
         p = jnp.exp(s - m - threshold[0])
         return p, p
     if _solvers.refines(d):
-        return _solvers.refined_mass(s - m, *threshold, d)
+        c_hi, c_lo = threshold
+        return _solvers.refined_mass(s - m, c_hi, c_lo, d)
     return _solvers.deformed_exp(s - m - threshold[0], d)
 
 

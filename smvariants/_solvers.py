@@ -22,6 +22,8 @@ output alone (``_variants``).
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -477,7 +479,7 @@ def _norm_root_by_columns(
 _REFINE_STEPS = 16  # steps on the low part of the threshold for alpha > 2
 
 
-def refines(d: jax.Array | float | None) -> bool:
+def refines(d: jax.Array | float | None) -> TypeGuard[float]:
     """Whether :func:`entmax_refined_output` refines: ``d = alpha - 1 > 1``, a Python number."""
     return isinstance(d, float) and d > 1
 
