@@ -37,8 +37,8 @@ backward compares the two in one run (on the CPU they are the same program: ``--
 Shared machines are noisy: run it with
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456``
 (the script re-executes itself with them unless ``--no-malloc-env``) and compare ratios, not times.
-The files are rewritten (atomically) after each shape, so a run stopped by ``--deadline-s`` or a
-signal leaves the cases it finished.
+The files are rewritten (atomically) after each shape, so a run stopped by ``--deadline-s`` (it
+stops starting new shapes; the first one always runs) or a signal leaves the cases it finished.
 """
 
 from __future__ import annotations
@@ -109,17 +109,19 @@ class Config:
     budget_s: float = 1.0  # per-call: time per case spent on repeats beyond --repeats (>= 0)
     min_batch_ms: float = 20.0  # batched: a batch of calls takes at least this long (> 0)
     batches: int = 5  # batched: the median of this many batches (>= 1)
-    deadline_s: float = 0.0  # stop starting new shapes after this many seconds; 0: no limit
+    # Stop starting new shape-dtype groups after this many seconds (the first always runs);
+    # 0: no limit.
+    deadline_s: float = 0.0
     compile_limit_s: float = 0.5  # the compile-time target the summary counts against
     # The logits are normal(0, logit_scale) (finite, > 0): 3 gives the sparse rows of the README's
     # tables; 1 dense ones, where most rows of 1000 classes and more fail the block certificate
     # at alpha 1.25 (their re-solve is then most of the time).
     logit_scale: float = 3.0
     force: bool = False  # overwrite results already in --out
-    quick: bool = False  # tiny shapes and few repeats
+    quick: bool = False  # recorded only: parse_args applies QUICK under the flags given
 
 
-# What --quick changes (each only where the setting is left at its default).
+# What --quick changes (flags given explicitly win; budget_s has no flag).
 QUICK = {
     "shapes": QUICK_SHAPES,
     "dtypes": ("float32",),
@@ -361,15 +363,25 @@ def sample_rows(batch: int, classes: int) -> np.ndarray:
 
 
 def max_abs_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """The largest |out - ref| (inf when ``out`` is not finite where ``ref`` is)."""
+    """The largest |out - ref|; inf where one of them is finite and the other is not.
+
+    Entries where both are not finite agree (budget sparsemax's documented ``nan`` rows, fewer
+    entries than the budget) and count as 0.
+    """
     out = np.asarray(out, np.float64)
     if out.shape != ref.shape:
         raise ValueError(f"output shape {out.shape} != {ref.shape}")
-    bad = ~np.isfinite(out) & np.isfinite(ref)
-    if bad.any():
+    if (np.isfinite(out) != np.isfinite(ref)).any():
         return math.inf
     diff = np.abs(out - ref)
     return float(np.max(np.where(np.isfinite(ref), diff, 0), initial=0.0))
+
+
+def error_note(out: np.ndarray, ref: np.ndarray) -> str:
+    """Why max_abs_error is inf: which side is not finite where the other is."""
+    if (~np.isfinite(out) & np.isfinite(ref)).any():
+        return "non-finite output"
+    return "finite output where the float64 reference is not"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,6 +613,14 @@ def _error_note(error: BaseException) -> str:
     return f"fails: {type(error).__name__}" + (f": {text}" if text else "")
 
 
+def input_overflow(x: jax.Array, dtype: str, logit_scale: float) -> str | None:
+    """A note if the input ``x`` has entries beyond ``dtype``'s range (inf); else None."""
+    count = int(jnp.sum(~jnp.isfinite(x)))
+    if not count:
+        return None
+    return f"input not finite: {count} entries overflow {dtype} at --logit-scale {logit_scale:g}"
+
+
 def measure_group(
     config: Config, shape: tuple[int, int], dtype: str, names: Sequence[str], peers: Peers
 ) -> list[dict[str, Any]]:
@@ -610,10 +630,16 @@ def measure_group(
     w = jax.random.normal(key_w, shape, jnp.float32)
     rows = sample_rows(*shape)
     x_rows = np.asarray(x[rows]).astype(np.float64)  # the input as the variants see it
+    # normal * scale beyond the dtype's range is inf: both the outputs and the reference are nan
+    # there, an agreement that says nothing, so such a group has no error, only this note.
+    overflow = input_overflow(x, dtype, config.logit_scale)
     references: dict[tuple[Any, ...], np.ndarray] = {}
     errors: dict[str, tuple[float | None, str | None]] = {}
 
     def check(name: str, out_rows: np.ndarray) -> None:
+        if overflow:
+            errors[name] = (None, overflow)
+            return
         key = REFERENCES[name]
         if key not in references:
             alpha = None
@@ -621,7 +647,8 @@ def measure_group(
                 alpha = np.asarray(per_row_alpha(x, key[1], key[2]), np.float64)[rows]
             references[key] = reference64(key, x_rows, alpha)
         err = max_abs_error(out_rows, references[key])
-        errors[name] = (err, None) if math.isfinite(err) else (None, "non-finite output")
+        note = None if math.isfinite(err) else error_note(out_rows, references[key])
+        errors[name] = (err, None) if note is None else (None, note)
 
     jax_device = jax.default_backend()
     jax_method = timing_method(config, jax_device)
@@ -730,8 +757,9 @@ def measure(
     groups = [(dtype, shape) for dtype in dtypes for shape in shapes]
     began = time.perf_counter()
     records: list[dict[str, Any]] = []
-    for dtype, shape in common.progress(groups, desc="benchmark"):
-        if config.deadline_s and time.perf_counter() - began > config.deadline_s:
+    for i, (dtype, shape) in enumerate(common.progress(groups, desc="benchmark")):
+        # The first group always runs: a deadline shorter than it still measures something.
+        if i and config.deadline_s and time.perf_counter() - began > config.deadline_s:
             break
         records += measure_group(config, shape, dtype, names, peers)
         if report is not None:
@@ -923,6 +951,12 @@ def check_config(config: Config) -> None:
         raise common.UsageError(
             f"--shapes takes BATCHxCLASSES,... with both sizes >= 1, got {shown}"
         )
+    big = [shape for shape in config.shapes if max(shape) > common.MAX_SIZE]
+    if big:
+        raise common.UsageError(
+            f"--shapes takes sizes up to {common.MAX_SIZE} (2**31 - 1), got "
+            + ",".join("x".join(map(str, shape)) for shape in big)
+        )
     if config.timing not in TIMINGS:
         raise common.UsageError(f"--timing takes {', '.join(TIMINGS)}, got {config.timing!r}")
     common.check_positive_ints(config, ("repeats", "batches"))
@@ -938,6 +972,8 @@ def check_config(config: Config) -> None:
             bound = "> 0" if positive else ">= 0"
             flag = name.replace("_", "-")
             raise common.UsageError(f"--{flag} must be finite and {bound}, got {value!r}")
+    # The input is normal(0, 1) * --logit-scale, computed in float32.
+    common.check_float32([config.logit_scale], "--logit-scale", positive=True)
 
 
 def _header(env: dict[str, Any], incomplete: str | None, logit_scale: float) -> str:
@@ -998,11 +1034,6 @@ def write_outputs(
 
 def run(config: Config) -> dict[str, Any]:
     """Measures and writes ``benchmark.json``, ``.csv`` and ``.md`` into ``config.out``."""
-    if config.quick:  # the quick settings replace those left at their defaults
-        defaults = Config()
-        config = dataclasses.replace(
-            config, **{k: v for k, v in QUICK.items() if getattr(config, k) == getattr(defaults, k)}
-        )
     check_config(config)
     config = dataclasses.replace(
         config,
@@ -1054,7 +1085,10 @@ def _shapes(text: str) -> tuple[tuple[int, ...], ...]:
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     """CLI flags -> (:class:`Config`, whether to skip the malloc re-exec)."""
     defaults = Config()
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"--quick sets {QUICK} (flags given explicitly win)",
+    )
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument(
         "--shapes",
@@ -1073,7 +1107,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument("--repeats", type=int, default=None, help="per-call timing: calls")
     parser.add_argument("--min-batch-ms", type=float, default=None, help="batched timing")
     parser.add_argument("--batches", type=int, default=None, help="batched timing")
-    parser.add_argument("--deadline-s", type=float, default=defaults.deadline_s)
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="stop starting new shape-dtype groups after this many seconds; the first group "
+        "always runs (default 0: no limit)",
+    )
     parser.add_argument("--compile-limit-s", type=float, default=defaults.compile_limit_s)
     parser.add_argument(
         "--logit-scale", type=float, default=defaults.logit_scale, help="x ~ normal(0, scale)"
@@ -1089,25 +1128,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         raise common.UsageError(
             f"--dtypes takes a comma-separated list from {', '.join(DTYPES)}, got nothing"
         )
-    given = {
-        key: getattr(args, key)
-        for key in ("repeats", "min_batch_ms", "batches")
-        if getattr(args, key) is not None
+    flags = {
+        "shapes": _shapes(args.shapes) or None,
+        "dtypes": dtypes or None,
+        "repeats": args.repeats,
+        "min_batch_ms": args.min_batch_ms,
+        "batches": args.batches,
+        "deadline_s": args.deadline_s,
     }
+    # The defaults, then QUICK under --quick, then the flags given (None: not given).
+    given = {key: value for key, value in flags.items() if value is not None}
     config = dataclasses.replace(
         defaults,
+        **{**(QUICK if args.quick else {}), **given},
         out=args.out,
-        shapes=_shapes(args.shapes),
-        dtypes=dtypes,
         variants=tuple(filter(None, (v.strip() for v in args.variants.split(",")))),
         timing=args.timing,
-        deadline_s=args.deadline_s,
         compile_limit_s=args.compile_limit_s,
         logit_scale=args.logit_scale,
         force=args.force,
         quick=args.quick,
     )
-    config = dataclasses.replace(config, **given)
     check_config(config)
     return config, args.no_malloc_env
 

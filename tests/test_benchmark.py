@@ -240,6 +240,12 @@ def test_errors_and_samples():
     ref = np.array([[0.5, 0.5, 0.0]])
     assert benchmark.max_abs_error(np.array([[0.5, 0.25, 0.25]]), ref) == 0.25
     assert benchmark.max_abs_error(np.array([[np.nan, 0.5, 0.0]]), ref) == math.inf
+    # A finite output where the reference is nan is wrong too; nan on both sides agrees.
+    nan_ref = np.full((1, 3), np.nan)
+    assert benchmark.max_abs_error(np.full((1, 3), 0.3), nan_ref) == math.inf
+    assert benchmark.max_abs_error(np.full((1, 3), np.nan), nan_ref) == 0
+    assert benchmark.error_note(np.full((1, 3), 0.3), nan_ref).startswith("finite output")
+    assert benchmark.error_note(np.array([[np.nan, 0.5, 0.0]]), ref) == "non-finite output"
     with pytest.raises(ValueError, match="output shape"):
         benchmark.max_abs_error(np.zeros((2, 3)), ref)
     rows = benchmark.sample_rows(4096, 32)
@@ -265,6 +271,47 @@ def test_deadline_keeps_what_was_measured(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert saved["incomplete"] == result["incomplete"]
     assert "**Incomplete**" in (tmp_path / "out" / "benchmark.md").read_text()
+
+
+def test_a_deadline_shorter_than_the_first_group_still_measures_it(tmp_path, monkeypatch):
+    def group(config, shape, dtype, names, peers):
+        return [benchmark._record(shape, dtype, "fwd", "jax.nn.softmax", time_ms=1.0)]
+
+    monkeypatch.setattr(benchmark, "measure_group", group)
+    config = benchmark.Config(
+        out=str(tmp_path / "out"), shapes=((2, 3), (4, 5)), dtypes=("float32",), deadline_s=1e-9,
+        variants=("sparsemax",),
+    )  # fmt: skip
+    result = benchmark.run(config)
+    assert [r["shape"] for r in result["records"]] == [[2, 3]]
+    assert result["incomplete"].endswith("1 of 2 shape-dtype groups")
+
+
+def test_an_input_that_overflows_its_dtype_has_no_error_figure():
+    # normal * 1e5 overflows float16 (max 65504): inf inputs, nan outputs and nan references.
+    config = benchmark.Config(
+        shapes=((8, 4),), dtypes=("float16",), variants=("softmax",), repeats=1, budget_s=0.0,
+        logit_scale=1e5,
+    )  # fmt: skip
+    records = benchmark.measure(config, benchmark.find_peers(config.variants))
+    assert records
+    for r in records:
+        assert r["max_abs_err"] is None and r["note"].startswith("input not finite: "), r
+        assert "overflow float16 at --logit-scale 100000" in r["note"]
+
+
+def test_quick_keeps_the_flags_given():
+    config, _ = benchmark.parse_args(
+        ["--quick", "--repeats", "30", "--batches", "5", "--min-batch-ms", "20"]
+    )
+    assert (config.repeats, config.batches, config.min_batch_ms) == (30, 5, 20.0)
+    assert config.shapes == benchmark.QUICK_SHAPES
+    assert config.budget_s == benchmark.QUICK["budget_s"]
+    config, _ = benchmark.parse_args(["--quick", "--shapes", "8x4", "--dtypes", "bfloat16"])
+    assert config.shapes == ((8, 4),) and config.dtypes == ("bfloat16",)
+    assert config.repeats == benchmark.QUICK["repeats"]
+    config, _ = benchmark.parse_args(["--repeats", "5"])
+    assert config.repeats == 5 and config.batches == benchmark.Config().batches
 
 
 def test_every_file_is_written_atomically(tmp_path, monkeypatch, capsys):
@@ -318,6 +365,8 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--deadline-s", "nan"], "--deadline-s must be finite and >= 0, got nan"),
         (["--logit-scale", "0"], "--logit-scale must be finite and > 0, got 0.0"),
         (["--logit-scale", "inf"], "--logit-scale must be finite and > 0, got inf"),
+        (["--logit-scale", "1e39"], "--logit-scale 1e+39 is beyond the float32 range"),
+        (["--shapes", f"{10**20}x3"], "--shapes takes sizes up to 2147483647"),
         (["--timing", "fast"], "--timing takes auto, per-call, batched, got 'fast'"),
         (["--variants", "sparsemax,fastmax"], "unknown variants ['fastmax']"),
     ],
