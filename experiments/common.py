@@ -65,6 +65,10 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     A :class:`UsageError` exits with status 2. SIGTERM raises :class:`Interrupted` in the main
     thread, so that ``finally`` blocks (the lock, temporary files) run, and exits with 128 + 15;
     Ctrl-C exits with 130.
+
+    With ``argv`` None (the script run from its command line), a signal ends the process at once
+    after that (see :func:`_exit_at_once`); called with ``argv`` (a test, another program), it
+    raises :class:`SystemExit` as for the other errors.
     """
     in_main_thread = _is_main_thread()
     previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
@@ -78,13 +82,31 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         print(
             f"error: stopped by {name}; finished parts stay in the output folder", file=sys.stderr
         )
-        raise SystemExit(128 + stop.signum) from None
+        status = 128 + stop.signum
     except KeyboardInterrupt:
         print("error: interrupted; finished parts stay in the output folder", file=sys.stderr)
-        raise SystemExit(130) from None
+        status = 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if argv is None:
+        _exit_at_once(status)
+    raise SystemExit(status)
+
+
+def _exit_at_once(status: int) -> None:
+    """Ends the process with ``status`` now, without the interpreter's shutdown.
+
+    A signal can stop JAX inside XLA (a compilation, a transfer) while its threads go on; the
+    interpreter's shutdown then sometimes crashes in their C++ destructors (SIGSEGV: exit status
+    139 where 130 was due). The files are safe by now: the ``finally`` blocks ran (temporary files
+    removed, lock released), and what the atexit handler would still do is done here.
+    """
+    _clean_up_at_exit()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or replaced streams
+            stream.flush()
+    os._exit(status)
 
 
 def _is_main_thread() -> bool:
@@ -314,8 +336,24 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-    """Writes ``value`` as indented JSON, atomically (a temporary file, then a rename)."""
-    write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+    """Writes ``value`` as indented JSON, atomically (a temporary file, then a rename).
+
+    A float that is not finite is written as ``null``: Python's ``NaN``/``Infinity`` are not
+    JSON, and strict readers (browsers, ``jq``) refuse the whole file.
+    """
+    text = json.dumps(_finite_or_none(value), indent=2, sort_keys=False, allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (also inside dicts, lists, tuples) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def read_json(path: pathlib.Path) -> Any:
@@ -445,9 +483,10 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if missing:
         raise UsageError(f"features file {path} lacks array(s) {', '.join(missing)}")
     x, y = arrays["X"], arrays["y"]
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or 0 in x.shape:
+    # Real numbers only: float32 of a complex X would drop its imaginary part silently.
+    if x.ndim != 2 or x.dtype.kind not in "iuf" or 0 in x.shape:
         raise UsageError(
-            f"features file {path}: X must be a 2-D numeric array with at least one row and "
+            f"features file {path}: X must be a 2-D real numeric array with at least one row and "
             f"column, got shape {x.shape} ({x.dtype})"
         )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -630,22 +669,81 @@ def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None
     return saved if ok else None
 
 
+# The largest size or count a flag takes: int32's, as for the library's own integer arguments;
+# far beyond what memory holds, and a larger one (past int64) fails inside NumPy or JAX only
+# after the run has started.
+MAX_SIZE = 2**31 - 1
+# The largest seed: jax.random.key takes a seed that fits an int64.
+MAX_SEED = 2**63 - 1
+_FLOAT32 = np.finfo(np.float32)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_positive_ints(config: Any, names: Iterable[str]) -> None:
-    """Refuses a setting among ``names`` of ``config`` that is not an integer >= 1 (nor a bool)."""
+    """Refuses a setting among ``names`` of ``config`` that is not an integer in 1..MAX_SIZE."""
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            raise UsageError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+        if value > MAX_SIZE:
+            raise UsageError(f"{_flag(name)} must be at most {MAX_SIZE} (2**31 - 1), got {value}")
+
+
+def check_seed(value: Any, flag: str) -> None:
+    """Refuses a seed ``--flag`` that is not an integer in 0..MAX_SEED (jax.random.key's range)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{flag} must be an integer >= 0, got {value!r}")
+    if value > MAX_SEED:
+        raise UsageError(
+            f"{flag} must be at most {MAX_SEED} (2**63 - 1, what jax.random.key takes), got {value}"
+        )
+
+
+def float32_problem(value: float, positive: bool = False) -> str | None:
+    """Why the computations, in float32, cannot use the finite number ``value``; None if they can.
+
+    Args:
+        value: a finite setting.
+        positive: a step size, temperature or scale: one below float32's smallest normal number
+            is 0 there too (XLA on the CPU flushes subnormal numbers to 0, so a learning rate
+            trains nothing and a temperature divides by 0; the library refuses such temperatures).
+
+    Returns:
+        None, or what is wrong as a phrase ("beyond the float32 range (...)").
+    """
+    with np.errstate(over="ignore", under="ignore"):
+        as_float32 = np.float32(value)
+    if not np.isfinite(as_float32):
+        return f"beyond the float32 range (up to {float(_FLOAT32.max):.3g})"
+    if positive and abs(as_float32) < _FLOAT32.tiny:
+        tiny = float(_FLOAT32.tiny)
+        return f"below float32's smallest normal number {tiny:.3g} (XLA flushes it to 0)"
+    return None
+
+
+def check_float32(values: Iterable[float], flag: str, positive: bool = False) -> None:
+    """Refuses finite ``values`` of ``flag`` that float32 cannot hold (see float32_problem)."""
+    for value in values:
+        problem = float32_problem(value, positive)
+        if problem:
+            raise UsageError(f"{flag} {value:g} is {problem}")
 
 
 def check_learning_rate(rate: Any) -> None:
-    """Refuses a ``--learning-rate`` that is not a finite number > 0."""
+    """Refuses a ``--learning-rate`` that is not a finite number > 0 and normal in float32."""
     if not is_finite_number(rate) or rate <= 0:
         raise UsageError(f"--learning-rate must be a finite number > 0, got {rate}")
+    check_float32([rate], "--learning-rate", positive=True)
 
 
 def check_alpha_range(bounds: Iterable[Any]) -> None:
-    """Refuses a ``--learned-alpha-range`` that is not two finite numbers with 1 <= lo < hi."""
+    """Refuses a ``--learned-alpha-range`` that is not two finite numbers with 1 <= lo < hi.
+
+    Both must be finite in float32, and lo < hi still hold there (bounded_alpha computes in it).
+    """
     bounds = tuple(bounds)
     if (
         len(bounds) != 2
@@ -655,4 +753,10 @@ def check_alpha_range(bounds: Iterable[Any]) -> None:
         raise UsageError(
             "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
             f"got {','.join(map(str, bounds))}"
+        )
+    check_float32(bounds, "--learned-alpha-range")
+    if not np.float32(bounds[0]) < np.float32(bounds[1]):
+        raise UsageError(
+            f"--learned-alpha-range {bounds[0]:g},{bounds[1]:g}: lo and hi are the same number "
+            "in float32; widen the range"
         )

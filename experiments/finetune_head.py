@@ -42,6 +42,12 @@ from smvariants import registry
 from smvariants.attention import bounded_alpha
 
 LEARNED = "entmax:alpha=learned"
+# Registry variants whose Fenchel-Young loss is multi-label: budget sparsemax's targets are
+# vectors that sum to the budget, not one class id per example, so a single-label head cannot
+# train with it. Refused by resolve_variant and left out of --help's list.
+MULTI_LABEL = ("budget_sparsemax",)
+# The registry names this script trains (the others are multi-label).
+SINGLE_LABEL = tuple(name for name in registry.names() if name not in MULTI_LABEL)
 DEFAULT_VARIANTS = (
     "softmax",
     "softmax:temperature=0.5",
@@ -251,12 +257,32 @@ def load_data(config: Config, raw: dict[str, Any], cache: pathlib.Path | None) -
     parts = {
         name: (x[split == code], raw["y"][split == code]) for name, code in common.SPLITS.items()
     }
+    parts = standardize(parts, raw["source"])
+    return {"parts": parts, "num_classes": int(raw["y"].max()) + 1, "source": raw["source"]}
+
+
+def standardize(parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> dict[str, Any]:
+    """``parts`` (name -> (x, y)) with x standardised by the training split's mean and std.
+
+    Raises:
+        common.UsageError: a standardised value is beyond the float32 range (a column nearly
+            constant on the training split, with large values elsewhere): the head would see inf.
+    """
     # Standardise with training statistics: the head then trains well with one learning rate.
     # Computed in float64: float32 sums of features near the float32 limit would overflow.
     train = parts["train"][0].astype(np.float64)
     mean, std = train.mean(0), train.std(0) + 1e-6
-    parts = {k: (((v[0] - mean) / std).astype(np.float32), v[1]) for k, v in parts.items()}
-    return {"parts": parts, "num_classes": int(raw["y"].max()) + 1, "source": raw["source"]}
+    return {
+        name: (common.to_float32((x - mean) / std, _standardized_what(source, name)), y)
+        for name, (x, y) in parts.items()
+    }
+
+
+def _standardized_what(source: str, split: str) -> str:
+    return (
+        f"{source}: the {split} split's X standardised with the train split's mean and std "
+        "(a column nearly constant on the train split?)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +297,8 @@ def resolve_variant(spec: str, alpha_range: Sequence[float] = (1.0, 2.0)) -> dic
         alpha_range: (lo, hi), the open interval a learned alpha stays in.
 
     Raises:
-        common.UsageError: the registry does not accept ``spec``.
+        common.UsageError: the registry does not accept ``spec``, or its loss is multi-label
+            (MULTI_LABEL).
     """
     if spec == LEARNED:
         lo, hi = (float(value) for value in alpha_range)
@@ -293,6 +320,12 @@ def resolve_variant(spec: str, alpha_range: Sequence[float] = (1.0, 2.0)) -> dic
         variant = registry.parse(spec)
     except (ValueError, TypeError, OverflowError) as error:  # e.g. max_iter=inf: OverflowError
         raise common.UsageError(f"variant {spec!r}: {error} (or {LEARNED})") from None
+    if variant.name in MULTI_LABEL:
+        raise common.UsageError(
+            f"variant {spec!r}: its loss is multi-label (targets that sum to the budget), not "
+            f"for one class per example; this script takes {', '.join(SINGLE_LABEL)} "
+            f"(or {LEARNED})"
+        )
     return {
         "spec": spec,
         "extra": {},
@@ -511,10 +544,7 @@ def check_config(config: Config) -> None:
         config, ("seeds", "epochs", "batch_size", "backbone_epochs", "hidden")
     )
     common.check_learning_rate(config.learning_rate)
-    if isinstance(config.split_seed, bool) or not isinstance(config.split_seed, int):
-        raise common.UsageError(f"--split-seed must be an integer, got {config.split_seed!r}")
-    if config.split_seed < 0:
-        raise common.UsageError(f"--split-seed must be >= 0, got {config.split_seed}")
+    common.check_seed(config.split_seed, "--split-seed")
     common.check_alpha_range(config.learned_alpha_range)
 
 
@@ -527,6 +557,8 @@ def run(config: Config) -> list[dict[str, Any]]:
         raise common.UsageError("no variants given")
     features = common.load_features(config.features) if config.features else None
     raw = load_raw(config, features)
+    # Features from a file need no backbone: standardised (and checked) now, before writing.
+    data = None if "pretrain" in raw else load_data(config, raw, None)
     record = settings_record(config, raw)
     config_hash = record["config_hash"]
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
@@ -543,7 +575,8 @@ def run(config: Config) -> list[dict[str, Any]]:
         if not logits_current:  # another run's (e.g. an interrupted one): never read it
             logits_path.unlink(missing_ok=True)
         common.write_json(out / "config.json", record)
-        data = load_data(config, raw, cache)
+        if data is None:
+            data = load_data(config, raw, cache)
         mesh = Mesh(np.array(jax.devices()), ("data",))
 
         records, details = [], {}
@@ -651,7 +684,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--variants",
         type=common.split_specs,
-        help=f"comma-separated specs ({', '.join(registry.names())}, name:key=value[,key=value], "
+        help=f"comma-separated specs ({', '.join(SINGLE_LABEL)}, name:key=value[,key=value], "
         f"{LEARNED}); e.g. softmax,entmax:alpha=1.3,temperature=2 is two variants",
     )
     for name, kind in (

@@ -347,8 +347,11 @@ def check_config(config: Config) -> None:
         raise common.UsageError(
             f"--d-model ({config.d_model}) must be a multiple of --heads ({config.heads})"
         )
-    if isinstance(config.vocab, bool) or not isinstance(config.vocab, int) or config.vocab < 3:
-        raise common.UsageError(f"--vocab must be an integer >= 3, got {config.vocab}")
+    vocab = config.vocab
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 3 <= vocab <= common.MAX_SIZE:
+        raise common.UsageError(
+            f"--vocab must be an integer >= 3 and <= {common.MAX_SIZE} (2**31 - 1), got {vocab}"
+        )
     if config.max_length < config.min_length:
         raise common.UsageError(
             f"--max-length ({config.max_length}) must be >= --min-length ({config.min_length})"

@@ -37,6 +37,7 @@ OUTPUTS = (
     "sparsity_vs_alpha.png",
     "support_vs_temperature.png",
 )
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The --quick settings: small grids and data (flags given win).
 QUICK = {"alphas": (1.0, 1.5, 2.0), "temperatures": (0.5, 1.0, 2.0), "examples": 128, "classes": 20}
 
@@ -70,14 +71,16 @@ def check_config(config: Config) -> None:
         raise common.UsageError(
             f"temperatures must be finite and > 0, got {', '.join(map(str, bad))}"
         )
+    # entmax computes in float32 and refuses what it cannot hold there.
+    common.check_float32(config.alphas, "--alphas")
+    common.check_float32(config.temperatures, "--temperatures", positive=True)
     for name in ("examples", "classes"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise common.UsageError(f"{name} must be an integer >= 1, got {value!r}")
     if not common.is_finite_number(config.scale) or config.scale <= 0:
         raise common.UsageError(f"scale must be finite and > 0, got {config.scale}")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
-        raise common.UsageError(f"--seed must be an integer >= 0, got {config.seed!r}")
+    common.check_seed(config.seed, "--seed")
     if config.logits and config.from_run:
         raise common.UsageError("give either --logits or --from-run, not both")
 
@@ -144,6 +147,26 @@ def _check_logits(arrays: dict[str, np.ndarray], path: pathlib.Path) -> np.ndarr
     return logits
 
 
+def check_scaled(logits: np.ndarray, temperatures: Sequence[float], source: str) -> None:
+    """Refuses logits whose row maximum over T overflows float32 at some temperature T.
+
+    entmax shifts a row by its maximum ``m`` before dividing by ``T``, and gives a ``nan`` row
+    where ``m / T`` reaches +inf and a row of zeros where it reaches -inf (documented); their
+    counts would be wrong (no entry > 0), so such input is refused.
+    """
+    row_max = logits.max(axis=-1)  # -inf for a fully masked row
+    largest = np.float32(np.abs(row_max[np.isfinite(row_max)]).max(initial=0))
+    for t in temperatures:
+        with np.errstate(over="ignore"):
+            scaled = largest / np.float32(t)
+        if not np.isfinite(scaled):
+            raise common.UsageError(
+                f"{source}: a row maximum / T overflows float32 at --temperatures {t:g} "
+                f"(|maximum| up to {float(largest):.3g}); use temperatures above "
+                f"{float(largest) / FLOAT32_MAX:.3g} or rescale the logits"
+            )
+
+
 def measure(logits: np.ndarray, alpha: float, temperature: float) -> dict[str, float]:
     """Mean support size and sparsity of entmax_alpha(logits / temperature) over the last axis.
 
@@ -154,6 +177,13 @@ def measure(logits: np.ndarray, alpha: float, temperature: float) -> dict[str, f
     mask = x > -jnp.inf
     live = np.asarray(jnp.any(mask, axis=-1))
     p = sm.entmax(x, alpha=alpha, temperature=temperature, where=mask)
+    # check_scaled refuses the input that gives nan rows; were one left, its counts would be
+    # wrong (no entry > 0), so it is an error rather than a number.
+    if not np.isfinite(np.asarray(p)).all():
+        raise common.UsageError(
+            f"entmax at alpha {alpha:g}, temperature {temperature:g} gave non-finite rows; "
+            "rescale the logits"
+        )
     support = np.asarray(sm.stats.support_size(p, where=mask))[live]
     zeros = np.asarray(sm.stats.sparsity(p, where=mask))[live]
     largest = np.asarray(jnp.max(p, axis=-1))[live]
@@ -170,6 +200,7 @@ def run(config: Config) -> list[dict[str, Any]]:
     """Measures the grid and writes ``config.out``; returns the table rows."""
     check_config(config)
     logits, source = load_logits(config)
+    check_scaled(logits, config.temperatures, source)
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("sparsity")
     with common.output_folder(out, OUTPUTS, config.force) as out:
         if config.force:

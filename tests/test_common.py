@@ -2,8 +2,11 @@
 
 import errno
 import io
+import json
+import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +163,49 @@ def test_sigterm_removes_the_temporary_file_and_the_lock(tmp_path):
     assert list(out.iterdir()) == []  # no result, no temporary file, no lock
 
 
+# The script run from its command line (run_main(main), argv None), with an atexit handler that
+# crashes as XLA's threads sometimes do in the interpreter's shutdown after a Ctrl-C.
+SIGINT_SCRIPT = """
+import atexit, os, pathlib, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+
+atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+
+def main(argv):
+    out = pathlib.Path(sys.argv[2])
+    with common.output_folder(out, ["result.json"], force=False):
+        with common.atomic_file(out / "result.json") as handle:
+            handle.write(b"partial")
+            print("unflushed", end="")  # flushed by run_main before it ends the process
+            print("ready", file=sys.stderr, flush=True)
+            time.sleep(60)
+
+common.run_main(main)
+"""
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_script_without_the_interpreters_shutdown(tmp_path, signum, status):
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT, str(ROOT / "experiments"), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stderr.readline().strip() == "ready"
+        child.send_signal(signum)
+        out_text, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == status, err[-3000:]  # not -11: the crashing handler did not run
+    assert out_text == "unflushed"
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert list(out.iterdir()) == []  # no result, no temporary file, no lock
+
+
 def _refuse_writes_under(folder, monkeypatch):
     """Makes ``folder`` read-only: chmod, or (root ignores modes) failing os.open/os.mkdir."""
     folder.mkdir(exist_ok=True)
@@ -212,3 +258,70 @@ def test_load_features_checks_labels_and_the_float32_range(tmp_path):
     np.savez(path, X=np.array([[1e30, 0.0], [0.0, 1.0]]), y=np.array([1, 0]))
     loaded = common.load_features(path)
     assert loaded["X"].dtype == np.float32 and loaded["y"].tolist() == [1, 0]
+
+
+def test_load_features_refuses_a_complex_x(tmp_path):
+    path = tmp_path / "f.npz"
+    np.savez(path, X=np.ones((3, 2), np.complex64) * 1j, y=np.array([0, 1, 0]))
+    with pytest.raises(common.UsageError, match="X must be a 2-D real numeric array"):
+        common.load_features(path)
+
+
+def test_write_json_writes_strict_json(tmp_path):
+    path = tmp_path / "r.json"
+    common.write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5], "c": (-math.inf,)})
+    text = path.read_text()
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads(text, parse_constant=refuse) == {"a": None, "b": [None, 1.5], "c": [None]}
+
+
+@pytest.mark.parametrize(
+    ("value", "positive", "problem"),
+    [
+        (1e39, False, "beyond the float32 range"),
+        (-1e39, False, "beyond the float32 range"),
+        (3e38, False, None),
+        (1e-60, False, None),  # 0 in float32 is fine for a setting that may be 0
+        (1e-60, True, "below float32's smallest normal number"),
+        (1e-39, True, "below float32's smallest normal number"),  # subnormal: XLA flushes it
+        (float(np.finfo(np.float32).tiny), True, None),
+    ],
+)
+def test_float32_problem(value, positive, problem):
+    found = common.float32_problem(value, positive)
+    assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        (lambda: common.check_learning_rate(1e39), "--learning-rate 1e+39 is beyond the float32"),
+        (lambda: common.check_learning_rate(1e-60), "--learning-rate 1e-60 is below float32's"),
+        (lambda: common.check_alpha_range((1, 1e39)), "--learned-alpha-range 1e+39 is beyond"),
+        (lambda: common.check_alpha_range((1, 1 + 1e-9)), "the same number in float32"),
+        (lambda: common.check_seed(2**63, "--seed"), "--seed must be at most 9223372036854775807"),
+        (lambda: common.check_seed(-1, "--seed"), "--seed must be an integer >= 0, got -1"),
+        (lambda: common.check_seed(True, "--seed"), "--seed must be an integer >= 0, got True"),
+    ],
+)
+def test_setting_checks_refuse_what_float32_and_jax_cannot_take(check, message):
+    with pytest.raises(common.UsageError, match=re.escape(message)):
+        check()
+
+
+def test_seeds_up_to_2_63_minus_1_are_accepted_by_jax_random_key():
+    import jax
+
+    common.check_seed(common.MAX_SEED, "--seed")
+    jax.random.key(common.MAX_SEED)  # the largest accepted seed is one jax takes
+
+
+def test_sizes_are_bounded():
+    import types
+
+    common.check_positive_ints(types.SimpleNamespace(hidden=common.MAX_SIZE), ["hidden"])
+    with pytest.raises(common.UsageError, match=r"--hidden must be at most 2147483647"):
+        common.check_positive_ints(types.SimpleNamespace(hidden=10**20), ["hidden"])

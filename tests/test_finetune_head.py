@@ -472,6 +472,16 @@ def test_plots_of_all_zero_probabilities(tmp_path):
             "X has values beyond the float32 range",
         ),
         ({"X": np.ones((6, 0)), "y": np.arange(6) % 3}, "at least one row and column"),
+        ({"X": np.ones((6, 2), np.complex64), "y": np.arange(6) % 3}, "2-D real numeric array"),
+        (
+            # Column 0 is constant on the train split (std -> 1e-6) and 1e33 in test: 1e39.
+            {
+                "X": np.where(np.arange(6)[:, None] == 5, 1e33, 0.0) * [1, 0] + [0, 1],
+                "y": np.arange(6) % 3,
+                "split": np.array([0, 0, 0, 1, 2, 2]),
+            },
+            "the test split's X standardised with the train split's mean and std",
+        ),
     ],
 )
 def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, arrays, message):
@@ -492,7 +502,14 @@ def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, array
     [
         (["--learning-rate", "-1"], "--learning-rate must be a finite number > 0, got -1.0"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
-        (["--split-seed", "-1"], "--split-seed must be >= 0, got -1"),
+        (["--split-seed", "-1"], "--split-seed must be an integer >= 0, got -1"),
+        (["--split-seed", str(2**63)], "--split-seed must be at most 9223372036854775807 (2**63"),
+        # float32 (the head's arithmetic) cannot hold these: inf, or 0 (no training at all).
+        (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),
+        (["--learning-rate", "1e-60"], "--learning-rate 1e-60 is below float32's smallest"),
+        (["--learned-alpha-range", "1,1e39"], "--learned-alpha-range 1e+39 is beyond the float32"),
+        (["--hidden", str(10**20)], "--hidden must be at most 2147483647 (2**31 - 1)"),
+        (["--variants", "softmax,budget_sparsemax"], "'budget_sparsemax': its loss is multi-label"),
         (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
         (["--learned-alpha-range", "2,1"], "1 <= lo < hi, got 2.0,1.0"),
@@ -519,3 +536,16 @@ def test_unknown_variant(tmp_path, capsys):
     known = ", ".join(finetune_head.registry.names())
     assert status == 2 and f"known variants: {known}" in err and "softermax" in err
     assert not out.exists()  # nothing was written
+
+
+def test_every_variant_that_help_lists_trains(tmp_path, capsys, optax_promotion):
+    with pytest.raises(SystemExit):
+        finetune_head.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    listed = shown.split("comma-separated specs (")[1].split(", name:key=value")[0].split(", ")
+    assert set(listed) <= set(finetune_head.registry.names()) and "budget_sparsemax" not in listed
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    argv = ["--quick", "--epochs", "1", "--features", features, "--out", out]
+    common.run_main(finetune_head.main, [*map(str, argv), "--variants", ",".join(listed)])
+    assert [r["variant"] for r in read_json(out / "metrics.json")] == listed

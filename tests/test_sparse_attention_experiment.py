@@ -129,6 +129,12 @@ def test_attention_statistics_count_only_unmasked_pairs():
         (["--vocab", "2"], "--vocab must be an integer >= 3"),
         (["--learned-alpha-range", "2,1"], "--learned-alpha-range must be"),
         (["--seeds", "x"], "invalid int value"),
+        # What float32 (the model's arithmetic) or array sizes cannot take, refused up front.
+        (["--learned-alpha-range", "1,1e39"], "--learned-alpha-range 1e+39 is beyond the float32"),
+        (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),
+        (["--learning-rate", "1e-60"], "--learning-rate 1e-60 is below float32's smallest"),
+        (["--d-model", str(10**20)], "--d-model must be at most 2147483647 (2**31 - 1)"),
+        (["--vocab", str(10**20)], "--vocab must be an integer >= 3 and <= 2147483647"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):

@@ -62,6 +62,20 @@ def test_logits_file_matches_direct_computation(tmp_path):
     assert row["support_size"] == 2.5 and row["sparsity"] == 0.375
 
 
+def test_logits_near_the_float32_limit_are_counted_right():
+    # Row maxima over T finite in float32: every row counts (a nan row would count as support
+    # 0). Entries far below their row's maximum are zeros at any T (their x / T may overflow).
+    logits = np.array([[3e38, -3e38, 0.0], [1e38, 1e38, 1e38], [0.0, -3e38, -1.0]], np.float32)
+    sparsity.check_scaled(logits, (1.0, 2.0), "logits")
+    sparsity.check_scaled(logits[1:], (0.5,), "logits")  # -3e38 / 0.5 overflows: a zero
+    for alpha, t in ((1.0, 1.0), (2.0, 1.0), (2.0, 0.5)):
+        row = sparsity.measure(logits[1:] if t < 1 else logits, alpha, t)
+        if t < 1:  # the second and third rows: uniform, and one-hot (sparsemax at T = 0.5)
+            assert row["support_size"] == pytest.approx((3 + 1) / 2)
+        else:
+            assert row["support_size"] == pytest.approx((1 + 3 + (2 if alpha == 1 else 1)) / 3)
+
+
 def test_masked_attention_scores(tmp_path):
     # [batch, heads, q, k] scores with a causal mask (-inf), and one fully masked row.
     neg = -np.inf
@@ -119,6 +133,17 @@ def test_quick_keeps_the_flags_given():
         (["--seed", "-1"], None, "--seed must be an integer >= 0, got -1"),
         (["--seed", "x"], None, "argument --seed: invalid int value: 'x'"),
         (["--alphas", ""], None, "need at least one value"),
+        # Values float32 cannot hold (entmax computes in float32).
+        (["--temperatures", "1e-40"], None, "--temperatures 1e-40 is below float32's smallest"),
+        (["--temperatures", "1e39"], None, "--temperatures 1e+39 is beyond the float32 range"),
+        (["--alphas", "1e39"], None, "--alphas 1e+39 is beyond the float32 range"),
+        (["--seed", str(2**63)], None, "--seed must be at most 9223372036854775807"),
+        # x / T overflows float32 at T = 0.5: entmax gives a nan row there.
+        (
+            ["--logits", "bad.npz", "--temperatures", "1,0.5"],
+            {"logits": np.array([[3e38, -3e38, 0.0], [1e38, 1e38, 1e38]], np.float32)},
+            "a row maximum / T overflows float32 at --temperatures 0.5 (|maximum| up to 3e+38)",
+        ),
         (["--logits", "a.npz", "--from-run", "."], None, "not both"),
     ],
 )
