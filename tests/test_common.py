@@ -141,14 +141,19 @@ common.run_main(main, sys.argv[2:])
 """
 
 
-def test_sigterm_removes_the_temporary_file_and_the_lock(tmp_path):
-    out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_SCRIPT, str(ROOT / "experiments"), str(out)],
+def _start(script: str, out) -> subprocess.Popen:
+    """``script`` in a child Python with the experiments on its path and ``out`` as argv[2]."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(ROOT / "experiments"), str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_sigterm_removes_the_temporary_file_and_the_lock(tmp_path):
+    out = tmp_path / "out"
+    child = _start(SIGTERM_SCRIPT, out)
     try:
         assert child.stdout.readline().strip() == "ready"
         assert {p.name for p in out.iterdir()} - {common.LOCK_NAME}  # the temporary file
@@ -188,12 +193,7 @@ common.run_main(main)
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_the_script_without_the_interpreters_shutdown(tmp_path, signum, status):
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-c", SIGINT_SCRIPT, str(ROOT / "experiments"), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = _start(SIGINT_SCRIPT, out)
     try:
         assert child.stderr.readline().strip() == "ready"
         child.send_signal(signum)
