@@ -360,6 +360,12 @@ def prepare(
     against the arranged ``x`` as they are.
     """
     x = check_float(name, arg, x)
+    if not all(isinstance(n, int) for n in x.shape):
+        # jax.export's symbolic dimensions: the solvers choose their paths by the row length.
+        raise TypeError(
+            f"{name}: {arg} has a symbolic shape {x.shape}; export with concrete shapes (one "
+            "export per shape)."
+        )
     rows = layout(name, axis, x.shape, arg)
     dtype = compute_dtype(x.dtype)
     mask = broadcast_mask(name, where, x.shape, arg)
@@ -382,3 +388,42 @@ def _mask_out(x: jax.Array, mask: jax.Array) -> jax.Array:
     full-size zero tangent for the ``-inf`` branch).
     """
     return jnp.where(mask, x, -jnp.inf)
+
+
+def auto_sharded(
+    name: str, f: Callable[..., jax.Array], x: Any, axis: Any, *args: Any, per_row: bool = False
+) -> jax.Array:
+    """``f(x, axis, *args)``, under a mesh with explicit axes run with them as auto ones.
+
+    Under explicit sharding (``AxisType.Explicit``, ``jax.make_mesh``'s default) every operation
+    must agree on its operands' shardings, which the solvers' loops and selects do not state.
+    There ``f`` runs in ``jax.sharding.auto_axes`` (arrays pass through it; Python numbers and
+    concrete scalars stay static), and its result keeps ``x``'s sharding (without the reduced
+    axes where ``per_row``: one value per row). Elsewhere it is ``f(x, axis, *args)``.
+    """
+    if not _explicit(x):
+        return f(x, axis, *args)
+    axes = canonical_axes(name, axis, x.ndim)
+    reduced = set(axes) if isinstance(axes, tuple) else {axes}
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    kept = [i for i in range(x.ndim) if not (per_row and i in reduced)]
+    leaves, tree = jax.tree.flatten(args)
+    passed = [isinstance(a, jax.Array) and not (a.ndim == 0 and is_concrete(a)) for a in leaves]
+
+    def run(x, *arrays):
+        it = iter(arrays)
+        full = [next(it) if p else a for a, p in zip(leaves, passed, strict=True)]
+        return f(x, axis, *jax.tree.unflatten(tree, full))
+
+    arrays = [a for a, p in zip(leaves, passed, strict=True) if p]
+    out_spec = jax.sharding.PartitionSpec(*(spec[i] for i in kept))
+    return jax.sharding.auto_axes(run, out_sharding=out_spec)(x, *arrays)
+
+
+def _explicit(x: Any) -> bool:
+    """True if ``x`` is an array typed with a mesh that has explicit axes."""
+    if not isinstance(x, jax.Array):
+        return False
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    return any(t == jax.sharding.AxisType.Explicit for t in types)

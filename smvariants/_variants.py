@@ -675,8 +675,12 @@ def parameters(
     axis: int,
     dtype: Any,
     of: str = "x",
+    axes: str | None = None,
 ) -> tuple[Variant, tuple, tuple]:
     """Validates ``v``'s parameters; returns the variant to run, its ``arrays`` and ``statics``.
+
+    ``shape`` and ``axis`` may be an arranged array's (``_args.Layout``); ``axes`` then names the
+    user's axes in messages (its ``text``).
 
     A parameter known at trace time (a Python or NumPy number, a concrete 0-d array) is checked
     now and compiled into the core; where that makes the variant one of its exact special cases
@@ -692,7 +696,7 @@ def parameters(
             continue
         number = _args.static_number(value)
         array, invalid = _args.row_parameter(
-            name, q.name, value, shape, axis, dtype, q.condition, of
+            name, q.name, value, shape, axis, dtype, q.condition, of, axes=axes
         )
         if number is not None:
             statics.append(number)
@@ -707,7 +711,15 @@ def parameters(
 
 def normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperature: Any, **values):
     """The public normalizer ``name`` of ``variant``: checks, then the core."""
+    return _args.auto_sharded(
+        name, partial(_normalize, name, variant), x, axis, where, temperature, values
+    )
+
+
+def _normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperature: Any, values):
     args = _args.prepare(name, x, axis, where, temperature, keep_dtype=True)
     dtype = _args.compute_dtype(args.x.dtype)
-    v, arrays, statics = parameters(name, VARIANTS[variant], values, args.x.shape, args.axis, dtype)
+    v, arrays, statics = parameters(
+        name, VARIANTS[variant], values, args.x.shape, args.axis, dtype, axes=args.layout.text
+    )
     return args.finish(CORES[v.name](args.x, args.t, arrays, args.axis, statics))

@@ -53,10 +53,11 @@ def _loss_and_prediction(x, t, y, arrays, axis, name, statics):
     v = _variants.VARIANTS[name]
     params = _variants.merge_params(arrays, statics)
     p = _variants.CORES[name](x, t, arrays, axis, statics)
-    masked = x == -jnp.inf
     m = row_max(x, axis)
-    # Masked entries are replaced before the division: d(x / t)/dt is infinite there, and would
-    # turn second derivatives in t into nan.
+    # Masked: -inf, or beyond the float range once shifted and divided by t (the normalizers
+    # mask it too: p = 0). Such entries are replaced before the division: d(x / t)/dt is
+    # infinite there, and would turn derivatives in t into nan (and -inf * 0 the loss).
+    masked = _off(x, m, t)
     zs = jnp.where(masked, 0, scale(jnp.where(masked, m, x), m, t))
     omega_y = v.regulariser(y, axis, *params)
     if v.conjugate is not None:
@@ -70,26 +71,41 @@ def _loss_and_prediction(x, t, y, arrays, axis, name, statics):
     return jnp.maximum(loss, 0), p, zs
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
-def _fy_loss(x, t, y, arrays, axis, name, statics):
+def _off(x, m, t):
+    """The entries that the normalizers mask: those where ``(x - m) / t`` is ``-inf``.
+
+    ``x`` masked, or so far below the row maximum ``m`` that the float range ends first.
+    """
+    return scale(x, m, t) == -jnp.inf
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
+def _fy_loss(x, t, y, ignored, arrays, axis, name, statics):
     return _loss_and_prediction(x, t, y, arrays, axis, name, statics)[0]
 
 
 @partial(_fy_loss.defjvp, symbolic_zeros=True)
 def _fy_loss_jvp(axis, name, statics, primals, tangents):
-    x, t, y, arrays = primals
-    x_dot, t_dot, _, arrays_dot = _variants.nonzero_tangents(
+    """The loss's derivatives: ``p - y`` in ``z``, and 0 in the ``ignored`` rows.
+
+    The caller sets those rows' loss to 0; their derivatives are 0 here also where their logits
+    hold ``nan`` (0 * nan would be ``nan``).
+    """
+    x, t, y, ignored, arrays = primals
+    x_dot, t_dot, _, _, arrays_dot = _variants.nonzero_tangents(
         tuple(tangents)
-    )  # labels are constants
+    )  # labels and the ignored rows are constants
     loss, p, zs = _loss_and_prediction(x, t, y, arrays, axis, name, statics)
+    residual = jnp.where(ignored, 0, p - y)
     loss_dot = jnp.zeros_like(loss)
     if x_dot is not None:
         # dL/dz = p - y; masked entries have p = y = 0 and a zero tangent.
-        dot = jnp.sum((p - y) * x_dot, axis=axis, keepdims=True)
+        dot = jnp.sum(residual * x_dot, axis=axis, keepdims=True)
         loss_dot = loss_dot + (dot if t is None else dot / t)
     if t is not None and t_dot is not None:
         # dz/dt = -z / t: only a per-row inner product is kept for the backward pass.
-        loss_dot = loss_dot - jnp.sum((p - y) * zs, axis=axis, keepdims=True) / t * t_dot
+        inner = jnp.sum(jnp.where(ignored, 0, (p - y) * zs), axis=axis, keepdims=True)
+        loss_dot = loss_dot - inner / t * t_dot
     if any(a is not None for a in arrays_dot):
         # Envelope theorem: dL/dparam = d(Omega(y) - Omega(p))/dparam at fixed p and y.
         v = _variants.VARIANTS[name]
@@ -101,7 +117,7 @@ def _fy_loss_jvp(axis, name, statics, primals, tangents):
         zero = [
             jnp.zeros_like(a) if d is None else d for a, d in zip(arrays, arrays_dot, strict=True)
         ]
-        loss_dot = loss_dot + jax.jvp(gap, (arrays,), (tuple(zero),))[1]
+        loss_dot = loss_dot + jnp.where(ignored, 0, jax.jvp(gap, (arrays,), (tuple(zero),))[1])
     return loss, loss_dot
 
 
@@ -229,17 +245,41 @@ def _fenchel_young_loss(
     **values: Any,
 ) -> jax.Array:
     """The Fenchel-Young loss of the table's ``variant``, checked as the public ``name``."""
+
+    def run(logits, axis, labels, where, temperature, values):
+        return _loss(
+            name, variant, logits, labels, axis, where, temperature, ignore_index,
+            label_smoothing, values,
+        )  # fmt: skip
+
+    return _args.auto_sharded(
+        name, run, logits, axis, labels, where, temperature, values, per_row=True
+    )
+
+
+def _loss(
+    name, variant, logits, labels, axis, where, temperature, ignore_index, label_smoothing, values
+):
+    """:func:`_fenchel_young_loss` (the mesh's explicit axes as auto ones)."""
     args = _args.prepare(name, logits, axis, where, temperature, arg="logits")
     x, axis = args.x, args.axis
     v, arrays, statics = _variants.parameters(
-        name, _variants.VARIANTS[variant], values, x.shape, axis, x.dtype, "logits"
-    )
+        name, _variants.VARIANTS[variant], values, x.shape, axis, x.dtype, "logits",
+        axes=args.layout.text,
+    )  # fmt: skip
     if ignore_index is not None:
         ignore_index = _args.check_int(name, "ignore_index", ignore_index, -(2**31))
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+    smoothing = _args.static_number(label_smoothing)  # also np.float32(0.1), a concrete array
+    if smoothing is None:
+        raise TypeError(
+            f"{name}: label_smoothing must be a number known at trace time, got "
+            f"{label_smoothing!r}."
+        )
+    if not 0 <= smoothing < 1:
         raise ValueError(
             f"{name}: label_smoothing must be a number in [0, 1), got {label_smoothing!r}."
         )
+    label_smoothing = smoothing
     table = _variants.VARIANTS[variant]
     total: Any = None
     if table.label_sum is not None:
@@ -252,10 +292,13 @@ def _fenchel_young_loss(
             total = total.reshape((1,) * (x.ndim - total.ndim) + total.shape)
         else:
             total = jax.lax.stop_gradient(_variants.merge_params(arrays, statics)[0])
-    y, bad, ignored = _labels(name, labels, x, args.layout, total, table.capped, ignore_index)
+    # The entries the normalizer masks (-inf, or -inf once divided by the temperature) for the
+    # labels' checks and the smoothing: -inf where masked, 0 elsewhere.
+    z = jnp.where(_off(x, row_max(x, axis), args.t), -jnp.inf, 0).astype(x.dtype)
+    y, bad, ignored = _labels(name, labels, z, args.layout, total, table.capped, ignore_index)
     if label_smoothing:
-        y = _smooth(y, x, axis, label_smoothing, total)
-    loss = _fy_loss(x, args.t, y, arrays, axis, v.name, statics)
+        y = _smooth(y, z, axis, label_smoothing, total)
+    loss = _fy_loss(x, args.t, y, ignored, arrays, axis, v.name, statics)
     # Invalid labels that could not be checked at trace time give nan, never a wrong number.
     loss = _args.nan_where(bad, loss)
     loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
@@ -716,10 +759,20 @@ def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Ar
             f"got {', '.join(unknown)}."
         )
     name = f"{variant}_loss"
+    multi_label = _variants.VARIANTS[variant].label_sum is not None
 
-    def loss(logits, labels, axis=-1, where=None, temperature=1.0, **options):
+    def loss(
+        logits, labels, axis=-1, where=None, temperature=1.0, *, label_smoothing=0.0, **options
+    ):
+        # The named losses' keywords only: a misspelt one must not be ignored.
+        allowed = set() if multi_label else {"ignore_index"}  # budget: target vectors only
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"{name}() got unexpected keyword arguments {', '.join(unknown)}.")
         return _fenchel_young_loss(
-            name, variant, logits, labels, axis, where, temperature, **options, **params
-        )
+            name, variant, logits, labels, axis, where, temperature,
+            label_smoothing=label_smoothing, **options, **params,
+        )  # fmt: skip
 
+    loss.__name__ = loss.__qualname__ = name
     return loss

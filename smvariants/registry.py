@@ -15,15 +15,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
+from smvariants import _args
 from smvariants import _normalizers
 from smvariants import _variants
 from smvariants import losses
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Variant:
     """A normalizer and its loss with their parameters bound.
+
+    Two variants are equal (and hash alike) when their names and parameters are: numbers by
+    value (``get("entmax", alpha=1.3) == parse("entmax:alpha=1.3")``), arrays by identity.
 
     Attributes:
       name: the registry name.
@@ -38,10 +43,35 @@ class Variant:
     loss: Callable[..., Any]
 
     def __str__(self) -> str:
-        """The spec that :func:`parse` reads back, e.g. ``entmax:alpha=1.3``."""
+        """The spec that :func:`parse` reads back, e.g. ``entmax:alpha=1.3``.
+
+        An array parameter, which a spec cannot hold, shows as ``<array of shape (...)>``.
+        """
         if not self.params:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        items = sorted(self.params.items())
+        return self.name + ":" + ",".join(f"{k}={_shown(v)}" for k, v in items)
+
+    def _key(self) -> tuple:
+        return self.name, tuple(sorted((k, _comparable(v)) for k, v in self.params.items()))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal names and parameters (see the class docstring)."""
+        return isinstance(other, Variant) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        """Hashes what :meth:`__eq__` compares."""
+        return hash(self._key())
+
+
+def _comparable(value: Any) -> Any:
+    """A parameter as equality and hashing see it: a number's value, an array's identity."""
+    number = _args.static_number(value)
+    return number if number is not None and jnp.ndim(value) == 0 else ("array", id(value))
+
+
+def _shown(value: Any) -> str:
+    return str(value) if jnp.ndim(value) == 0 else f"<array of shape {jnp.shape(value)}>"
 
 
 def _entry(name: str) -> tuple[Callable[..., Any], Callable[..., Any], tuple[str, ...]]:
@@ -102,11 +132,28 @@ def get(name: str, **params: Any) -> Variant:
         raise ValueError(
             f"variant {name!r} takes parameters {', '.join(accepted)}; got {', '.join(unknown)}."
         )
-    # Validate scalar parameters now with the normalizer's own checks (array ones need an x).
+    # Validate scalar parameters now with the normalizer's own checks (array ones need an x of
+    # a matching shape: their values are checked here).
     scalars = {k: v for k, v in params.items() if jnp.ndim(v) == 0}
     normalize(jnp.zeros((1, 2)), **scalars)
+    for key, value in params.items():
+        if jnp.ndim(value) and _args.is_concrete(value):
+            _check_values(name, key, value)
     bound = functools.partial(normalize, **params)
     return Variant(name, dict(params), bound, functools.partial(loss, **params))
+
+
+def _check_values(name: str, key: str, value: Any) -> None:
+    """Raises ``ValueError`` unless every entry of the concrete array ``value`` is valid."""
+    conditions = {q.name: q.condition for q in _variants.VARIANTS[name].params}
+    condition = _args.TEMPERATURE if key == "temperature" else conditions.get(key)
+    if condition is None:  # an int option (max_iter) given as an array: the normalizer says so
+        return
+    valid, expected = condition
+    values = np.asarray(value, np.float32)
+    bad = ~valid(values)
+    if np.any(bad):
+        raise ValueError(f"{name}: {key} must be {expected}, got {values[bad][:3]}.")
 
 
 def parse(spec: str) -> Variant:
@@ -126,6 +173,8 @@ def parse(spec: str) -> Variant:
       >>> str(registry.parse("entmax:alpha=1.3"))
       'entmax:alpha=1.3'
     """
+    if not isinstance(spec, str):
+        raise TypeError(f"parse: spec must be a string such as 'entmax:alpha=1.3', got {spec!r}.")
     name, _, rest = spec.strip().partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -141,6 +190,8 @@ def parse(spec: str) -> Variant:
 def _number(spec: str, key: str, value: str) -> float | int:
     """A spec's value: an int for ``max_iter``, else a float; ``ValueError`` naming the key."""
     try:
+        if "_" in value:  # float() reads "1_3" as 13
+            raise ValueError
         number = float(value)
     except ValueError:
         raise ValueError(f"bad variant spec {spec!r}: {key} must be a number") from None

@@ -274,3 +274,19 @@ def test_length_one_and_length_zero_axes(name):
 def test_scalar_input_is_an_axis_error(name):
     with pytest.raises(ValueError, match=r"axis -1 is out of range for x with 0 dimension"):
         NORMALIZERS[name](np.float32(1.0))
+
+
+def test_a_symbolic_shape_is_a_clear_error():
+    """jax.export's symbolic dimensions raised a TypeError naming nothing ('_DimExpr' object
+    cannot be interpreted as an integer), even for softmax."""
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((b, 20), jnp.float32)
+    for name, f in [("softmax", sm.softmax), ("sparsemax_loss", _sparsemax_loss_of_zeros)]:
+        with pytest.raises(TypeError, match=f"^{name}: .* has a symbolic shape"):
+            export.export(jax.jit(f))(spec)
+
+
+def _sparsemax_loss_of_zeros(x):
+    return sm.losses.sparsemax_loss(x, jnp.zeros(x.shape[0], jnp.int32))

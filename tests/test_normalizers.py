@@ -109,10 +109,16 @@ def test_matches_float64_reference(case, data):
 @given(data=logits(np.float32))
 def test_float32_matches_reference(case, data):
     x, where = data
+    expected = case.ref(x, where=where)
     tol = tolerance(case, np.float32)
-    np.testing.assert_allclose(
-        case.ours(x, where=where), case.ref(x, where=where), rtol=tol, atol=tol
-    )
+    if case.name == "budget_sparsemax":
+        # Its support reaches entries far below the row maximum (the top one is capped at 1):
+        # p = z - tau rounds at their scale, |z| eps ([128, 0, 0] at budget 2: 1/3 to 5e-6).
+        live = live_entries(x, where)
+        top = np.max(np.where(live, x, -np.inf), axis=-1, keepdims=True)
+        z = np.where(live & (expected > 0), x.astype(np.float64) - top, 0)
+        tol = max(tol, 4 * float(np.finfo(np.float32).eps) * float(np.max(np.abs(z), initial=0)))
+    np.testing.assert_allclose(case.ours(x, where=where), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("inputs", ["random", "ties"])

@@ -100,3 +100,32 @@ def test_errors():
         registry.parse("entmax:alpha")
     with pytest.raises(ValueError, match=r"alpha must be a number"):
         registry.parse("entmax:alpha=high")
+
+
+def test_array_parameters_are_validated_by_get():
+    """get() says parameters are validated now: an array alpha of 0.2 passed until first use."""
+    with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1, got \[0.2\]"):
+        registry.get("entmax", alpha=jnp.array([[0.2], [1.3]]))
+    with pytest.raises(ValueError, match="temperature must be"):
+        registry.get("softmax", temperature=np.array([[1.0], [-1.0]]))
+
+
+def test_str_equality_and_hash():
+    v = registry.get("entmax", alpha=1.3)
+    assert v == registry.parse(str(v)) == registry.parse("entmax: alpha = 1.3")
+    assert (
+        hash(v) == hash(registry.parse("entmax:alpha=1.3"))
+        and len({v, registry.get("entmax", alpha=1.3)}) == 1
+    )
+    assert v != registry.get("entmax", alpha=1.5) and v != registry.get("normmax", alpha=1.3)
+    alpha = jnp.array([[1.2], [1.3]])
+    w = registry.get("entmax", alpha=alpha)
+    assert str(w) == "entmax:alpha=<array of shape (2, 1)>"  # no spec holds an array
+    assert w == registry.get("entmax", alpha=alpha) and w != registry.get("entmax", alpha=alpha + 0)
+
+
+def test_parse_refuses_what_is_not_a_spec():
+    with pytest.raises(TypeError, match="parse: spec must be a string"):
+        registry.parse(None)
+    with pytest.raises(ValueError, match="alpha must be a number"):
+        registry.parse("entmax:alpha=1_3")  # float() reads 13

@@ -389,3 +389,93 @@ def test_make_fenchel_young_loss_of_every_variant():
     )
     with pytest.raises(ValueError, match="takes parameters alpha, max_iter; got budget"):
         losses.make_fenchel_young_loss("normmax", budget=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# A second review of the losses.
+
+SINGLE_LABEL_LOSSES = [
+    losses.softmax_loss,
+    losses.sparsemax_loss,
+    losses.entmax15_loss,
+    losses.entmax_loss,
+    losses.normmax_loss,
+]
+
+
+@pytest.mark.parametrize("fn", SINGLE_LABEL_LOSSES)
+@pytest.mark.parametrize(
+    ("x", "t"),
+    [
+        ([2.0, 1.0, float(np.finfo(np.float32).min)], 0.5),  # masking by the lowest float
+        ([3e38, -3e38, 0.0], 1.0),  # x - max x overflows
+        ([0.0, -1e30, -2.0], 1e-10),
+    ],
+)
+def test_an_entry_that_overflows_to_minus_inf_is_masked_in_the_loss(fn, x, t):
+    """(x - max x) / T reaching -inf masks the entry in every normalizer; the losses gave nan
+    (-inf * 0), in the value and in the temperature's derivative."""
+    x = jnp.array([x], F32)
+    label = jnp.array([0])
+    loss, grads = jax.value_and_grad(lambda x, t: fn(x, label, temperature=t)[0], (0, 1))(x, t)
+    z = np.asarray(x[0], np.float64) / t
+    z = z[np.isfinite((x[0] - x[0].max()) / t)]  # the entries left
+    if fn is losses.softmax_loss:  # the cross-entropy of the entries left
+        expected = np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[0]
+        np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    else:  # one-hot at the label: the prediction, loss 0
+        assert loss == 0
+    assert np.isfinite(grads[0]).all() and np.isfinite(grads[1])
+
+
+@pytest.mark.parametrize("fn", SINGLE_LABEL_LOSSES)
+def test_an_ignored_row_is_not_read(fn):
+    """Loss 0 and zero gradient for an ignored example, also where its logits hold nan or inf
+    (padding positions often do): the gradient was nan there (0 * nan), and so every mean."""
+    x = jnp.array([[1.0, 2.0, 0.5], [jnp.nan, 1.0, 0.0], [jnp.inf, 0.0, 1.0]], F32)
+    labels = jnp.array([1, -100, -100])
+    loss, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, labels, ignore_index=-100)))(x)
+    assert loss == fn(x[:1], labels[:1])[0]
+    assert np.all(np.asarray(grad)[1:] == 0) and np.isfinite(grad).all()
+
+
+def test_made_losses_refuse_unknown_keywords():
+    """The loss of make_fenchel_young_loss ignored a misspelt or foreign keyword (alfa=1.3 gave
+    alpha = 1.5's values), where the named losses raise."""
+    x, labels = jnp.ones((2, 3)), jnp.array([0, 1])
+    cases = [
+        ("entmax", {}, {"alfa": 1.3}, "entmax_loss() got unexpected keyword arguments alfa"),
+        ("softmax", {}, {"alpha": 2.0}, "softmax_loss() got unexpected keyword arguments alpha"),
+        ("entmax", {"alpha": 1.3}, {"alpha": 2.0}, "arguments alpha"),
+        ("softmax", {}, {"label_smooting": 0.3}, "arguments label_smooting"),
+    ]
+    for variant, bound, given, message in cases:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            losses.make_fenchel_young_loss(variant, **bound)(x, labels, **given)
+    budget = losses.make_fenchel_young_loss("budget_sparsemax")
+    with pytest.raises(TypeError, match="arguments ignore_index"):
+        budget(x, jnp.ones((2, 3)) * 2 / 3, ignore_index=-100)
+
+
+def test_label_smoothing_known_at_trace_time_whatever_its_type():
+    x, labels = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([2])
+    expected = losses.softmax_loss(x, labels, label_smoothing=0.1)
+    for value in (np.float32(0.1), jnp.float32(0.1), np.array(0.1)):
+        np.testing.assert_allclose(
+            losses.softmax_loss(x, labels, label_smoothing=value), expected, rtol=1e-6
+        )
+    with pytest.raises(TypeError, match="label_smoothing must be a number known at trace time"):
+        jax.jit(lambda s: losses.softmax_loss(x, labels, label_smoothing=s))(0.1)
+
+
+@pytest.mark.parametrize(
+    ("fn", "axis", "arg", "axes"),
+    [
+        (lambda x, **kw: losses.entmax_loss(x, jnp.zeros(2, int), **kw), (1, 2), "alpha", "(1, 2)"),
+        (sm.entmax, (1, 2), "alpha", "(1, 2)"),
+        (sm.budget_sparsemax, (0, 2), "budget", "(0, 2)"),
+    ],
+)
+def test_a_per_row_parameter_of_the_wrong_shape_names_the_tuple_axis(fn, axis, arg, axes):
+    with pytest.raises(ValueError, match=re.escape(f"with axes {axes} kept as size 1")):
+        fn(jnp.zeros((2, 3, 4)), axis=axis, **{arg: jnp.full((2, 3, 1), 1.5)})
