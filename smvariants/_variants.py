@@ -717,6 +717,7 @@ def normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperatur
 
 
 def _normalize(name: str, variant: str, x: Any, axis: Any, where: Any, temperature: Any, values):
+    """:func:`normalize` (under explicit sharding, with the mesh's axes as auto ones)."""
     args = _args.prepare(name, x, axis, where, temperature, keep_dtype=True)
     dtype = _args.compute_dtype(args.x.dtype)
     v, arrays, statics = parameters(
