@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from smvariants import _args
 from smvariants import _solvers
 from smvariants._numerics import count
 from smvariants._numerics import entmax_alpha_tangent
@@ -673,8 +674,18 @@ def chunked_attention(
     """The chunked path's output ``[B, K, G, T, H]``: pads keys to whole chunks, then the core.
 
     ``chunk``, ``candidates`` and ``max_iter`` default to the module's :data:`CHUNK`,
-    :data:`CANDIDATES` and :data:`MAX_ITER` (read at call time).
+    :data:`CANDIDATES` and :data:`MAX_ITER` (read at call time). Under explicit sharding the
+    core's scans run with the mesh's axes as auto ones (``_args.auto_sharded``).
     """
+
+    def run(q, _, args):
+        return _chunked(args._replace(q=q), chunk, candidates, max_iter)
+
+    return _args.auto_sharded("dot_product_attention", run, args.q, -1, args)
+
+
+def _chunked(args: Prepared, chunk: int | None, candidates: int | None, max_iter: int | None):
+    """:func:`chunked_attention` (the mesh's explicit axes as auto ones)."""
     chunk = CHUNK if chunk is None else chunk
     candidates = CANDIDATES if candidates is None else candidates
     max_iter = MAX_ITER if max_iter is None else max_iter

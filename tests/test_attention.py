@@ -292,6 +292,26 @@ def test_no_keys_give_zeros_with_zero_gradient(implementation):
     assert np.all(np.asarray(jax.grad(lambda q: f(q).sum())(q)) == 0)
 
 
+def test_explicit_sharding(implementation):
+    """``jax.make_mesh``'s default axes are explicit: the chunked path's scans raised a
+    ``TypeError`` naming no argument there. Values and gradients as unsharded."""
+    q, k, v, _, _ = make_case("random")
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+    def loss(q, k, v):
+        out = attention.dot_product_attention(q, k, v, alpha=1.3, implementation=implementation)
+        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))
+
+    expected = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b"))
+        sharded = [jax.device_put(a, sharding) for a in (q, k, v)]
+        value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*sharded)
+    assert_close(value, expected[0], tol=1e-6)
+    for grad, want in zip(grads, expected[1], strict=True):
+        assert_close(grad, want, tol=3e-6)
+
+
 def test_jit_unbatched_and_half_precision(implementation):
     q, k, v, _, _ = make_case("random")
     f = jax.jit(functools.partial(attention.dot_product_attention, implementation=implementation))
