@@ -490,19 +490,27 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     d = _d(statics, alpha)
     kc = statics.candidates
 
-    def gather(carry: tuple[jax.Array, jax.Array, jax.Array], i: jax.Array):
-        cand, dropped, n = carry
+    def gather(carry: tuple[jax.Array, ...], i: jax.Array):
+        cand, dropped, n, top, total = carry
         s = score(i)
-        n = n + count(s > -jnp.inf, -1, dtype)
-        top, _ = lax.top_k(jnp.concatenate([cand, s], axis=-1), kc + 1)
-        return (top[..., :kc], jnp.maximum(dropped, top[..., kc:]), n), None
+        live = s > -jnp.inf
+        # The scores' sum less their running maximum (for the mean bound): every term is <= 0.
+        new_top = jnp.maximum(top, _row_max(s))
+        total = jnp.where(n > 0, total + n * (top - new_top), 0)
+        total = total + jnp.sum(jnp.where(live, s - new_top, 0), -1, keepdims=True)
+        n = n + count(live, -1, dtype)
+        best, _ = lax.top_k(jnp.concatenate([cand, s], axis=-1), kc + 1)
+        return (best[..., :kc], jnp.maximum(dropped, best[..., kc:]), n, new_top, total), None
 
     init = (
         jnp.full(row_shape[:-1] + (kc,), -jnp.inf, dtype),
         jnp.full(row_shape, -jnp.inf, dtype),
         jnp.zeros(row_shape, dtype),
+        jnp.full(row_shape, lowest, dtype),
+        jnp.zeros(row_shape, dtype),
     )
-    (cand, dropped, n), _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    carry, _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    cand, dropped, n, top, total = carry
     m = jnp.maximum(cand[..., :1], lowest)
     z = cand - m
     n_cand = count(z > -jnp.inf, -1, dtype)
@@ -528,6 +536,10 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
         return lax.scan(add, (zero, zero), jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
     hi = _solvers.theta_upper_bound(n, d) + zero
+    # The rows that need it start from the candidates' threshold or the mean bound, the higher:
+    # dense rows (attention at initialisation) are next to their root there.
+    bound = _solvers.mean_bound(jnp.where(n > 0, total + n * (top - m), 0), n, d)
+    theta = jnp.where(bad, jnp.maximum(theta, bound), theta)
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
     if not _solvers.refines(d):
         return m, (theta,)

@@ -208,6 +208,69 @@ def test_newton_does_not_bounce_for_alpha_above_two():
     np.testing.assert_allclose(p, reference.entmax(x, alpha=2.5), atol=2e-6)
 
 
+def _dense_rows(n, dtype, seed=0):
+    """Rows of ``n`` with maximum 0: near-uniform (spreads 1e-6 to 1e-2), equal, masked, and
+    normal at scale 3, where the mean bound is far below the root."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.normal(size=(16, n)) * s for s in (1e-6, 1e-4, 1e-2, 0.3, 3.0)]
+    masked = rng.normal(size=(16, n)) * 1e-3
+    masked[rng.random(masked.shape) < 0.5] = -np.inf
+    masked[:, 0] = 0.0
+    x = np.concatenate(rows + [np.zeros((2, n)), masked]).astype(dtype)
+    return x - x.max(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [1.01, 1.3, 1.5, 1.9, 2.0])
+@pytest.mark.parametrize("n", [7, 1000])
+def test_mean_bound_is_a_lower_bound_of_theta(alpha, dtype, n):
+    z = _dense_rows(n, dtype)
+    d = alpha - 1
+    live = z > -np.inf
+    bound = _solvers.mean_bound(
+        jnp.asarray(np.where(live, z, 0).sum(1, keepdims=True)),
+        jnp.asarray(live.sum(1, keepdims=True), dtype),
+        dtype(d),
+    )
+    # theta is a lower bound exactly when the mass there is at least 1 (the mass decreases).
+    base = np.maximum(1 + d * (z.astype(np.float64) - np.asarray(bound, np.float64)), 0)
+    assert np.all((np.where(live, base, 0) ** (1 / d)).sum(1) >= 1)
+    # It is close to the root on near-uniform rows: within 1e-3 of (1 - n^-d) / d at spread 1e-6.
+    top = (1 - n**-d) / d
+    np.testing.assert_allclose(np.asarray(bound)[:16, 0], top, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.5, 1.75])
+def test_dense_rows_take_few_passes(alpha, dtype):
+    # From theta = 0 (the top entry alone) these rows took 8 to 16 passes; from the mean bound 2
+    # to 6. The values stay exact.
+    z = _dense_rows(1000, dtype)[:64]  # spreads 1e-6 to 1e-2 and equal rows
+    for d in (dtype(alpha - 1), jnp.full((64, 1), alpha - 1, dtype)):
+        theta, iters = _solvers.entmax_theta(jnp.asarray(z), d, -1, 64)
+        assert iters <= 6
+        p = _solvers.deformed_exp(jnp.asarray(z) - theta, d)[0]
+        np.testing.assert_allclose(
+            p, reference.entmax(z, alpha=alpha), atol=8 * np.finfo(dtype).eps
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [1.01, 1.1, 1.2, 1.3, 1.33])
+def test_halley_stops_without_a_confirming_pass_below_four_thirds(alpha, dtype):
+    # For alpha < 4/3 the pass whose Halley step lands within rounding of the root is the last:
+    # float32 rows at scales 0.3 to 30 take 3 passes at alpha 1.2 to 1.33 where 4 confirmed it.
+    # The values are unchanged.
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=(256, 40)) * s for s in (0.3, 1, 3, 30)]).astype(dtype)
+    z = x - x.max(axis=1, keepdims=True)
+    theta, iters = _solvers.entmax_theta(jnp.asarray(z), dtype(alpha - 1), -1, 64)
+    if dtype == np.float32:
+        assert iters <= 3
+    p = _solvers.deformed_exp(jnp.asarray(z) - theta, dtype(alpha - 1))[0]
+    np.testing.assert_allclose(p, reference.entmax(z, alpha=alpha), atol=4 * np.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("alpha", [2.25, 2.5, 3.0, 4.0, 5.0])
 def test_solver_converges_with_entries_at_the_edge_of_the_support(alpha, dtype):
