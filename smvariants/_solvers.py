@@ -240,7 +240,6 @@ def bracketed_step(
     h_last: jax.Array,
     lo: jax.Array,
     hi: jax.Array,
-    final: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One safeguarded step on a decreasing ``h(theta)``: ``(new, lo, hi, converged)`` per row.
 
@@ -252,8 +251,7 @@ def bracketed_step(
     forever), so it is replaced by bisection unless it is at rounding level. A row with nan has
     no solution: its ``theta`` is nan, so that its output is nan (the row maximum cannot flag it:
     XLA:CPU's max-reduction of rows >= 2048 long can drop nan). A row has converged when its step
-    is at rounding level, or it is nan (it keeps its value without holding up the batch), or
-    when the step is taken and ``final`` says it lands within rounding of the root.
+    is at rounding level, or it is nan (it keeps its value without holding up the batch).
     """
     eps = jnp.finfo(theta.dtype).eps
     lo = jnp.where(h >= 0, theta, lo)
@@ -265,8 +263,6 @@ def bracketed_step(
     new = jnp.where(take, proposal, 0.5 * (lo + hi))
     new = jnp.where(jnp.isnan(h), jnp.nan, new)
     converged = (jnp.abs(new - theta) <= 4 * eps * jnp.maximum(1, jnp.abs(new))) | jnp.isnan(h)
-    if isinstance(final, jax.Array):
-        converged = converged | (take & final)
     return new, lo, hi, converged
 
 
@@ -314,9 +310,8 @@ def _entmax_theta(
     largest entry alone has mass 1, at the upper end less than 1 in total. A step that leaves the
     bracket, or bounces back across it, is replaced by bisection; ``init``, a lower bound of
     ``theta``, if given, and :func:`mean_bound` raise the bracket's lower end, where the
-    iterations start. Iterates until every row's step is at the dtype's resolution (for
-    ``d < 1/3``, or until Halley's step is known to land there) or ``max_iter`` passes. Returns
-    ``theta`` and the iterations used.
+    iterations start. Iterates until every row's step is at the dtype's resolution or
+    ``max_iter`` passes. Returns ``theta`` and the iterations used.
     """
     dtype = z.dtype
     # Halley's extra sum saves passes where each costs an exp and a log1p per entry; with
@@ -348,7 +343,6 @@ def _entmax_theta(
         h = jnp.log(sp)
         h1 = -safe_divide(sg, sp)  # h' (< 0)
         delta = h * safe_divide(sp, sg)  # Newton's step, -h / h'
-        final: jax.Array | bool = False  # Halley's step known to land on the root (below)
         if halley_steps:
             # Halley's step is Newton's over 1 - r, r = h h'' / (2 h'^2), with
             # h'' = (1 - d) sum(w) / sum(p) - h'^2 and w = g / (1 + d y) = p^(1 - 2d) (r = 0 for
@@ -359,22 +353,12 @@ def _entmax_theta(
             on = g > 0
             w = jnp.where(on, g / jnp.where(on, 1 + d * y, 1), 0)
             h2 = (1 - d) * safe_divide(total(w), sp) - h1 * h1
-            r = h * h2 / (2 * h1 * h1)
-            # r delta is Newton's error after its step, to second order. Where d < 1/3 (alpha
-            # < 4/3) h is thrice continuously differentiable, Halley's error is third order,
-            # smaller still: when Newton's is at rounding level, Halley's step is the last.
-            if not isinstance(d, float) or d < 1 / 3:
-                eps = jnp.finfo(dtype).eps
-                small = jnp.abs(r * delta) <= 4 * eps * jnp.maximum(1, jnp.abs(theta + delta))
-                final = (jnp.abs(r) < 0.5) & small
-                if not isinstance(d, float):
-                    final &= d < 1 / 3
-            r = jnp.clip(r, -0.5, 0.5)
+            r = jnp.clip(h * h2 / (2 * h1 * h1), -0.5, 0.5)
             if not isinstance(d, float):
                 delta = jnp.where(d < 1, delta / (1 - r), delta)
             elif d < 1:
                 delta = delta / (1 - r)
-        new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi, final)
+        new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
         # A converged row keeps its value while others iterate: its result does not depend on
         # how many passes the rest of the batch needs.
         new = jnp.where(frozen, theta, new)
