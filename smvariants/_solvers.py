@@ -217,13 +217,14 @@ def mean_bound(total: jax.Array, n: jax.Array, d: jax.Array | float) -> jax.Arra
     ``theta >= mean z + (1 - n^-d)/d``. The bound is off by at most the row's spread: a dense,
     near-uniform row (small logits, high temperatures, attention at initialisation) starts next to
     its root, 2-6 passes instead of 8-16 from ``theta = 0``. Every ``z <= 0`` (the row maximum is
-    0), so the sum's rounding error is a few ulps of ``|mean z|`` per addition in sequence: the
-    bound is lowered by ``sqrt(eps)`` times its terms' magnitude. ``d > 1`` (the power is
-    concave) and empty rows: ``-inf``, no bound.
+    0), so a sum of the ``n`` in any order is within ``(n - 1) eps |total|`` of ``total``: the
+    bound is lowered by that, and by ``sqrt(eps)`` times its terms' magnitude for the rest of its
+    rounding. ``d > 1`` (the power is concave) and empty rows: ``-inf``, no bound.
     """
     mean = total / jnp.maximum(n, 1)
     top = theta_upper_bound(n, d)
-    margin = jnp.sqrt(jnp.finfo(mean.dtype).eps) * (1 + jnp.abs(mean) + top)
+    eps = jnp.finfo(mean.dtype).eps
+    margin = n * eps * jnp.abs(mean) + jnp.sqrt(eps) * (1 + jnp.abs(mean) + top)
     bounded = n > 0
     if isinstance(d, float):  # decided here: no Python bool in a select (Triton mistypes it)
         if d > 1:
