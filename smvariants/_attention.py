@@ -510,7 +510,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
         jnp.zeros(row_shape, dtype),
     )
     carry, _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
-    cand, dropped, n, top, total = carry
+    cand, dropped, n, _, total = carry
     m = jnp.maximum(cand[..., :1], lowest)
     z = cand - m
     n_cand = count(z > -jnp.inf, -1, dtype)
@@ -538,7 +538,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     hi = _solvers.theta_upper_bound(n, d) + zero
     # The rows that need it start from the candidates' threshold or the mean bound, the higher:
     # dense rows (attention at initialisation) are next to their root there.
-    bound = _solvers.mean_bound(jnp.where(n > 0, total + n * (top - m), 0), n, d)
+    bound = _solvers.mean_bound(total, n, d)  # total is relative to the running maximum, m
     theta = jnp.where(bad, jnp.maximum(theta, bound), theta)
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
     if not _solvers.refines(d):
