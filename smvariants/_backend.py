@@ -27,6 +27,8 @@ from jax.interpreters import mlir
 
 # Rows up to this length take the CPU's matrix-vector row sum (see ``row_sum``).
 _CPU_DOT_MAX = 64
+# Longer rows are summed from a buffer of their own on the CPU (see ``row_sum``).
+_CPU_STORED_SUM_MIN = 2048
 # Rows up to this length are solved by columns on the CPU (see ``by_columns``).
 _CPU_COLUMNS_MAX = 32
 
@@ -51,13 +53,18 @@ def in_kernel() -> bool:
     return getattr(_tracing, "kernel", 0) > 0
 
 
-def row_sum(a: jax.Array, axis: int) -> jax.Array:
-    """``sum(a, axis, keepdims=True)`` for a solver's iterations, where rounding is harmless.
+def row_sum(a: jax.Array, axis: int, cheap: bool = False) -> jax.Array:
+    """``sum(a, axis, keepdims=True)`` for a solver's iterations.
 
     On XLA:CPU, rows of at most 64 entries are summed as a matrix-vector product with a vector of
     ones: its reduction loops are slow on short rows and its dot kernel is not (a Michelot pass on
-    32-wide rows costs about half as much). Elsewhere, and for longer rows, a plain reduction. A
-    dot's accumulation order depends on the batch, so closed forms that need an accurate sum use
+    32-wide rows costs about half as much); ``cheap`` entries (a few flops each, no ``exp`` or
+    ``log``) are summed as they are computed instead. Rows of more than 2048 entries are summed
+    from a buffer of their own (:func:`own_buffer`): XLA:CPU fuses a cheap producer into the
+    reduction, which then adds a row's entries one by one, and a row with one large entry loses
+    the low bits of all the others (an alpha = 1.1 threshold off by 5e-4 at 131072 entries,
+    against 1e-8 when the reduction reads stored entries). Elsewhere a plain reduction. A dot's
+    accumulation order depends on the batch, so closed forms that need an accurate sum use
     :func:`smvariants._numerics.accurate_sum` instead.
     """
     axis = axis % a.ndim
@@ -65,7 +72,11 @@ def row_sum(a: jax.Array, axis: int) -> jax.Array:
     def plain(a):
         return jnp.sum(a, axis=axis, keepdims=True)
 
-    if a.shape[axis] > _CPU_DOT_MAX or in_kernel():
+    if in_kernel():
+        return plain(a)
+    if a.shape[axis] > _CPU_STORED_SUM_MIN:
+        return plain(own_buffer(a))
+    if cheap or a.shape[axis] > _CPU_DOT_MAX:
         return plain(a)
 
     def on_cpu(a):

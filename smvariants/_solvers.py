@@ -169,6 +169,9 @@ def _integer_power(d: jax.Array | float) -> int:
     return 0
 
 
+_SOFTMAX_D = 2.0**-100  # deformed_exp's d in rows of a traced alpha = 1
+
+
 def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Array]:
     """``p = [1 + d y]_+^(1/d)`` and ``g = p^(1 - d) = p / (1 + d y)``, smooth through ``d = 0``.
 
@@ -176,26 +179,27 @@ def deformed_exp(y: jax.Array, d: jax.Array | float) -> tuple[jax.Array, jax.Arr
     4/3, 1.25, ...) uses integer powers, ``p = b^n`` and ``g = b^(n-1)`` with ``b = [1 + d y]_+``,
     several times cheaper than the ``exp``/``log`` of the general form.
     """
-    finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
-    y = jnp.where(finite, y, 0)
     n = _integer_power(d)
     if n:
-        b = jnp.where(finite, jnp.maximum(1 + d * y, 0), 0)
+        finite = y != -jnp.inf  # nan stays "finite" here, so that it propagates
+        b = jnp.where(finite, jnp.maximum(1 + d * jnp.where(finite, y, 0), 0), 0)
         g = lax.integer_pow(b, n - 1) if n > 1 else (b > 0).astype(b.dtype)
         return (b * g if n > 1 else b), g
-    base = 1 + d * y
-    off = ~finite | (base <= 0)  # nan is not "off": it propagates
-    # log p = log1p(d y) / d, -> y at d = 0, with the division done once per row (d is one value
-    # per row). Clamping d y at -1 (log1p = -inf, so p = 0) rather than selecting with ``off``
-    # keeps p right where XLA computes ``base`` once with a fused multiply-add and once without
-    # (off = True in one fusion only).
-    if isinstance(d, float):  # a static alpha: no select on a Python bool (Triton mistypes it)
-        log_p = y if d == 0 else log1p(jnp.maximum(d * y, -1)) * (1 / jnp.asarray(d, y.dtype))
-    else:
-        inverse = 1 / jnp.where(d == 0, 1, d)
-        log_p = jnp.where(d == 0, y, log1p(jnp.maximum(d * y, -1)) * inverse)
-    p = jnp.where(off, 0, jnp.exp(log_p))
-    g = jnp.where(off, 0, p / jnp.maximum(base, jnp.finfo(base.dtype).tiny))
+    if isinstance(d, float) and d == 0:
+        p = jnp.exp(y)
+        return p, p
+    if not isinstance(d, float):
+        # Rows at alpha = 1 take a tiny d: log1p(d y) / d is y to rounding there (an exact
+        # scaling by a power of 2, far from underflow), with no select per entry.
+        d = jnp.where(d == 0, _SOFTMAX_D, d)
+    # log p = log1p(d y) / d, with the division done once per row (d is one value per row).
+    # d y clamped at -1 gives log1p = -inf, so p = 0 off the support and where y = -inf (no
+    # mask is computed, stored and read by the passes; nan propagates); g = p / base is 0 there
+    # too. p depends on nothing else, so its bits are the same wherever XLA computes it, with a
+    # fused multiply-add or without.
+    log_p = log1p(jnp.maximum(d * y, -1)) * (1 / jnp.asarray(d, y.dtype))
+    p = jnp.exp(log_p)
+    g = p / jnp.maximum(1 + d * y, jnp.finfo(y.dtype).tiny)
     return p, g
 
 
@@ -331,9 +335,7 @@ def _entmax_theta(
         # A pass with an exp and a log1p per entry is computed as a loop fusion and summed on
         # its own (on XLA:CPU a reduction that computes its operand does so without vectors,
         # several times slower); integer powers are cheap enough to sum as they are computed.
-        if halley_steps:
-            return _backend.row_sum(a, axis)
-        return jnp.sum(a, axis=axis, keepdims=True)
+        return _backend.row_sum(a, axis, cheap=not halley_steps)
 
     def body(state):
         theta, lo, hi, h_last, frozen, _, it = state
@@ -526,7 +528,7 @@ def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, 
     buffers would be paid by every learned alpha.)
     """
     p, _ = deformed_exp(z - theta, d)
-    sp = jnp.sum(p, axis=axis, keepdims=True)
+    sp = _backend.row_sum(p, axis, cheap=True)
     if not refines(d):
         return safe_divide(p, sp)
     c_hi = theta - 1 / d
@@ -660,7 +662,7 @@ def _normmax_loop(
 def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis: int):
     """``q / sum(q)`` with ``q_j = [z_j - tau]_+^(1/(alpha - 1))``."""
     q = power(jnp.maximum(z - tau, 0), 1 / (alpha - 1))
-    return safe_divide(q, jnp.sum(q, axis=axis, keepdims=True))
+    return safe_divide(q, _backend.row_sum(q, axis, cheap=True))
 
 
 # --------------------------------------------------------------------------------------------------
