@@ -153,8 +153,12 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
                 f"{name}: integer labels must have the logits' shape without {rows.text}, "
                 f"{row_shape}, got {array.shape}."
             )
-        array = rows.arrange_rows(array)
-        known = None if known is None else rows.arrange_rows(known)
+        # Ids are widened to the widest signed integer: in int8/uint8/int16 the one-hot's class
+        # index (in the labels' dtype) and the comparisons with ``k`` and ``ignore_index`` wrap
+        # around; unsigned ids that do not fit become negative, out of range as they were.
+        wide = jax.dtypes.canonicalize_dtype(jnp.int64)
+        array = rows.arrange_rows(array.astype(wide))
+        known = None if known is None else rows.arrange_rows(known.astype(np.int64))
         if ignore_index is not None:
             ignored = jnp.expand_dims(array == ignore_index, axis)
             array = jnp.where(array == ignore_index, 0, array)

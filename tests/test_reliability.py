@@ -120,6 +120,27 @@ def test_an_iterated_row_does_not_depend_on_how_long_the_others_iterate(f, k):
     np.testing.assert_array_equal(with_easy, with_slow)
 
 
+@pytest.mark.parametrize(
+    "f, ref, c, noise",
+    [
+        (lambda x: sm.entmax(x, alpha=1.1), lambda x: reference.entmax(x, 1.1), 7.36, 1e-3),
+        (lambda x: sm.entmax(x, alpha=1.3), lambda x: reference.entmax(x, 1.3), 3.0, 1e-3),
+        (lambda x: sm.normmax(x, alpha=1.5), lambda x: reference.normmax(x, 1.5), 1.0, 1e-2),
+    ],
+    ids=["alpha=1.1", "alpha=1.3", "normmax"],
+)
+def test_a_long_row_with_one_large_entry_is_exact_in_a_batch(f, ref, c, noise):
+    # One large entry (0.87 at alpha 1.1) and 131071 small ones in the support: a reduction that
+    # adds them one by one to the large one loses their low bits. alpha 1.1 was off by 1.5e-4
+    # and normmax 1.5 by 7e-5 in a batch (their threshold's sums), exact alone.
+    n = 131072
+    tail = -c + noise * np.random.default_rng(0).normal(size=n - 1)
+    x = np.stack([np.r_[0.0, tail]] * 2).astype(np.float32)
+    expected = ref(x[:1].astype(np.float64))[0]
+    for out in (f(jnp.asarray(x))[1], f(jnp.asarray(x[0]))):
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Invalid traced parameters: nan output and nan gradients.
 
@@ -276,6 +297,24 @@ def test_ignore_index_gives_loss_zero_and_zero_gradient():
     np.testing.assert_allclose(per[0], losses.entmax15_loss(x[:1], labels[:1])[0], rtol=1e-6)
     grad = jax.jit(jax.grad(mean_loss))(x)
     assert np.all(np.asarray(grad)[[1, 3]] == 0) and np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint32])
+def test_narrow_integer_labels_are_the_same_class_ids(dtype):
+    # In int8/uint8/int16 the one-hot's class index wrapped around (class 1 of 300 in uint8 was
+    # also class 257: loss 1 for a perfect prediction), and so did ignore_index=-100 (uint8: 156).
+    k = 2 * int(np.iinfo(dtype).max) + 50 if np.dtype(dtype).itemsize < 4 else 300  # wraps
+    x = jnp.zeros((2, k), F32).at[:, 1].set(1.0)
+    labels = np.array([1, min(k - 1, np.iinfo(dtype).max)], dtype)
+    wide = labels.astype(np.int32)
+    for fn in (losses.sparsemax_loss, losses.softmax_loss, jax.jit(losses.entmax15_loss)):
+        np.testing.assert_array_equal(fn(x, labels), fn(x, wide))
+        grads = [jax.grad(lambda x, y=y, f=fn: f(x, y).sum())(x) for y in (labels, wide)]
+        np.testing.assert_array_equal(*grads)
+    np.testing.assert_array_equal(
+        losses.sparsemax_loss(x, labels, ignore_index=-100),
+        losses.sparsemax_loss(x, wide, ignore_index=-100),
+    )
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
