@@ -38,6 +38,7 @@ import operator
 from functools import partial
 from typing import Any
 from typing import NamedTuple
+from typing import TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +149,8 @@ def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float
     """``alpha`` as a Python float (compiled in) or a per-head array ``[1, K, G, 1, 1]``."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: alpha must be a number or an array of shape (heads,), got bool.")
-    if isinstance(value, (int, float, np.number)):
-        number = float(value)
+    number = _args.static_number(value)  # a concrete 0-d array too, as smvariants.entmax takes it
+    if number is not None:
         if not (math.isfinite(number) and number >= 1):
             raise ValueError(f"{name}: alpha must be finite and >= 1, got {value}.")
         return number
@@ -436,6 +437,17 @@ def _d(statics: Statics, alpha: jax.Array | None) -> Any:
     return alpha - 1
 
 
+def _refines(d: Any) -> TypeGuard[float]:
+    """Whether the threshold is carried beyond float precision: a Python-number alpha >= 2.
+
+    As :func:`smvariants._solvers.entmax_refined_output` does above 2, and at 2 too, where
+    ``smvariants.entmax`` takes sparsemax's closed form: the weights ``[1 + (z - theta)]_+`` of
+    a dense row (about ``1/support`` each, ``theta`` near 1) carry ``theta``'s absolute rounding,
+    8e-3 relative at 32768 near-equal keys.
+    """
+    return isinstance(d, float) and d >= 1
+
+
 def _row_max(s: jax.Array) -> jax.Array:
     """The row maximum clamped to the lowest finite float (so that ``-inf - m`` stays ``-inf``)."""
     return jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(s.dtype).min)
@@ -541,7 +553,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     bound = _solvers.mean_bound(total, n, d)  # total is relative to the running maximum, m
     theta = jnp.where(bad, jnp.maximum(theta, bound), theta)
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
-    if not _solvers.refines(d):
+    if not _refines(d):
         return m, (theta,)
     # alpha > 2: the threshold carried beyond float precision (_solvers.entmax_refined_output), on
     # the candidates where they hold the support at it, else over the chunks.
@@ -575,7 +587,7 @@ def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tupl
     if statics.alpha == 1:
         p = jnp.exp(s - m - threshold[0])
         return p, p
-    if _solvers.refines(d):
+    if _refines(d):
         c_hi, c_lo = threshold
         return _solvers.refined_mass(s - m, c_hi, c_lo, d)
     return _solvers.deformed_exp(s - m - threshold[0], d)

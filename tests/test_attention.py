@@ -285,6 +285,41 @@ def test_alpha_above_two_is_refined_on_both_paths(alpha, implementation):
     assert_close(np.asarray(out)[0, :, 0], expected, tol=2e-7 if alpha == 3 else 2e-4)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_alpha_two_is_exact_on_dense_rows(implementation):
+    # 4096 near-equal scores at alpha = 2: weights of about 1/4096 each, as [1 + (z - theta)]_+
+    # with theta near 1, carried theta's rounding on the chunked path (outputs off by 1e-3
+    # relative); like alpha > 2, the threshold is now carried beyond float precision there.
+    rng = np.random.default_rng(0)
+    k = (1e-6 * rng.normal(size=(1, 4096, 1, 8))).astype(np.float32)
+    v = rng.normal(size=(1, 4096, 1, 8)).astype(np.float32)
+    q = np.eye(8, dtype=np.float32)[None, :, None]  # query i scores key j as k[j, i]
+    out = attention.dot_product_attention(
+        q, k, v, alpha=2.0, scale=1.0, implementation=implementation
+    )
+    w = reference.sparsemax(k[0, :, 0].T.astype(np.float64))  # [query, key]
+    expected = w @ v[0, :, 0].astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out)[0, :, 0], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 4.0])
+def test_a_concrete_scalar_alpha_is_the_number(alpha, implementation):
+    # As smvariants.entmax takes it: np.float32(4.0) and a concrete jnp.float32(4.0) are the
+    # Python number 4.0 (refined above 2, the exact forms at 1.5 and 2), not a per-head array.
+    g = np.float32(0.3323333263397217)  # the second weight's base cancels at alpha = 4
+    q = jnp.array([1.0, 0.0], jnp.float32).reshape(1, 1, 1, 2)
+    k = jnp.array([[0.0, 0.0], [-g, 0.0]], jnp.float32).reshape(1, 2, 1, 2)  # scores [0, -g]
+    v = jnp.eye(2, dtype=jnp.float32).reshape(1, 2, 1, 2)  # the output is the weights
+    number = attention.dot_product_attention(
+        q, k, v, alpha=alpha, scale=1.0, implementation=implementation
+    )
+    for concrete in (np.float32(alpha), jnp.float32(alpha)):
+        out = attention.dot_product_attention(
+            q, k, v, alpha=concrete, scale=1.0, implementation=implementation
+        )
+        np.testing.assert_array_equal(out, number)
+
+
 def test_a_window_wider_than_the_rows_masks_nothing_more(implementation):
     """A window of 2^31 - 1 or more (for "unbounded") is the causal mask with a right size of 0;
     it wrapped around in int32 (keys inside the window were masked), or overflowed."""
