@@ -63,7 +63,7 @@ def row_sum(a: jax.Array, axis: int, cheap: bool = False) -> jax.Array:
     from a buffer of their own (:func:`own_buffer`): XLA:CPU fuses a cheap producer into the
     reduction, which then adds a row's entries one by one, and a row with one large entry loses
     the low bits of all the others (an alpha = 1.1 threshold off by 5e-4 at 131072 entries,
-    against 1e-8 when the reduction reads stored entries). Elsewhere a plain reduction. A dot's
+    against 6e-8 when the reduction reads stored entries). Elsewhere a plain reduction. A dot's
     accumulation order depends on the batch, so closed forms that need an accurate sum use
     :func:`smvariants._numerics.accurate_sum` instead.
     """

@@ -506,7 +506,10 @@ def _norm_root_by_columns(
     return theta, trips
 
 
-_REFINE_STEPS = 16  # steps on the low part of the threshold for alpha > 2
+# Steps on the low part of the threshold for alpha > 2; at alpha = 2 (the chunked attention's),
+# where the mass is piecewise linear in it, Newton and regula falsi end on the root in a few.
+_REFINE_STEPS = 16
+_REFINE_STEPS_LINEAR = 4
 
 
 def refines(d: jax.Array | float | None) -> TypeGuard[float]:
@@ -562,11 +565,11 @@ def refine_low_part(sums, d: float, residual: jax.Array) -> tuple[jax.Array, jax
 
     ``sums(c_lo) -> (sum q, sum q / base)`` per row (:func:`refined_mass` summed over the row);
     ``residual`` (per row) is what an iterate must beat to be kept (``inf``: any). A fixed number
-    of root-finding steps on ``sum q = 1``: Illinois (regula falsi that halves a stale end's
-    residual) once the root is bracketed, Newton before that (near the edge of the support the
-    sum behaves like a power below 1 of ``c_lo``, where Newton alone creeps up on the root). The
-    iterate with the smallest residual ``|sum q - 1|`` is returned (0 where none beat
-    ``residual``).
+    of root-finding steps on ``sum q = 1`` (4 at ``d = 1``, 16 above): Illinois (regula falsi
+    that halves a stale end's residual) once the root is bracketed, Newton before that (near the
+    edge of the support the sum behaves like a power below 1 of ``c_lo``, where Newton alone
+    creeps up on the root). The iterate with the smallest residual ``|sum q - 1|`` is returned
+    (0 where none beat ``residual``).
     """
 
     def step(_, state):
@@ -590,7 +593,8 @@ def refine_low_part(sums, d: float, residual: jax.Array) -> tuple[jax.Array, jax
 
     zero = jnp.zeros_like(residual)
     state = (zero, zero, zero, zero, zero, zero, zero, residual)
-    *_, best, best_residual = lax.fori_loop(0, _REFINE_STEPS, step, state)
+    steps = _REFINE_STEPS_LINEAR if d == 1 else _REFINE_STEPS
+    *_, best, best_residual = lax.fori_loop(0, steps, step, state)
     return best, best_residual
 
 
