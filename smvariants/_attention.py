@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 from typing import NamedTuple
@@ -47,6 +48,7 @@ from jax import lax
 
 from smvariants import _args
 from smvariants import _solvers
+from smvariants._numerics import any_true
 from smvariants._numerics import count
 from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import safe_divide
@@ -553,44 +555,88 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     bound = _solvers.mean_bound(total, n, d)  # total is relative to the running maximum, m
     theta = jnp.where(bad, jnp.maximum(theta, bound), theta)
     theta = _newton(on_row, theta, theta, hi, ~bad, statics.max_iter)
-    if not _refines(d):
+    if isinstance(d, float) and not _refines(d):
         return m, (theta,)
     # alpha > 2: the threshold carried beyond float precision (_solvers.entmax_refined_output), on
-    # the candidates where they hold the support at it, else over the chunks.
-    c_hi = theta - 1 / d
-    infinite = jnp.full(row_shape, jnp.inf, dtype)
+    # the candidates where they hold the support at it, else over the chunks; for a per-head
+    # array, the rows above 2 where there are any (the others keep theta).
+    refined = _refined_threshold if _refines(d) else _array_refined_threshold
+    return m, refined(theta, z, dropped, m, empty, score, n_chunks, d)
 
-    def candidate_sums(c_lo):
-        q, gq = _solvers.refined_mass(z, c_hi, c_lo, d)
-        return jnp.sum(q, -1, keepdims=True), jnp.sum(gq, -1, keepdims=True)
 
-    def row_sums(c_lo):
+def _refined_threshold(theta, z, dropped, m, empty, score, n_chunks, d):
+    """``(c_hi, c_lo)``: ``theta - 1/d`` carried beyond float precision (``d >= 1``)."""
+    start = theta - 1 / d
+    zero = jnp.zeros_like(theta)
+
+    def candidate_stats(c_hi, c_lo):
+        return _solvers.refined_stats(z - c_hi, c_lo, d, -1)
+
+    def row_stats(c_hi, c_lo):
         def add(carry, i):
-            q, gq = _solvers.refined_mass(score(i) - m, c_hi, c_lo, d)
-            sq, sgq = carry
-            return (sq + jnp.sum(q, -1, keepdims=True), sgq + jnp.sum(gq, -1, keepdims=True)), None
+            chunk = _solvers.refined_stats((score(i) - m) - c_hi, c_lo, d, -1)
+            return _solvers.add_stats(carry, chunk), None
 
-        return lax.scan(add, (zero, zero), jnp.arange(n_chunks, dtype=jnp.int32))[0]
+        init = (zero, zero, zero - jnp.inf, zero)
+        return lax.scan(add, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
-    c_lo, _ = _solvers.refine_low_part(candidate_sums, d, infinite)
+    c_hi, c_lo = _solvers.refine_threshold(candidate_stats, start, d)
     beyond = (d * ((dropped - m - c_hi) - c_lo) > 0) & ~empty
 
     def over_rows():
-        return jnp.where(beyond, _solvers.refine_low_part(row_sums, d, infinite)[0], c_lo)
+        row_hi, row_lo = _solvers.refine_threshold(row_stats, start, d)
+        return jnp.where(beyond, row_hi, c_hi), jnp.where(beyond, row_lo, c_lo)
 
-    c_lo = lax.cond(jnp.any(beyond), over_rows, lambda: c_lo)
-    return m, (c_hi, c_lo)
+    return lax.cond(any_true(beyond), over_rows, lambda: (c_hi, c_lo))
+
+
+def _array_refined_threshold(theta, z, dropped, m, empty, score, n_chunks, d):
+    """``(theta, c_hi, c_lo)`` for a per-head ``d``: the rows above 2 refined where there are any.
+
+    :func:`_refined_threshold` of those rows (``c_hi = c_lo = 0`` if there are none);
+    :func:`_by_form` picks the probabilities to match.
+    """
+    above = jnp.broadcast_to(d > 1, theta.shape)
+
+    def refine():
+        d_above = jnp.where(above, d, 2)
+        return _refined_threshold(theta, z, dropped, m, empty, score, n_chunks, d_above)
+
+    zero = jnp.zeros_like(theta)
+    return (theta, *lax.cond(any_true(above), refine, lambda: (zero, zero)))
 
 
 def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tuple, d: Any):
-    """A chunk's ``(p, g)`` (before normalisation) from its scores and :func:`_threshold`'s."""
+    """A chunk's ``(p, g)`` (before normalisation) from its scores and :func:`_threshold`'s.
+
+    ``threshold``: ``(theta,)``, ``(c_hi, c_lo)``, or ``(theta, c_hi, c_lo)`` (a per-head alpha:
+    the rows above 2 from the second form, the others from the first).
+    """
     if statics.alpha == 1:
         p = jnp.exp(s - m - threshold[0])
         return p, p
-    if _refines(d):
+    if len(threshold) == 1:
+        return _solvers.deformed_exp(s - m - threshold[0], d)
+    if len(threshold) == 2:
         c_hi, c_lo = threshold
-        return _solvers.refined_mass(s - m, c_hi, c_lo, d)
-    return _solvers.deformed_exp(s - m - threshold[0], d)
+        return _solvers.refined_mass((s - m) - c_hi, c_lo, d)
+    theta, c_hi, c_lo = threshold
+    above = d > 1
+    plain = _solvers.deformed_exp(s - m - theta, d)
+    refined = _solvers.refined_mass((s - m) - c_hi, c_lo, jnp.where(above, d, 2))
+    return tuple(jnp.where(above, r, p) for r, p in zip(refined, plain, strict=True))
+
+
+def _by_form(threshold: tuple, d: Any, run: Callable[[tuple], Any]) -> Any:
+    """``run(threshold)``, a pass over the chunks, with the threshold's cheapest form.
+
+    A per-head alpha's ``(theta, c_hi, c_lo)`` runs in a ``cond`` on whether a row is above 2,
+    whose other branch passes ``(theta,)`` alone: the mixed form computes both forms of every
+    probability.
+    """
+    if len(threshold) < 3:
+        return run(threshold)
+    return lax.cond(any_true(d > 1), lambda: run(threshold), lambda: run(threshold[:1]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -609,7 +655,7 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
     softmax = statics.alpha == 1
     zero_rows = jnp.zeros(row_shape, dtype)
 
-    def accumulate(carry, i):
+    def accumulate(threshold, carry, i):
         vc = lax.dynamic_slice_in_dim(v, i * statics.chunk, statics.chunk, axis=2)
         p, g = _probabilities(statics, score(i), m, threshold, d)
         out, sp, w, sg = carry
@@ -622,7 +668,12 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
 
     zero_out = jnp.zeros(q.shape[:-1] + (v.shape[-1],), dtype)
     init = (zero_out, zero_rows, zero_out, zero_rows)
-    (out, sp, w, sg), _ = lax.scan(accumulate, init, jnp.arange(n_chunks, dtype=jnp.int32))
+
+    def run(threshold):
+        return lax.scan(partial(accumulate, threshold), init, chunks)[0]
+
+    chunks = jnp.arange(n_chunks, dtype=jnp.int32)
+    out, sp, w, sg = _by_form(threshold, d, run)
     out = safe_divide(out, sp)  # renormalised once; a fully masked row: 0 / 0 -> 0
     if softmax:
         w = out
@@ -654,7 +705,7 @@ def _chunked_bwd(statics, residuals, d_out):
     centre = jnp.sum(d_out * w, -1, keepdims=True)
     zero_rows = jnp.zeros(centre.shape, dtype)
 
-    def step(carry, i):
+    def step(threshold, carry, i):
         dq, d_bias, d_alpha = carry
         kc = lax.dynamic_slice_in_dim(k, i * c, c, axis=2)
         vc = lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
@@ -677,7 +728,11 @@ def _chunked_bwd(statics, residuals, d_out):
 
     d_bias0 = None if bias is None else jnp.zeros(bias.shape, dtype)
     init = (jnp.zeros_like(q), d_bias0, zero_rows)
-    (dq, d_bias, d_rows), (dk, dv) = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
+
+    def run(threshold):
+        return lax.scan(partial(step, threshold), init, jnp.arange(n_chunks, dtype=jnp.int32))
+
+    (dq, d_bias, d_rows), (dk, dv) = _by_form(threshold, d, run)
 
     def unchunk(a):  # [n, B, K, C, H] -> [B, K, n C, H]
         return jnp.moveaxis(a, 0, 2).reshape(k.shape)

@@ -506,96 +506,202 @@ def _norm_root_by_columns(
     return theta, trips
 
 
-# Steps on the low part of the threshold for alpha > 2; at alpha = 2 (the chunked attention's),
-# where the mass is piecewise linear in it, Newton and regula falsi end on the root in a few.
-_REFINE_STEPS = 16
+# Passes of the refinement of alpha > 2's threshold (at alpha = 2, the chunked attention's, the
+# mass is piecewise linear in it and Newton ends on the root in a few).
+_REFINE_STEPS = 8
 _REFINE_STEPS_LINEAR = 4
 
 
 def refines(d: jax.Array | float | None) -> TypeGuard[float]:
-    """Whether :func:`entmax_refined_output` refines: ``d = alpha - 1 > 1``, a Python number."""
+    """Whether :func:`entmax_refined_output` refines every row: ``d = alpha - 1 > 1``, a number."""
     return isinstance(d, float) and d > 1
 
 
-def entmax_refined_output(z: jax.Array, theta: jax.Array, d: jax.Array | float, axis: int):
-    """alpha-entmax from its threshold, accurate also where ``alpha > 2`` makes it ill-conditioned.
+def entmax_refined_output(
+    x: jax.Array,
+    m: jax.Array,
+    temperature: jax.Array | None,
+    theta: jax.Array,
+    d: jax.Array | float,
+    axis: int,
+):
+    """alpha-entmax of the rows ``z = scale(x, m, temperature)`` from their threshold ``theta``.
 
-    The output is ``deformed_exp(z - theta)``, renormalised once. For a Python-number ``d > 1``
-    (alpha > 2), ``g = p^(1 - d)`` is unbounded at the edge of the support: one ulp of ``theta``
-    moves the sum by ``sum(g) ulp(theta)`` (1e-3 on near-equal float32 rows at alpha = 4), and
-    the base ``1 + d (z - theta)`` of a small entry cancels. There the threshold is rewritten as
-    ``c = theta - 1/d``, so that the base is ``d (z - c)``, whose subtraction is exact near the
-    edge (Sterbenz), and ``c`` is carried beyond its own precision as ``c_hi + c_lo``
-    (:func:`refine_low_part`), applied as ``(z - c_hi) - c_lo`` (:func:`refined_mass`), where its
-    residual beats the plain output's. (An array alpha is not refined: the extra passes and
-    buffers would be paid by every learned alpha.)
+    The output is ``deformed_exp(z - theta)``, renormalised once. Above alpha = 2 that is
+    ill-conditioned: ``g = p^(1 - d)`` is unbounded at the edge of the support, so one ulp of
+    ``theta`` moves the sum by ``sum(g) ulp(theta)`` (1e-3 on near-equal float32 rows at
+    alpha = 4), and the base ``1 + d (z - theta)`` of a small entry cancels. There the threshold
+    is rewritten as ``c = theta - 1/d``, so that the base is ``d (z - c)``, and carried beyond its
+    own precision as ``c_hi + c_lo`` (:func:`refine_threshold`), applied as ``(z - c_hi) - c_lo``
+    (:func:`refined_mass`). For an array ``d`` (an array or traced alpha) the rows above 2 are
+    refined where there are some: a ``cond``, whose branches compute ``z`` from ``x`` (a learned
+    alpha below 2 pays for the test only).
     """
-    p, _ = deformed_exp(z - theta, d)
-    sp = _backend.row_sum(p, axis, cheap=True)
-    if not refines(d):
-        return safe_divide(p, sp)
-    c_hi = theta - 1 / d
-
-    def sums(c_lo):
-        # Recomputed from z in every pass (no full-size buffer kept across the loop but z).
-        q, gq = refined_mass(z, c_hi, c_lo, d)
-        return jnp.sum(q, axis=axis, keepdims=True), jnp.sum(gq, axis=axis, keepdims=True)
-
-    best, best_residual = refine_low_part(sums, d, jnp.abs(sp - 1))
-    refined, _ = refined_mass(z, c_hi, best, d)
-    better = best_residual < jnp.abs(sp - 1)
-    sr = jnp.sum(refined, axis, keepdims=True)
-    return jnp.where(better, safe_divide(refined, sr), safe_divide(p, sp))
+    if not isinstance(d, float | int):
+        return _array_output(x, m, temperature, theta, d, axis)
+    z = scale(x, m, temperature)
+    p = _refined_mass(lambda: z, theta, d, axis) if refines(d) else deformed_exp(z - theta, d)[0]
+    return safe_divide(p, _backend.row_sum(p, axis, cheap=True))
 
 
-def refined_mass(z: jax.Array, c_hi: jax.Array, c_lo: jax.Array, d: float):
-    """``q = [d ((z - c_hi) - c_lo)]_+^(1/d)`` and ``q / base`` (``nan`` where ``base`` is).
+def _refined_mass(z_of, theta, d, axis):
+    """:func:`refined_mass` of the rows ``z_of()`` (``d > 1``) at their refined threshold.
 
-    alpha-entmax's output before normalisation at the threshold ``theta = c_hi + c_lo + 1/d``,
-    and ``-dq/dc_lo``.
+    The refinement (:func:`refine_threshold`) starts from the threshold ``theta``.
     """
-    base = d * ((z - c_hi) - c_lo)
+
+    def stats(c_hi, c_lo):
+        return refined_stats(z_of() - c_hi, c_lo, d, axis)
+
+    c_hi, c_lo = refine_threshold(stats, theta - 1 / d, d)
+    return refined_mass(z_of() - c_hi, c_lo, d)[0]
+
+
+def _array_output(x, m, temperature, theta, d, axis):
+    """:func:`entmax_refined_output` for an array ``d``: the rows above 2 refined if there are any.
+
+    One test for the whole batch under ``vmap`` too (the mapped dimension joins the rows: ``vmap``
+    of a ``cond`` on a mapped predicate runs both branches).
+    """
+    has_t = temperature is not None
+
+    def output(x, m, theta, d, *temperature):
+        above = d > 1
+
+        def z_of():  # computed where it is used: x is a buffer already, z would be another
+            return scale(x, m, temperature[0] if has_t else None)
+
+        def normalised(p):
+            return safe_divide(p, _backend.row_sum(p, axis, cheap=True))
+
+        def plain():
+            return normalised(deformed_exp(z_of() - theta, d)[0])
+
+        def refined():  # rows at or below 2 keep the plain output
+            q = _refined_mass(z_of, theta, jnp.where(above, d, 2), axis)
+            return normalised(jnp.where(above, q, deformed_exp(z_of() - theta, d)[0]))
+
+        return lax.cond(any_true(above), refined, plain)
+
+    operands = (x, m, theta, d, *([temperature] if has_t else []))
+    if _backend.in_kernel():  # a block of rows, never mapped
+        return output(*operands)
+    mapped = jax.custom_batching.custom_vmap(output)
+
+    @mapped.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        x_, m_, theta_, d_, *t_ = (
+            mapped_in_front(a, b, x.ndim + 1) for a, b in zip(args, in_batched, strict=True)
+        )
+        x_ = jnp.broadcast_to(x_, (axis_size, *x.shape))
+        return _array_output(x_, m_, t_[0] if has_t else None, theta_, d_, axis + 1), True
+
+    return mapped(*operands)
+
+
+def refined_mass(y: jax.Array, c_lo: jax.Array, d: jax.Array | float):
+    """``q = [d (y - c_lo)]_+^(1/d)`` and ``q / base`` (``nan`` where ``base`` is).
+
+    With ``y = z - c_hi``: alpha-entmax's output before normalisation at the threshold
+    ``theta = c_hi + c_lo + 1/d``, and ``-dq/dc_lo``. ``y`` is exact near the edge of the support
+    (Sterbenz: ``c_hi`` is within a factor 2 of the entries there).
+    """
+    base = d * (y - c_lo)
     on = base > 0
     q = jnp.where(on, jnp.exp(jnp.log(jnp.where(on, base, 1)) / d), 0)
     return jnp.where(jnp.isnan(base), jnp.nan, q), jnp.where(on, q / base, 0)
 
 
-def refine_low_part(sums, d: float, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The low part ``c_lo`` of :func:`entmax_refined_output`'s threshold, and its residual.
+def refined_stats(y: jax.Array, c_lo: jax.Array, d: jax.Array | float, axis: int) -> tuple:
+    """What :func:`refine_threshold` needs of rows ``y = z - c_hi`` at ``c_lo``, per row.
 
-    ``sums(c_lo) -> (sum q, sum q / base)`` per row (:func:`refined_mass` summed over the row);
-    ``residual`` (per row) is what an iterate must beat to be kept (``inf``: any). A fixed number
-    of root-finding steps on ``sum q = 1`` (4 at ``d = 1``, 16 above): Illinois (regula falsi
-    that halves a stale end's residual) once the root is bracketed, Newton before that (near the
-    edge of the support the sum behaves like a power below 1 of ``c_lo``, where Newton alone
-    creeps up on the root). The iterate with the smallest residual ``|sum q - 1|`` is returned
-    (0 where none beat ``residual``).
+    ``(sum q, sum q / base, kink, ties)`` of :func:`refined_mass`: ``kink`` is the largest ``y``
+    off the support (where the next entries enter it as ``c_lo`` decreases; ``-inf`` if none),
+    ``ties`` how many entries are there. Chunks of a row combine with :func:`add_stats`.
+    """
+    base = d * (y - c_lo)
+    on = base > 0
+    q = jnp.exp(jnp.log(jnp.maximum(base, 0)) / d)  # 0 off the support, nan where base is
+    gq = jnp.where(on, q / base, 0)
+    off = jnp.where(on, -jnp.inf, y)
+    if _backend.in_kernel():  # rows in registers
+        kink = jnp.max(off, axis, keepdims=True)
+        ties = jnp.sum(off == kink, axis, keepdims=True, dtype=y.dtype)
+        return jnp.sum(q, axis, keepdims=True), jnp.sum(gq, axis, keepdims=True), kink, ties
+    # q is stored (its exp and log run vectorised) and summed as stored entries (to rounding:
+    # see _backend.row_sum); the rest in one reduction that computes its own operands (separate
+    # reductions would read them stored on the CPU: two more buffers of the rows' size).
+    q = _backend.own_buffer(q)
+    gq = jnp.where(on, q / base, 0)
+
+    def combine(a, b):
+        return a[0] + b[0], *_top_with_ties(a[1:], b[1:])
+
+    axis = axis % y.ndim
+    operands = (gq, off, jnp.ones_like(y))
+    inits = tuple(jnp.array(v, y.dtype) for v in (0, -jnp.inf, 0))
+    rest = (jnp.expand_dims(r, axis) for r in lax.reduce(operands, inits, combine, (axis,)))
+    return _backend.row_sum(q, axis, cheap=True), *rest
+
+
+def add_stats(a: tuple, b: tuple) -> tuple:
+    """:func:`refined_stats` of two chunks of the same rows, combined."""
+    return a[0] + b[0], a[1] + b[1], *_top_with_ties(a[2:], b[2:])
+
+
+def _top_with_ties(a: tuple, b: tuple) -> tuple:
+    """``(maximum, how many entries are at it)`` of two parts, from each part's."""
+    top = jnp.maximum(a[0], b[0])
+    return top, jnp.where(a[0] == top, a[1], 0) + jnp.where(b[0] == top, b[1], 0)
+
+
+def refine_threshold(stats, c_hi: jax.Array, d: jax.Array | float) -> tuple:
+    """``(c_hi, c_lo)``: alpha-entmax's threshold ``c_hi + c_lo + 1/d``, beyond float precision.
+
+    ``stats(c_hi, c_lo)`` is :func:`refined_stats` of the rows at that threshold; ``c_hi`` (per
+    row) is where it starts, within a few ulps of the root (``c_lo = 0``). A fixed number of
+    passes (4 at ``d = 1``, 8 above), each one step on ``c_lo`` safeguarded by the bracket of the
+    root seen so far:
+
+    - left of the root (``sum q > 1``): Newton on ``(sum q)^d = 1``, which is linear in ``c_lo``
+      where one cluster of equal entries holds the sum (on ``sum q`` itself Newton creeps there,
+      as on a power ``1/d``); it is concave between kinks, so Newton lands right of the root;
+    - right of it: Newton, which stays right of the root between kinks. Where it would pass the
+      next entries to enter the support (the kink), the threshold moves onto them: ``c_hi``
+      becomes their value, exactly, and ``c_lo`` is then resolved relative to it, as finely as a
+      float resolves the gap to the edge (1e-15 at alpha = 5 on a tied tail, where a ``c_lo``
+      relative to the start resolves 3e-14). From a kink the step is the power law of its
+      ``ties`` entries: ``c_lo = kink - (-(sum q - 1) / ties)^d / d``.
+
+    The iterate with the smallest residual ``|sum q - 1|`` is returned.
     """
 
     def step(_, state):
-        c, a, fa, b, fb, last, best, best_residual = state
-        sq, sgq = sums(c)
-        f = sq - 1  # decreasing in c
+        c_hi, c, a, b, best_hi, best, best_residual = state
+        sq, sgq, kink, ties = stats(c_hi, c)
+        f = sq - 1
         improved = jnp.abs(f) < best_residual
-        best = jnp.where(improved, c, best)
+        best_hi, best = jnp.where(improved, c_hi, best_hi), jnp.where(improved, c, best)
         best_residual = jnp.where(improved, jnp.abs(f), best_residual)
-        left = f > 0  # c is below the root
-        fb = jnp.where(left & (last == 1), 0.5 * fb, fb)  # a replaced twice in a row: halve fb
-        fa = jnp.where(~left & (last == -1), 0.5 * fa, fa)
-        a, fa = jnp.where(left, c, a), jnp.where(left, f, fa)
-        b, fb = jnp.where(left, b, c), jnp.where(left, fb, f)
-        last = jnp.where(left, 1, -1).astype(last.dtype)
-        bracketed = (fa > 0) & (fb < 0)
-        newton = c + safe_divide(f, d * sgq)
-        falsi = a + (b - a) * safe_divide(fa, fa - fb)
-        c = jnp.where(bracketed, falsi, newton)
-        return c, a, fa, b, fb, last, best, best_residual
+        left = f > 0
+        a, b = jnp.where(left, jnp.maximum(a, c), a), jnp.where(left, b, jnp.minimum(b, c))
+        newton = c - safe_divide(sq * jnp.expm1(-d * jnp.log(sq)), d * sgq)
+        at_kink = c == kink
+        power = kink - jnp.exp(d * jnp.log(-f / ties)) / d
+        anchor = ~left & ~at_kink & ~(newton >= kink)  # nan (no entry left): the kink too
+        new = jnp.where(left | ~at_kink, newton, power)
+        bracketed = jnp.isfinite(a) & jnp.isfinite(b)
+        new = jnp.where(bracketed & ~((new > a) & (new < b)), 0.5 * (a + b), new)
+        new = jnp.where(f == 0, c, new)
+        shift = jnp.where(anchor, kink, 0)
+        new = jnp.where(anchor, 0, new)
+        return c_hi + shift, new, a - shift, b - shift, best_hi, best, best_residual
 
-    zero = jnp.zeros_like(residual)
-    state = (zero, zero, zero, zero, zero, zero, zero, residual)
-    steps = _REFINE_STEPS_LINEAR if d == 1 else _REFINE_STEPS
-    *_, best, best_residual = lax.fori_loop(0, steps, step, state)
-    return best, best_residual
+    zero = jnp.zeros_like(c_hi)
+    state = (c_hi, zero, zero - jnp.inf, zero + jnp.inf, c_hi, zero, zero + jnp.inf)
+    steps = _REFINE_STEPS_LINEAR if isinstance(d, float) and d == 1 else _REFINE_STEPS
+    *_, best_hi, best, _ = lax.fori_loop(0, steps, step, state)
+    return best_hi, best
 
 
 # --------------------------------------------------------------------------------------------------
@@ -865,6 +971,17 @@ def scale(x: jax.Array, m: jax.Array, temperature: jax.Array | None) -> jax.Arra
     return z / temperature
 
 
+def mapped_in_front(a: jax.Array, batched: bool, rank: int) -> jax.Array:
+    """A per-row array in a ``custom_vmap`` rule, of ``rank`` with the mapped dimension in front.
+
+    A mapped ``a`` has it in front already (``(B,)`` from a scalar, or full rank); an unmapped
+    one gets a dimension of 1 there (a scalar stays a scalar).
+    """
+    if batched:
+        return a.reshape(a.shape + (1,) * (rank - a.ndim))
+    return a if a.ndim == 0 else a[None]
+
+
 def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
     """Every row's maximum ``m`` (as :func:`row_max`) and the exact threshold of ``(x - m) / T``.
 
@@ -908,12 +1025,9 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
         if not x_batched:
             x = jnp.broadcast_to(x, (axis_size,) + x.shape)
 
-        def leading(a, batched):  # a per-row parameter with the mapped dimension in front
-            if batched:  # (B,) from a scalar, or already full rank
-                return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
-            return a if a.ndim == 0 else a[None]
-
-        leading_arrays = [leading(a, b) for a, b in zip(arrays, arrays_batched, strict=True)]
+        leading_arrays = [
+            mapped_in_front(a, b, x.ndim) for a, b in zip(arrays, arrays_batched, strict=True)
+        ]
         temperature, *rest = with_arrays(leading_arrays)
         out = max_and_threshold(x, temperature, axis + 1, solve, in_support, rest)
         return out, (True, True)

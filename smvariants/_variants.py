@@ -121,7 +121,10 @@ class Variant:
         ``init`` (or ``None``).
       in_support: ``in_support(z, t, *params)``, True where an entry is in the support at ``t``
         (increasing in ``z``): the certificate of the block reduction of long rows.
-      output: ``output(z, t, axis, *params) -> p``.
+      output: ``output(x, m, temperature, t, axis, *params) -> p``, from the rows ``x``, their
+        maxima and temperature (``z = _solvers.scale(x, m, temperature)``, :func:`on_z` for an
+        output of ``z``): an output that branches computes ``z`` in its branches (a ``cond``'s
+        operands are stored buffers, and ``x`` is one already).
       g: ``g(p, *params)``, the weights of the Jacobian ``diag(g) - g g^T / sum(g)`` (0 off the
         support; ``nan`` in a ``nan`` row).
       phi: ``phi(p, axis, *params)``, the logits on the support up to a per-row constant.
@@ -175,6 +178,15 @@ def _nan_like(p: jax.Array) -> jax.Array:
 # softmax ------------------------------------------------------------------------------------------
 
 
+def on_z(output: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``output(z, t, axis, *params)`` as a :class:`Variant`'s output (of ``x, m, temperature``)."""
+
+    def of_rows(x, m, temperature, t, axis, *params):
+        return output(_solvers.scale(x, m, temperature), t, axis, *params)
+
+    return of_rows
+
+
 def _softmax_solve(z, axis, init):
     return jnp.log(jnp.sum(jnp.exp(z), axis=axis, keepdims=True))
 
@@ -192,7 +204,7 @@ SOFTMAX = Variant(
     name="softmax",
     solve=_softmax_solve,
     in_support=lambda z, t: z > -jnp.inf,
-    output=_softmax_output,
+    output=on_z(_softmax_output),
     g=lambda p: p,
     phi=lambda p, axis: _log_p(p),
     regulariser=lambda p, axis: -tsallis(p, 1.0, axis),
@@ -207,7 +219,7 @@ SPARSEMAX = Variant(
     name="sparsemax",
     solve=_solvers.sparsemax_threshold,
     in_support=lambda z, t: z > t,
-    output=lambda z, t, axis: jnp.maximum(z - t, 0),
+    output=on_z(lambda z, t, axis: jnp.maximum(z - t, 0)),
     g=lambda p: (p > 0).astype(p.dtype) + _nan_like(p),
     phi=lambda p, axis: p,
     regulariser=lambda p, axis: -tsallis(p, 2.0, axis),
@@ -222,7 +234,7 @@ ENTMAX15 = Variant(
     name="entmax15",
     solve=_solvers.entmax15_tau,
     in_support=lambda z, t: 0.5 * z > t,
-    output=lambda z, t, axis: jnp.maximum(0.5 * z - t, 0) ** 2,
+    output=on_z(lambda z, t, axis: jnp.maximum(0.5 * z - t, 0) ** 2),
     g=lambda p: power(p, 0.5),  # sqrt(p) on the support, 0 off it
     phi=lambda p, axis: 2 * power(p, 0.5),
     regulariser=lambda p, axis: -tsallis(p, 1.5, axis),
@@ -251,8 +263,8 @@ ENTMAX = Variant(
     name="entmax",
     solve=_entmax_solve,
     in_support=lambda z, t, alpha, max_iter: 1 + (alpha - 1) * (z - t) > 0,
-    output=lambda z, t, axis, alpha, max_iter: _solvers.entmax_refined_output(
-        z, t, alpha - 1, axis
+    output=lambda x, m, temperature, t, axis, alpha, max_iter: _solvers.entmax_refined_output(
+        x, m, temperature, t, alpha - 1, axis
     ),
     g=_entmax_g,
     phi=_entmax_phi,
@@ -324,7 +336,7 @@ NORMMAX = Variant(
         z, alpha, axis, max_iter, init
     ),
     in_support=lambda z, t, alpha, max_iter: z > t,
-    output=lambda z, t, axis, alpha, max_iter: _solvers.normmax_output(z, t, alpha, axis),
+    output=on_z(lambda z, t, axis, alpha, max_iter: _solvers.normmax_output(z, t, alpha, axis)),
     g=_entmax_g,  # p^(2 - alpha), as its own tangent uses it
     phi=_normmax_phi,
     regulariser=lambda p, axis, alpha, max_iter: _norm(p, axis, alpha),
@@ -354,7 +366,7 @@ BUDGET_SPARSEMAX = Variant(
         z, budget, axis, max_iter, init
     ),
     in_support=lambda z, t, budget, max_iter: z > t,
-    output=lambda z, t, axis, budget, max_iter: jnp.clip(z - t, 0, 1),
+    output=on_z(lambda z, t, axis, budget, max_iter: jnp.clip(z - t, 0, 1)),
     g=_budget_g,
     phi=lambda p, axis, budget, max_iter: p,
     regulariser=lambda p, axis, budget, max_iter: 0.5 * jnp.sum(p * p, axis, keepdims=True),
@@ -407,7 +419,7 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
 
 def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
     """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype)."""
-    p = v.output(_solvers.scale(x, m, t), tau, axis, *params)
+    p = v.output(x, m, t, tau, axis, *params)
     if t is not None:
         # x / T overflows: to +inf, a nan row (as jax.nn.softmax(x / T)); to -inf, masked.
         top = m / t
