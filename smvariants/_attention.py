@@ -484,8 +484,9 @@ def _newton(evaluate, theta, lo, hi, done, max_iter):
 def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
     """Per query row: the maximum ``m`` and the threshold (see the module docstring).
 
-    The threshold is a tuple: ``(theta,)``, or for a Python alpha > 2 ``(c_hi, c_lo)``, ``theta -
-    1/d`` carried beyond float precision (:func:`_probabilities` takes either).
+    The threshold is a tuple: ``(theta,)``; for a Python alpha >= 2 ``(c_hi, c_lo)``, ``theta -
+    1/d`` carried beyond float precision; for a per-head alpha ``(theta, c_hi, c_lo)``, the latter
+    for the rows above 2 (:func:`_probabilities` takes each).
     """
     lowest = jnp.finfo(dtype).min
     if statics.alpha == 1:

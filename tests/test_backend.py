@@ -92,7 +92,7 @@ def test_cuda_runs_kernels_and_never_waits_for_the_host(shape):
     solve and the re-solve of the rows it does not certify (``_variants.split_forward``). Their
     output is an XLA pass; where it loops (alpha > 2's refinement), a loop of a constant number
     of trips, and for an array alpha inside a ``case`` on whether any row is above 2: the one
-    wait for the host there (8 passes over every row would cost more than a wait). The
+    wait for the host there (12 passes over every row would cost more than a wait). The
     derivative rule of a normalizer (not of a loss: ``p - y``) adds a kernel, where a program
     holds its rows."""
     x = jnp.ones(shape, jnp.float32)

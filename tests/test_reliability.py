@@ -207,6 +207,34 @@ def test_alpha_above_two_keeps_a_tied_tail(alpha, k, tie):
         np.testing.assert_allclose(out, expected, atol=3e-6, err_msg=form)
 
 
+def _ulps_below(value, steps):
+    out = np.float32(value)
+    for _ in range(steps):
+        out = np.nextafter(out, np.float32(-np.inf))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("alpha", "edge", "clusters"),
+    [
+        # 10 ties 3 ulps below the single entries (an adversarial review's row).
+        (4.0, -0.31179505586624146, [(0, 1), (3, 1), (5, 10), (6, 1)]),
+        # Clusters of 2, 50, 50 and 50 one ulp apart: the last enters just at the root.
+        (4.0, -0.1309131533, [(0, 2), (3, 50), (4, 50), (5, 50)]),
+        (5.0, -0.05, [(0, 3), (1, 200), (2, 500), (4, 10)]),
+    ],
+)
+def test_alpha_above_two_on_clusters_of_near_ties_at_the_edge(alpha, edge, clusters):
+    # Clusters a few ulps apart enter the support in turn as the threshold moves: a step from
+    # one kink assumed its own ties only and overshot past the next, where the refinement then
+    # halved its bracket for its remaining passes (the 10 ties above lost 0.0087 of mass).
+    values = [np.float32(0)] + [_ulps_below(edge, k) for k, n in clusters for _ in range(n)]
+    x = np.array(values, np.float32)[None]
+    expected = reference.entmax(x.astype(np.float64), alpha=alpha)
+    for form, out in _alpha_forms(x, alpha).items():
+        np.testing.assert_allclose(out, expected, atol=5e-7, err_msg=form)
+
+
 def test_per_example_alpha_under_vmap_refines_the_rows_above_two():
     # vmap of the output's cond on a per-example predicate would run both branches; one test for
     # the batch picks one, and the rows at or below 2 keep the plain output.
