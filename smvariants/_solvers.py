@@ -622,17 +622,17 @@ def refined_stats(y: jax.Array, c_lo: jax.Array, d: jax.Array | float, axis: int
     base = d * (y - c_lo)
     on = base > 0
     q = jnp.exp(jnp.log(jnp.maximum(base, 0)) / d)  # 0 off the support, nan where base is
+    if not _backend.in_kernel():
+        # Stored (its exp and log run vectorised) and summed as stored entries (to rounding: see
+        # _backend.row_sum); the rest below in one reduction that computes its own operands
+        # (separate reductions would read them stored on the CPU: two more buffers).
+        q = _backend.own_buffer(q)
     gq = jnp.where(on, q / base, 0)
     off = jnp.where(on, -jnp.inf, y)
     if _backend.in_kernel():  # rows in registers
         kink = jnp.max(off, axis, keepdims=True)
         ties = jnp.sum(off == kink, axis, keepdims=True, dtype=y.dtype)
         return jnp.sum(q, axis, keepdims=True), jnp.sum(gq, axis, keepdims=True), kink, ties
-    # q is stored (its exp and log run vectorised) and summed as stored entries (to rounding:
-    # see _backend.row_sum); the rest in one reduction that computes its own operands (separate
-    # reductions would read them stored on the CPU: two more buffers of the rows' size).
-    q = _backend.own_buffer(q)
-    gq = jnp.where(on, q / base, 0)
 
     def combine(a, b):
         return a[0] + b[0], *_top_with_ties(a[1:], b[1:])
