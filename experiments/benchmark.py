@@ -74,7 +74,15 @@ MALLOC_ENV = {
 # 8192x32000 forward + backward takes gigabytes and minutes).
 SHAPES = ((4096, 32), (1024, 1000), (256, 32000), (32, 128000))
 LARGE_SHAPES = ((65536, 1024), (8192, 32000))
-SHAPE_ALIASES = {"default": SHAPES, "large": LARGE_SHAPES, "all": SHAPES + LARGE_SHAPES}
+# Rows of 33-512 entries (a hundred classes, attention over 128 or 512 keys), which the CPU solves
+# whole (by columns up to 32, block-reduced above 512): asked for with --shapes mid.
+MID_SHAPES = ((4096, 100), (2048, 128), (1024, 512))
+SHAPE_ALIASES = {
+    "default": SHAPES,
+    "large": LARGE_SHAPES,
+    "mid": MID_SHAPES,
+    "all": SHAPES + MID_SHAPES + LARGE_SHAPES,
+}
 QUICK_SHAPES = ((256, 32), (64, 1000))
 MODES = ("fwd", "fwd+bwd")
 # Everything a run writes: any of them marks a folder with results (refused without --force).
@@ -1065,7 +1073,7 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _shapes(text: str) -> tuple[tuple[int, ...], ...]:
-    """``BATCHxCLASSES,...`` (or default, large, all) -> shapes; the checks are in check_config."""
+    """``BATCHxCLASSES,...`` (or an alias: default, large, mid, all) -> shapes, checked later."""
     shapes: list[tuple[int, ...]] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -1093,7 +1101,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument(
         "--shapes",
         default="",
-        help="BxC,... or default, large, all (default: default, plus large on an accelerator)",
+        help="BxC,... or default, large, mid, all (default: default, plus large on an accelerator)",
     )
     parser.add_argument(
         "--dtypes", default=None, help=f"from {', '.join(DTYPES)} (default: float32,bfloat16)"

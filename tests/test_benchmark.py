@@ -179,7 +179,10 @@ def test_timing_and_shapes_by_backend():
     config, _ = benchmark.parse_args(["--shapes", "large,4x3"])
     assert config.shapes == ((65536, 1024), (8192, 32000), (4, 3))
     config, _ = benchmark.parse_args(["--shapes", "all"])
-    assert len(config.shapes) == 6
+    assert len(config.shapes) == 9
+    config, _ = benchmark.parse_args(["--shapes", "mid"])
+    assert config.shapes == benchmark.MID_SHAPES
+    assert all(32 < classes <= 512 for _, classes in config.shapes)
     config, _ = benchmark.parse_args([])
     assert config.shapes == () and config.dtypes == () and config.timing == "auto"
 
@@ -356,7 +359,7 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--dtypes", "int32"], "--dtypes takes a comma-separated list from float32, bfloat16"),
         (["--dtypes", ","], "got nothing"),
         (["--shapes", "0x32"], "both sizes >= 1, got 0x32"),
-        (["--shapes", "4x"], "--shapes takes BATCHxCLASSES,... or default, large, all, got '4x'"),
+        (["--shapes", "4x"], "--shapes takes BATCHxCLASSES,... or default, large, mid, all, got '4x'"),
         (["--shapes", "4x3x2"], "both sizes >= 1, got 4x3x2"),
         (["--repeats", "0"], "--repeats must be an integer >= 1, got 0"),
         (["--batches", "0"], "--batches must be an integer >= 1, got 0"),
