@@ -44,13 +44,17 @@ __all__ = (
 Numeric = float | int | ArrayLike
 
 
-def _loss_and_prediction(x, t, y, arrays, axis, name, statics):
+def _loss_and_prediction(x, t, y, ignored, arrays, axis, name, statics):
     """The loss of ``z = x / t`` (keeping ``axis``), the prediction ``p`` and ``zs``.
 
     ``zs`` is ``z`` shifted by its row maximum, with 0 at masked entries: the shift cancels in
-    ``<z, p - y>`` (both sum to the same total) and keeps the products small.
+    ``<z, p - y>`` (both sum to the same total) and keeps the products small. The ``ignored``
+    rows' logits are not read (zeros instead): ``nan`` or ``inf`` there would reach derivatives
+    of every order through their zero weights (``0 * nan`` is ``nan``). Here, inside the custom
+    derivative, the select saves nothing for the backward pass.
     """
     v = _variants.VARIANTS[name]
+    x = jnp.where(ignored, jnp.zeros((), x.dtype), x)
     params = _variants.merge_params(arrays, statics)
     p = _variants.CORES[name](x, t, arrays, axis, statics)
     m = row_max(x, axis)
@@ -81,7 +85,7 @@ def _off(x, m, t):
 
 @partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
 def _fy_loss(x, t, y, ignored, arrays, axis, name, statics):
-    return _loss_and_prediction(x, t, y, arrays, axis, name, statics)[0]
+    return _loss_and_prediction(x, t, y, ignored, arrays, axis, name, statics)[0]
 
 
 @partial(_fy_loss.defjvp, symbolic_zeros=True)
@@ -95,7 +99,7 @@ def _fy_loss_jvp(axis, name, statics, primals, tangents):
     x_dot, t_dot, _, _, arrays_dot = _variants.nonzero_tangents(
         tuple(tangents)
     )  # labels and the ignored rows are constants
-    loss, p, zs = _loss_and_prediction(x, t, y, arrays, axis, name, statics)
+    loss, p, zs = _loss_and_prediction(x, t, y, ignored, arrays, axis, name, statics)
     residual = jnp.where(ignored, 0, p - y)
     loss_dot = jnp.zeros_like(loss)
     if x_dot is not None:
@@ -300,13 +304,13 @@ def _loss(
     # labels' checks and the smoothing: -inf where masked, 0 elsewhere.
     z = jnp.where(_off(x, row_max(x, axis), args.t), -jnp.inf, 0).astype(x.dtype)
     y, bad, ignored = _labels(name, labels, z, args.layout, total, table.capped, ignore_index)
+    # Invalid labels that could not be checked at trace time give nan, never a wrong number: in
+    # the loss and in every derivative (p - y, and the parameters').
+    y = _args.nan_where(bad, y)
     if label_smoothing:
         y = _smooth(y, z, axis, label_smoothing, total)
     loss = _fy_loss(x, args.t, y, ignored, arrays, axis, v.name, statics)
-    # Invalid labels that could not be checked at trace time give nan, never a wrong number.
-    loss = _args.nan_where(bad, loss)
-    loss = jnp.where(ignored, 0, loss)  # loss 0 and gradient 0
-    return args.finish_rows(loss)
+    return args.finish_rows(jnp.where(ignored, 0, loss))  # loss 0 and gradient 0
 
 
 def softmax_loss(

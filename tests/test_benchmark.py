@@ -359,7 +359,10 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--dtypes", "int32"], "--dtypes takes a comma-separated list from float32, bfloat16"),
         (["--dtypes", ","], "got nothing"),
         (["--shapes", "0x32"], "both sizes >= 1, got 0x32"),
-        (["--shapes", "4x"], "--shapes takes BATCHxCLASSES,... or default, large, mid, all, got '4x'"),
+        (
+            ["--shapes", "4x"],
+            "--shapes takes BATCHxCLASSES,... or default, large, mid, all, got '4x'",
+        ),
         (["--shapes", "4x3x2"], "both sizes >= 1, got 4x3x2"),
         (["--repeats", "0"], "--repeats must be an integer >= 1, got 0"),
         (["--batches", "0"], "--batches must be an integer >= 1, got 0"),

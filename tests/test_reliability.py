@@ -5,6 +5,7 @@ parameters, float32 accuracy at alpha > 2, traced soft labels, half-precision st
 ``log_softmax`` at the float range, concrete NumPy/JAX scalars, and the losses' conveniences.
 """
 
+import functools
 import re
 
 import jax
@@ -531,6 +532,71 @@ def test_an_ignored_row_is_not_read(fn):
     loss, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, labels, ignore_index=-100)))(x)
     assert loss == fn(x[:1], labels[:1])[0]
     assert np.all(np.asarray(grad)[1:] == 0) and np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("fn", SINGLE_LABEL_LOSSES)
+def test_an_ignored_row_is_not_read_by_second_derivatives(fn):
+    """An ignored row with nan or inf logits reached a reverse-over-reverse derivative through a
+    zero (0 * nan): the second derivative in the temperature and a Hessian-vector product in the
+    logits were nan. They must equal those of the kept row alone (and forward-over-reverse's)."""
+    x = jnp.array([[1.0, 2.0, 0.5], [jnp.nan, 1.0, 0.0], [jnp.inf, 0.0, 1.0]], F32)
+    labels = jnp.array([1, -100, -100])
+
+    def in_t(t, x=x, labels=labels):
+        return jnp.sum(fn(x, labels, temperature=t, ignore_index=-100, label_smoothing=0.1))
+
+    kept = functools.partial(in_t, x=x[:1], labels=labels[:1])
+    d2 = jax.grad(jax.grad(in_t))(0.7)
+    np.testing.assert_allclose(d2, jax.grad(jax.grad(kept))(0.7), rtol=1e-5)
+    np.testing.assert_allclose(d2, jax.jacfwd(jax.grad(in_t))(0.7), rtol=1e-5)
+    v = jnp.ones_like(x)
+
+    def in_x(x):
+        return jnp.sum(fn(x, labels, ignore_index=-100))
+
+    hvp = jax.grad(lambda x: jnp.vdot(jax.grad(in_x)(x), v))(x)
+    assert np.all(np.asarray(hvp)[1:] == 0)
+    np.testing.assert_allclose(hvp[0], jax.jvp(jax.grad(in_x), (x,), (v,))[1][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [losses.entmax_loss, losses.normmax_loss])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_an_ignored_row_is_not_read_by_the_gradient_in_alpha(fn, per_row):
+    """The gradient in alpha of entmax_loss was nan (a per-row alpha: nan in the ignored row)
+    where an ignored example's logits held nan or inf: a shared, learned alpha stopped training."""
+    x = jnp.array([[1.0, 2.0, 0.5], [jnp.nan, 1.0, 2.0], [1.0, jnp.inf, 0.0]], F32)
+    labels = jnp.array([1, -100, -100])
+    alpha = jnp.array([[1.3], [1.6], [1.2]], F32) if per_row else jnp.array(1.3, F32)
+
+    def total(alpha, x=x, labels=labels):
+        return jnp.sum(fn(x, labels, alpha=alpha, ignore_index=-100))
+
+    grad = jax.grad(total)(alpha)
+    kept = jax.grad(total)(alpha[:1] if per_row else alpha, x=x[:1], labels=labels[:1])
+    np.testing.assert_allclose(np.ravel(grad)[:1], np.ravel(kept), rtol=1e-5)
+    np.testing.assert_array_equal(np.ravel(grad)[1:], 0)
+    np.testing.assert_allclose(np.ravel(grad), np.ravel(jax.jacfwd(total)(alpha)), rtol=1e-5)
+
+
+def test_invalid_traced_labels_give_nan_gradients_in_their_rows():
+    """A label out of range or on a masked class gave a nan loss under jit but a finite gradient
+    (p, as if the label were 0): a training step would have learnt from it without a sign."""
+    x = jnp.array([[0.2, 0.5, 1.0], [1.0, 2.0, 0.0], [0.3, 0.1, 0.2]], F32)
+    where = jnp.array([[True] * 3, [True, True, False], [True] * 3])
+
+    def grads(fn, labels, **kwargs):  # labels traced: not checked before the program runs
+        return np.asarray(jax.jit(jax.grad(lambda x, y: jnp.sum(fn(x, y, **kwargs))))(x, labels))
+
+    for fn in SINGLE_LABEL_LOSSES:
+        out = grads(fn, jnp.array([5, 0, 1]), where=where)  # row 0: class 5 of 3
+        assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()
+        out = grads(fn, jnp.array([1, 2, 0]), where=where)  # row 1: a masked class
+        assert np.isnan(out[1, :2]).all() and np.isfinite(np.delete(out, 1, 0)).all()
+    soft = jnp.array([[0.5, 0.6, -0.1], [0.2, 0.3, 0.5], [0.7, 0.0, 0.0]], F32)  # rows 0, 2 bad
+    out = grads(losses.softmax_loss, soft)
+    assert np.isnan(out[[0, 2]]).all() and np.isfinite(out[1]).all()
+    d_t = jax.grad(lambda t, y: jnp.sum(losses.sparsemax_loss(x, y, temperature=t)))
+    assert np.isnan(jax.jit(d_t)(0.7, jnp.array([5, 0, 1])))
 
 
 def test_made_losses_refuse_unknown_keywords():
