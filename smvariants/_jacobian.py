@@ -132,11 +132,25 @@ def _transpose(ct, w, p, *per_row, fn, fills, axis):
 
 
 def _jvp(primals, tangents, *, fn, fills, axis):
-    """Second order: the XLA operations' derivative in every operand."""
-    tangents = [ad.instantiate_zeros(t) for t in tangents]
-    plain = partial(_plain, fn=fn, fills=fills, axis=axis)
+    """Second order: the XLA operations' derivative in the operands whose tangent is not zero.
+
+    The others are constants of the derivative, not zero tangents: a term ``t_dot / t^2`` of a
+    temperature below 1e-19 (whose square is 0 in float32) would be ``0 * inf``, ``nan`` in
+    every Hessian in the logits.
+    """
     out = _jacobian_p.bind(*primals, fn=fn, fills=fills, axis=axis)
-    return out, jax.jvp(plain, tuple(primals), tuple(tangents))[1]
+    moving = [type(t) is not ad.Zero for t in tangents]
+    if not any(moving):
+        return out, ad.Zero(out.aval.to_tangent_aval())
+
+    def plain(*varying):
+        it = iter(varying)
+        operands = [next(it) if m else p for p, m in zip(primals, moving, strict=True)]
+        return _plain(*operands, fn=fn, fills=fills, axis=axis)
+
+    varying = tuple(p for p, m in zip(primals, moving, strict=True) if m)
+    nonzero = tuple(t for t, m in zip(tangents, moving, strict=True) if m)
+    return out, jax.jvp(plain, varying, nonzero)[1]
 
 
 def _batched(operands, dims, *, fn, fills, axis):

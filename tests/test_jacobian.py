@@ -77,6 +77,37 @@ def test_derivatives_in_every_operand_are_the_operations():
     )
 
 
+def test_second_order_at_a_temperature_whose_square_underflows():
+    """Operands that are not differentiated are constants of the second-order rule."""
+    w, p = W.astype(jnp.float32), P.astype(jnp.float32)
+    t = jnp.full((4, 1), 1e-20, jnp.float32)  # t^2 flushes to 0; 1/t = 1e20 is finite
+    v = w[::-1]  # v^T J w (the sum of J w is 0 whatever p)
+    hessian = jax.hessian(lambda p: jnp.sum(_apply(w, p, t) * v))(p)
+    assert np.isfinite(hessian).all()
+    t64 = t.astype(jnp.float64)  # t^2 > 0
+    exact = jax.hessian(lambda p: jnp.sum(_apply(W, p, t64) * W[::-1]))(P)
+    exact = np.asarray(exact)
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(np.asarray(hessian) / scale, exact / scale, atol=1e-5)
+    assert jax.jvp(lambda p: _apply(w, p, t), (p,), (p,))[1].dtype == jnp.float32
+
+
+def test_hessians_in_the_logits_at_the_smallest_temperatures():
+    """Below 1.1e-19, where t^2 is 0 in float32, every variant's Hessian in the logits was nan:
+    the temperature's zero tangent entered the second-order rule as ``0 * t_dot / t^2``."""
+    import smvariants as sm
+
+    x, w = jnp.float32([0.3, 0.1, -1.0]), jnp.float32([0.0, 1.0, 2.0])
+    for t in (1e-19, 1e-30):  # sparsemax is piecewise linear: 0 however large 1/t^2 is
+        loss = lambda x, t=t: jnp.sum(sm.sparsemax(x * t, temperature=t) * w)  # noqa: E731
+        np.testing.assert_array_equal(jax.hessian(loss)(x), 0)
+        np.testing.assert_array_equal(jax.jacfwd(jax.grad(loss))(x), 0)
+    t = 1e-19  # the logits are x t / t = x: the Hessian in x is that at t = 1
+    hessian = jax.hessian(lambda x: jnp.sum(sm.entmax15(x * t, temperature=t) * w))(x)
+    at_one = jax.hessian(lambda x: jnp.sum(sm.entmax15(x, temperature=1.0) * w))(x)
+    np.testing.assert_allclose(hessian, at_one, rtol=1e-5, atol=1e-6)
+
+
 def test_half_precision_in_and_out():
     out = _apply(W.astype(jnp.bfloat16), P.astype(jnp.bfloat16), T.astype(jnp.float32))
     assert out.dtype == jnp.bfloat16
