@@ -45,7 +45,9 @@ from smvariants._numerics import tsallis
 # The derivative helpers every core shares.
 
 
-def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int, by_columns: bool = False) -> jax.Array:
+def simplex_jvp(
+    g: jax.Array, z_dot: jax.Array, axis: int, by_columns: bool = False, refine: bool = False
+) -> jax.Array:
     """``g * (z_dot - sum(g z_dot) / sum(g))``: the JVP of ``diag(g) - g g^T / sum(g)``.
 
     ``g`` multiplies once, after the sums: XLA:CPU then keeps no product ``g z_dot`` in memory.
@@ -53,13 +55,17 @@ def simplex_jvp(g: jax.Array, z_dot: jax.Array, axis: int, by_columns: bool = Fa
     is cheap to recompute in every column (an indicator: sparsemax's forward+backward at 4096x32
     in 0.76-0.83x the time); a ``g`` that is not (a power of ``p``, softmax's ``p``) compiles
     into 1.2-1.8x the code for no time saved, or recomputes the softmax in each column (8x the
-    time).
+    time). ``refine``: the centre's rounding error is summed and taken off too, for a ``g`` that
+    can exceed 1 (:func:`_entmax_tangent`).
     """
     if by_columns:
         gz, total = row_sums(lambda g, z_dot: (g * z_dot, g), (g, z_dot), axis)
     else:
         gz, total = (jnp.sum(a, axis=axis, keepdims=True) for a in (g * z_dot, g))
-    return g * (z_dot - safe_divide(gz, total))
+    centred = z_dot - safe_divide(gz, total)
+    if refine:
+        centred = centred - safe_divide(jnp.sum(g * centred, axis=axis, keepdims=True), total)
+    return g * centred
 
 
 def logit_tangent(x_dot, t, t_dot, phi: Callable[[], jax.Array]) -> Any:
@@ -133,7 +139,7 @@ class Variant:
       exact: ``exact(*params) -> name``: the variant that computes this one exactly for the given
         static parameters (e.g. entmax at alpha = 2 is sparsemax), or ``None``.
       tangent: ``tangent(p, z_dot, axis, *params)``: the JVP in the logits, where it is not the
-        ``g`` form above.
+        ``g`` form above, or where that form must be computed with care (entmax above 2).
       param_tangents: ``{name: dp_dparam(p, axis, *params)}`` for the differentiable
         parameters.
       logit_tangents: ``{name: w(p, axis, *params)}`` for parameters whose derivative is a
@@ -249,6 +255,23 @@ def _entmax_g(p, alpha, max_iter=None):
     return power(p, 2 - alpha)
 
 
+def _entmax_tangent(p, z_dot, axis, alpha, max_iter=None):
+    """``J z_dot`` of :func:`simplex_jvp` with ``g = p^(2 - alpha)``, accurate above alpha = 2.
+
+    Above 2, ``g`` is unbounded at the edge of the support: the smallest entry's ``g`` can hold
+    nearly all of ``sum(g)`` (all but 1e-10 of it for ``p = 3e-4`` at alpha = 5), so that its
+    ``z_dot - c``, ``c = sum(g z_dot) / sum(g)``, is a difference of nearly equal numbers, and
+    the rounding of ``c`` is multiplied by ``g`` (in float32, a gradient of 953 for 0.94). There
+    ``c``'s rounding error ``e = sum(g (z_dot - c)) / sum(g)`` is summed too (that entry's
+    difference is exact) and taken off as ``g ((z_dot - c) - e)``: one more sum of the row.
+    At or below 2, ``g <= 1``: nothing to amplify.
+    """
+    g = _entmax_g(p, alpha)
+    if isinstance(alpha, float | int) and alpha <= 2:
+        return simplex_jvp(g, z_dot, axis)
+    return simplex_jvp(g, z_dot, axis, refine=True)
+
+
 def _entmax_phi(p, axis, alpha, max_iter=None):
     """On the support ``z = (p^d - 1) / d + const``, -> ``log p`` as ``d = alpha - 1 -> 0``."""
     log_p = _log_p(p)
@@ -268,6 +291,7 @@ ENTMAX = Variant(
     ),
     g=_entmax_g,
     phi=_entmax_phi,
+    tangent=_entmax_tangent,
     regulariser=lambda p, axis, alpha, max_iter: -tsallis(p, alpha, axis),
     params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
     exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),

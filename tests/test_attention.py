@@ -152,6 +152,38 @@ def test_values_and_gradients_match_the_float64_reference(case, alpha, implement
         assert_close(grad, expected_grads[name], tol=tol, what=name)
 
 
+@pytest.mark.parametrize("alpha", [5.0, "array"])
+@pytest.mark.parametrize("implementation", ["xla", "chunked_small"])
+def test_key_gradient_above_two_does_not_cancel(alpha, implementation, monkeypatch):
+    # Above 2, g = p^(2 - alpha) of the smallest entry in the support can hold nearly all of
+    # sum(g); its dP - sum(g dP) / sum(g) cancelled (a key's gradient of 953 for 0.94 at alpha
+    # = 5, found by a review). Chunks of 3 keys: the smallest entry of the first query is in the
+    # second chunk, after a larger one (the chunked pass re-bases its sum there).
+    implementation = use(implementation, monkeypatch)
+    keys = np.array([0.7141161, -9, -9, -9, 0.464431, -9, -9], np.float32)
+    q = np.array([1.0, 0.5], np.float32).reshape(1, 2, 1, 1)
+    k = keys.reshape(1, 7, 1, 1)
+    v = np.array([-1.31819, 0, 0, 0, -0.3759315, 0, 0], np.float32).reshape(1, 7, 1, 1)
+    d_out = np.ones((1, 2, 1, 1), np.float32)
+    a = 5.0 if alpha != "array" else jnp.array([5.0], jnp.float32)
+
+    def loss(k, a):
+        out = attention.dot_product_attention(
+            q, k, v, alpha=a, scale=1.0, implementation=implementation
+        )
+        return jnp.sum(out * d_out)
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(k), a)).ravel()
+    # float64: (J dP)_j = sum_i g_j g_i (dP_j - dP_i) / sum(g) for each query, no cancellation.
+    p = reference.attention_weights(q, k, alpha=5.0, scale=1.0)[0, 0]  # [queries, keys]
+    on = p > 0
+    g = np.where(on, np.where(on, p, 1) ** -3.0, 0)
+    d_p = np.broadcast_to(v.astype(np.float64).ravel(), p.shape)
+    ds = (g[:, :, None] * g[:, None, :] * (d_p[:, :, None] - d_p[:, None, :])).sum(-1)
+    expected = (ds / g.sum(-1, keepdims=True) * q.ravel()[:, None]).sum(0)
+    assert_close(grad, expected, tol=2e-3, what="key")
+
+
 @pytest.mark.parametrize(
     ("case", "alpha"), [("grouped", 1.5), ("grouped", 3.0), ("lengths", "per_head")]
 )

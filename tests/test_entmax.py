@@ -157,6 +157,36 @@ def test_alpha_gradient_float32_has_no_cancellation(alpha):
     np.testing.assert_allclose(f32, f64, atol=1e-6)
 
 
+def _jacobian_times(p, w, alpha):
+    """``J w`` of alpha-entmax from float64 outputs ``p`` (rows), summed so that nothing cancels."""
+    on = p > 0
+    g = np.where(on, np.where(on, p, 1) ** (2 - alpha), 0)
+    total = g.sum(-1, keepdims=True)
+    # (J w)_j = sum_k g_j g_k (w_j - w_k) / sum(g): every term is a product of the inputs.
+    return (g[..., :, None] * g[..., None, :] * (w[..., :, None] - w[..., None, :])).sum(-1) / total
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0, 5.0, 10.0])
+@pytest.mark.parametrize("kind", ["number", "array"])
+def test_gradient_above_two_does_not_cancel(alpha, kind):
+    # Above 2, g = p^(2 - alpha) of a small entry can hold nearly all of sum(g): the row below
+    # (found by a review) had a float32 gradient of 953 for 0.94 at alpha = 5.
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [[[0.7141161] + [0.464431] + [-9.0] * 14], rng.normal(0, 0.5, (63, 16))]
+    ).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    w[0, :2] = [-1.31819, -0.3759315]
+    a = alpha if kind == "number" else jnp.full((x.shape[0], 1), alpha, jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(jnp.asarray(w) * sm.entmax(x, alpha=a)))(jnp.asarray(x))
+    p64 = reference.entmax(x.astype(np.float64), alpha)
+    expected = _jacobian_times(p64, w.astype(np.float64), alpha)
+    # Within float32's error of p at alpha > 2 (g's relative error is alpha - 2 times p's), on
+    # each row's own scale.
+    scale = np.abs(expected).max(-1, keepdims=True)
+    assert np.all(np.abs(np.asarray(grad) - expected) <= 2e-3 * scale)
+
+
 def test_alpha_gradient_keeps_few_buffers():
     """The backward pass in x and a per-row alpha: at most 3.5 input-sized buffers (temporaries
     and outputs in XLA's memory report; 6 before alpha's derivative became a logit tangent)."""
