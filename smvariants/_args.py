@@ -90,7 +90,10 @@ def is_concrete(value: Any) -> bool:
 def as_array(name: str, arg: str, value: Any) -> jax.Array:
     """``value`` as ``jnp.asarray`` makes it (so lists of numbers are accepted), else TypeError."""
     try:
-        return jnp.asarray(value)
+        # A Python number beyond float32 (without x64) becomes inf: checked and reported by the
+        # callers, with no NumPy warning of the cast on the way.
+        with np.errstate(over="ignore", under="ignore"):
+            return jnp.asarray(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: {arg} must be an array or a number, got {value!r}.") from None
 
@@ -278,12 +281,19 @@ def row_parameter(
     valid, expected = condition
     if not is_concrete(value):
         return array, ~valid(array)
-    # Checked in ``dtype``: a value that over- or underflows there is caught too.
-    values = np.asarray(value).astype(dtype)
+    # Checked in ``dtype``: a value that over- or underflows there is caught too, and shown as
+    # given with what ``dtype`` makes of it.
+    given = np.asarray(value)
+    with np.errstate(over="ignore", under="ignore"):
+        values = given.astype(dtype)
     bad = ~valid(values)
     if np.any(bad):
-        shown = values if values.ndim == 0 else values[bad][:3]
-        raise ValueError(f"{name}: {arg} must be {expected}, got {shown}.")
+        shown, as_given = (values, given) if values.ndim == 0 else (values[bad][:3], given[bad][:3])
+        in_dtype = f" ({shown} in {jnp.dtype(dtype).name})"
+        same = np.array_equal(shown, as_given, equal_nan=True)
+        raise ValueError(
+            f"{name}: {arg} must be {expected}, got {as_given}{'' if same else in_dtype}."
+        )
     return array, None
 
 

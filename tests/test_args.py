@@ -108,6 +108,17 @@ def test_invalid_alpha(alpha):
         sm.entmax(X, alpha=alpha)
 
 
+@pytest.mark.filterwarnings("error")  # no NumPy warning of the cast on the way
+def test_a_number_beyond_float32_is_shown_as_given():
+    x = jnp.ones(3, jnp.float32)
+    with pytest.raises(ValueError, match=r"temperature .*got 1e\+39 \(inf in float32\)\."):
+        sm.softmax(x, temperature=1e39)
+    with pytest.raises(ValueError, match=r"alpha .*got 1e\+39 \(inf in float32\)\."):
+        sm.entmax(x, alpha=1e39)
+    with pytest.raises(ValueError, match=r"alpha must be finite and >= 1, got 0\.5\.$"):
+        sm.entmax(x, alpha=0.5)
+
+
 def test_alpha_type_and_shape():
     with pytest.raises(TypeError, match=r"entmax: alpha must be an array or a number, got '1.5'"):
         sm.entmax(X, alpha="1.5")
