@@ -478,7 +478,7 @@ def _jax_run_n(compiled: Any, x: jax.Array) -> Callable[[int], None]:
 def _jax_compile(
     f: Callable, x: jax.Array, w: jax.Array, mode: str
 ) -> tuple[Callable[[jax.Array], Any], Any, float, float]:
-    """Cold lower + compile of ``f`` ("fwd") or of its gradient.
+    """Cold lower + compile of ``f`` ("fwd") or of its gradient (see :func:`run` on the disk cache).
 
     Returns ``(call, compiled, lower_s, total_s)``: ``call(x)`` runs it. The gradient's weights
     ``w`` are an argument, not a constant folded into the program (which would time XLA's
@@ -1043,6 +1043,10 @@ def write_outputs(
 def run(config: Config) -> dict[str, Any]:
     """Measures and writes ``benchmark.json``, ``.csv`` and ``.md`` into ``config.out``."""
     check_config(config)
+    # Compile times are cold: JAX's persistent cache on disk, which the README suggests to users
+    # (it served compiles in 0.03-0.6 s that took 0.7-1.7 s cold), stays off in this process.
+    # JAX decides whether it uses that cache at its first compilation, once per process.
+    jax.config.update("jax_enable_compilation_cache", False)
     config = dataclasses.replace(
         config,
         shapes=config.shapes or default_shapes(jax.default_backend()),

@@ -53,27 +53,44 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# Signals received in this run: an exception raised where Python ignores exceptions (JAX's
+# garbage-collection callback, often running at a Ctrl-C in the first seconds) is lost, and the
+# run went on to exit 0; :func:`progress` and :func:`run_main` raise it again.
+_RECEIVED: list[int] = []
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     # Once: a second signal during the clean-up ends the process the default way.
     signal.signal(signum, signal.SIG_DFL)
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 
-def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
-    """Runs ``main``; turns errors and SIGTERM into one line on stderr and an exit status.
+def raise_if_interrupted() -> None:
+    """Raises :class:`Interrupted` if a signal came whose exception was lost (see _RECEIVED)."""
+    if _RECEIVED:
+        raise Interrupted(_RECEIVED[0])
 
-    A :class:`UsageError` exits with status 2. SIGTERM raises :class:`Interrupted` in the main
-    thread, so that ``finally`` blocks (the lock, temporary files) run, and exits with 128 + 15;
-    Ctrl-C exits with 130.
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
+    """Runs ``main``; turns errors and signals into one line on stderr and an exit status.
+
+    A :class:`UsageError` exits with status 2. SIGTERM and SIGINT (Ctrl-C) raise
+    :class:`Interrupted` in the main thread, so that ``finally`` blocks (the lock, temporary
+    files) run, and exit with 128 + 15 and 130; one whose exception was lost stops the run at
+    the next step of a loop (:func:`progress`), or at its end.
 
     With ``argv`` None (the script run from its command line), a signal ends the process at once
     after that (see :func:`_exit_at_once`); called with ``argv`` (a test, another program), it
     raises :class:`SystemExit` as for the other errors.
     """
     in_main_thread = _is_main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in handled} if in_main_thread else {}
     try:
-        return main(argv)
+        result = main(argv)
+        raise_if_interrupted()
+        return result
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -83,12 +100,13 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
             f"error: stopped by {name}; finished parts stay in the output folder", file=sys.stderr
         )
         status = 128 + stop.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a Ctrl-C before the handler was installed
         print("error: interrupted; finished parts stay in the output folder", file=sys.stderr)
         status = 130
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _RECEIVED.clear()
     if argv is None:
         _exit_at_once(status)
     raise SystemExit(status)
@@ -156,6 +174,8 @@ def _lock_holder(lock: pathlib.Path) -> tuple[int | None, str]:
         text = lock.read_text()
     except FileNotFoundError:
         return None, ""
+    except IsADirectoryError:
+        raise UsageError(f"{lock} is a folder, not a run's lock file: remove it") from None
     try:
         return int(text.strip()), text
     except ValueError:
@@ -420,6 +440,8 @@ def read_npz(path: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
         UsageError: the file is missing, or is not an ``.npz`` of plain (non-object) arrays.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UsageError(f"{kind} file {path} is a folder, not an .npz file")
     if not path.is_file():
         raise UsageError(f"{kind} file {path} does not exist")
     try:
@@ -497,6 +519,10 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
         raise UsageError(f"features file {path}: y must hold non-negative integer class ids")
     labels = np.unique(y)  # sorted; at most n of them, whatever the largest id
+    if len(labels) < 2:
+        raise UsageError(
+            f"features file {path}: y must hold at least two classes (one class is always right)"
+        )
     gaps, count = _label_gaps(labels)
     if count:
         shown = ", ".join(map(str, gaps)) + (f" and {count - len(gaps)} more" if count > 5 else "")
@@ -581,15 +607,18 @@ def config_from_flags(defaults: Any, flags: argparse.Namespace, quick: dict[str,
 def progress(iterable: Iterable[Any], total: int | None = None, desc: str = ""):
     """A tqdm progress bar on stderr when stderr is a terminal; else (logs, pipes) the iterable.
 
-    Also the plain iterable if tqdm is missing.
+    Also the plain iterable if tqdm is missing. Every step first raises a signal whose exception
+    was lost (:func:`raise_if_interrupted`).
     """
     try:
         from tqdm import tqdm
     except ImportError:
-        return iterable
-    if not _stderr_is_terminal():
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        tqdm = None
+    if tqdm is not None and _stderr_is_terminal():
+        iterable = tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    for item in iterable:
+        raise_if_interrupted()
+        yield item
 
 
 def _stderr_is_terminal() -> bool:
@@ -652,6 +681,60 @@ def check_resumable(
             f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
             "use the same flags, or --force to start over"
         )
+
+
+def resumed_variants(out: pathlib.Path, variants: Sequence[str], resume: bool) -> tuple[str, ...]:
+    """The variants a run reports: on ``--resume``, those of the folder's config.json first.
+
+    A resumed run with another ``--variants`` list adds to the folder's results: its summaries
+    keep the variants run before (finished ones are not run again), then the new ones.
+    """
+    if not resume:
+        return tuple(variants)
+    try:
+        saved = read_json(pathlib.Path(out) / "config.json")
+    except (OSError, ValueError):  # none or unreadable: check_resumable says what is wrong
+        saved = None
+    before = saved.get("variants") if isinstance(saved, dict) else None
+    if not isinstance(before, list) or not all(isinstance(v, str) for v in before):
+        return tuple(variants)
+    return tuple(dict.fromkeys([*before, *variants]))
+
+
+def check_unique(names: Sequence[str], flag: str) -> None:
+    """Refuses a list that gives one name twice (two runs would write one results file)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise UsageError(f"{flag}: {name!r} is given twice")
+        seen.add(name)
+
+
+def reusable_runs(
+    paths: dict[str, pathlib.Path], config_hash: str, backend: str, devices: int
+) -> dict[str, dict[str, Any]]:
+    """The finished run files that ``--resume`` reuses, by variant (see :func:`load_finished`).
+
+    Args:
+        paths: each variant's run file.
+        config_hash: this run's.
+        backend: this run's JAX backend.
+        devices: this run's device count.
+
+    Raises:
+        UsageError: one ran on another backend or device count than this run (its step times
+            would sit in one table with this run's, under this run's backend).
+    """
+    finished = {name: load_finished(path, config_hash) for name, path in paths.items()}
+    reused = {name: run for name, run in finished.items() if run is not None}
+    for name, run in reused.items():
+        if (run.get("backend"), run.get("devices")) != (backend, devices):
+            raise UsageError(
+                f"--resume: {name} ran on {run.get('backend')} with {run.get('devices')} "
+                f"device(s), this run has {backend} with {devices}; run there, or use --force "
+                "to start over"
+            )
+    return reused
 
 
 def load_finished(path: pathlib.Path, config_hash: str) -> dict[str, Any] | None:

@@ -502,7 +502,14 @@ def summarize(spec: str, finished: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_file(out: pathlib.Path, spec: str) -> pathlib.Path:
+    """``runs/<spec>.json``, other characters than ``._=-`` as ``_``; a long spec shortened.
+
+    A file name holds at most 255 bytes, and a temporary one adds 43 to it: a spec over 120
+    characters keeps its first 100 and a hash of the whole.
+    """
     safe = "".join(c if c.isalnum() or c in "._=-" else "_" for c in spec)
+    if len(safe) > 120:
+        safe = f"{safe[:100]}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
     return out / "runs" / f"{safe}.json"
 
 
@@ -552,21 +559,33 @@ def run(config: Config) -> list[dict[str, Any]]:
     """Runs the comparison and writes ``config.out``; returns the per-variant records."""
     # Everything the user gave is checked before anything is written.
     check_config(config)
+    common.check_unique(config.variants, "--variants")
+    out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
+    config = dataclasses.replace(
+        config, variants=common.resumed_variants(out, config.variants, config.resume)
+    )
     variants = [resolve_variant(spec, config.learned_alpha_range) for spec in config.variants]
     if not variants:
         raise common.UsageError("no variants given")
+    common.check_unique(
+        [_run_file(out, spec).name for spec in config.variants], "--variants' files"
+    )
     features = common.load_features(config.features) if config.features else None
     raw = load_raw(config, features)
     # Features from a file need no backbone: standardised (and checked) now, before writing.
     data = None if "pretrain" in raw else load_data(config, raw, None)
     record = settings_record(config, raw)
     config_hash = record["config_hash"]
-    out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
     with common.output_folder(
         out, OUTPUTS, config.force, config.resume, subfolders=("runs",)
     ) as out:
+        reused: dict[str, dict[str, Any]] = {}
         if config.resume:
             common.check_resumable(out, OUTPUTS, record, RESUME_FREE)
+            paths = {spec: _run_file(out, spec) for spec in config.variants}
+            reused = common.reusable_runs(
+                paths, config_hash, jax.default_backend(), jax.device_count()
+            )
         cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
         if config.force:
             common.remove_outputs(out, stale_outputs(out, cache))
@@ -582,7 +601,7 @@ def run(config: Config) -> list[dict[str, Any]]:
         records, details = [], {}
         for variant in common.progress(variants, desc="variants"):
             path = _run_file(out, variant["spec"])
-            finished = common.load_finished(path, config_hash) if config.resume else None
+            finished = reused.get(variant["spec"])
             if finished is None:
                 runs = []
                 for seed in range(config.seeds):

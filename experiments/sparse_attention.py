@@ -364,19 +364,28 @@ def check_config(config: Config) -> None:
             f"--variants: unknown {', '.join(map(repr, unknown)) or 'empty list'} "
             f"(known: {', '.join(VARIANTS)})"
         )
+    common.check_unique(config.variants, "--variants")
 
 
 def run(config: Config) -> list[dict[str, Any]]:
     """Trains every variant and seed, writes ``config.out``; returns the per-variant records."""
     check_config(config)
+    out = pathlib.Path(config.out) if config.out else common.default_out_dir("sparse-attention")
+    config = dataclasses.replace(
+        config, variants=common.resumed_variants(out, config.variants, config.resume)
+    )
     record = common.settings_record(config, RESUME_FREE)
     config_hash = record["config_hash"]
-    out = pathlib.Path(config.out) if config.out else common.default_out_dir("sparse-attention")
     with common.output_folder(
         out, OUTPUTS, config.force, config.resume, subfolders=("runs",)
     ) as out:
+        reused: dict[str, dict[str, Any]] = {}
         if config.resume:
             common.check_resumable(out, OUTPUTS, record, RESUME_FREE)
+            paths = {variant: out / "runs" / f"{variant}.json" for variant in config.variants}
+            reused = common.reusable_runs(
+                paths, config_hash, jax.default_backend(), jax.device_count()
+            )
         if config.force:
             common.remove_outputs(out, OUTPUTS)
         common.write_json(out / "config.json", record)
@@ -384,7 +393,7 @@ def run(config: Config) -> list[dict[str, Any]]:
         records, details, rows = [], {}, []
         for variant in common.progress(config.variants, desc="variants"):
             path = out / "runs" / f"{variant}.json"
-            finished = common.load_finished(path, config_hash) if config.resume else None
+            finished = reused.get(variant)
             if finished is None:
                 runs = [train(variant, seed, config, mesh) for seed in range(config.seeds)]
                 finished = {

@@ -56,11 +56,11 @@ class _Stream(io.StringIO):
 
 def test_progress_is_quiet_without_a_terminal(monkeypatch):
     items = [1, 2, 3]
-    monkeypatch.setattr(sys, "stderr", _Stream(tty=False))
-    assert common.progress(items, desc="x") is items
-    monkeypatch.setattr(sys, "stderr", _Stream(tty=True))
-    bar = common.progress(items, desc="x")
-    assert bar is not items and list(bar) == items
+    for tty in (False, True):
+        stream = _Stream(tty=tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(common.progress(items, desc="x")) == items
+        assert bool(stream.getvalue()) == tty  # a bar on a terminal only
 
 
 def _dead_pid():
@@ -89,6 +89,12 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
                 pass
         assert lock.exists()
     assert not lock.exists()
+    # A folder where the lock file goes: a one-line error, not a traceback.
+    lock.mkdir()
+    with pytest.raises(common.UsageError, match="is a folder, not a run's lock file"):
+        with common.output_folder(out, ["r.json"], force=False):
+            pass
+    assert lock.is_dir()
 
 
 def test_refusing_results_leaves_the_folder_as_it_was(tmp_path):
@@ -204,6 +210,27 @@ def test_a_signal_ends_the_script_without_the_interpreters_shutdown(tmp_path, si
     assert out_text == "unflushed"
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert list(out.iterdir()) == []  # no result, no temporary file, no lock
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_exception_was_lost_still_stops_the_run(capsys):
+    # Python ignores an exception raised in a __del__ or a garbage-collection callback: a Ctrl-C
+    # that came while JAX's ran (often in a run's first seconds) let the run go on to exit 0.
+    steps = []
+
+    class Dropped:
+        def __del__(self):
+            common._on_signal(signal.SIGINT, None)  # as the handler runs on a Ctrl-C here
+
+    def main(argv):
+        Dropped()
+        for step in common.progress(range(3)):
+            steps.append(step)
+
+    with pytest.raises(SystemExit) as stop:
+        common.run_main(main, [])
+    assert stop.value.code == 130 and steps == []
+    assert "stopped by SIGINT" in capsys.readouterr().err
 
 
 def _refuse_writes_under(folder, monkeypatch):

@@ -308,6 +308,41 @@ def test_variant_specs_with_several_parameters(tmp_path, optax_promotion):
     assert finetune_head._run_file(out, "entmax:alpha=1.3,temperature=2").is_file()
 
 
+def test_resume_adds_variants_and_refuses_other_devices(tmp_path, capsys, optax_promotion):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", str(features), "--out", str(out)]
+    common.run_main(finetune_head.main, [*args, "--variants", "softmax,sparsemax"])
+    before = read_json(out / "metrics.json")
+    # A resumed run with another list adds to the folder's results (its summaries listed only
+    # the new list's variants, and the files of the others were left unreferenced).
+    common.run_main(finetune_head.main, [*args, "--resume", "--variants", "entmax15,softmax"])
+    records = read_json(out / "metrics.json")
+    assert [r["variant"] for r in records] == ["softmax", "sparsemax", "entmax15"]
+    assert records[:2] == before
+    assert read_json(out / "config.json")["variants"] == ["softmax", "sparsemax", "entmax15"]
+    # A finished run from another device count is not put in one table with this run's.
+    path = finetune_head._run_file(out, "sparsemax")
+    path.write_text(json.dumps({**read_json(path), "devices": 4}))
+    state = snapshot(out)
+    status, err = main_error([*args, "--resume", "--variants", "softmax"], capsys)
+    assert status == 2 and "sparsemax ran on " in err and " with 4 device(s), this run has " in err
+    assert snapshot(out) == state
+
+
+def test_duplicate_and_long_variant_specs(tmp_path, capsys, optax_promotion):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", str(features), "--out", str(out)]
+    status, err = main_error([*args, "--variants", "softmax,sparsemax,softmax"], capsys)
+    assert status == 2 and "--variants: 'softmax' is given twice" in err and not out.exists()
+    # A spec longer than a file name holds (it crashed after training, leaving config.json).
+    long = "softmax:temperature=" + "0" * 300 + "2"
+    common.run_main(finetune_head.main, [*args, "--variants", long])
+    assert read_json(out / "metrics.json")[0]["variant"] == long
+    assert len(finetune_head._run_file(out, long).name) < 130
+
+
 def test_an_interrupted_run_is_neither_mixed_nor_read_stale(tmp_path, capsys, optax_promotion):
     features = small_features(tmp_path / "f.npz")
     out = tmp_path / "out"
@@ -453,6 +488,8 @@ def test_plots_of_all_zero_probabilities(tmp_path):
         ({"X": np.ones((4, 2))}, "lacks array(s) y"),
         ({"X": np.ones((4, 2)), "y": np.zeros(3, np.int64)}, "one label per row"),
         ({"X": np.ones((4, 2)), "y": np.zeros(4)}, "integer class ids"),
+        ({"X": np.ones((4, 2)), "y": np.zeros(4, np.int64)}, "at least two classes"),
+        ("folder", "is a folder, not an .npz file"),
         (
             {"X": np.ones((6, 2)), "y": np.arange(6), "split": np.zeros(6, np.int64)},
             "split is empty",
@@ -486,7 +523,9 @@ def test_plots_of_all_zero_probabilities(tmp_path):
 )
 def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, arrays, message):
     path = tmp_path / "bad.npz"
-    if isinstance(arrays, str):
+    if arrays == "folder":
+        path.mkdir()
+    elif isinstance(arrays, str):
         path.write_text(arrays)
     elif arrays is not None:
         np.savez(path, **arrays)

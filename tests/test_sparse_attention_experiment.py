@@ -122,6 +122,7 @@ def test_attention_statistics_count_only_unmasked_pairs():
     ("flags", "message"),
     [
         (["--variants", "softmax,bogus"], "unknown 'bogus'"),
+        (["--variants", "softmax,learned,softmax"], "--variants: 'softmax' is given twice"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0"),
         (["--d-model", "30", "--heads", "4"], "must be a multiple of --heads"),
