@@ -707,43 +707,36 @@ def _chunked_bwd(statics, residuals, d_out):
     zero_rows = jnp.zeros(centre.shape, dtype)
     chunks = jnp.arange(n_chunks, dtype=jnp.int32)
 
-    def centred(threshold):
-        """``(r, c - r)`` per row, ``r`` the ``dP`` of the key of largest ``g``, in one pass.
+    def rounding_error(threshold):
+        """``e_i = sum_j g_ij (dP_ij - c_i) / sum_j g_ij``, ``c_i``'s rounding error, in one pass.
 
         Above alpha = 2 (``threshold``'s refined forms) ``g`` is unbounded at the edge of the
-        support, and ``dP_ij - c_i`` of the smallest entry, a difference of nearly equal numbers,
-        multiplies its ``g`` (a key's gradient of 953 for 0.94 at alpha = 5, in float32). Taken
-        relative to ``r`` (the smallest entry in the support, whose ``g`` is the largest), that
-        entry's difference is 0 and ``c - r = sum_j g_ij (dP_ij - r) / sum_j g_ij`` has no
-        cancellation; a running sum is re-based where a later chunk holds a smaller entry
-        (exact where it does not: ``r - r = 0``).
+        support: the smallest entry's ``g`` can hold nearly all of ``sum_j g_ij``, and its
+        ``dP_ij - c_i``, a difference of nearly equal numbers, multiplied the rounding of ``c_i``
+        (a key's gradient of 953 for 0.94 at alpha = 5, in float32). That entry's difference is
+        exact, so ``e_i`` is summed accurately and taken off, as ``refine`` does in
+        :func:`smvariants._variants.simplex_jvp`.
         """
 
         def scan_step(carry, i):
-            least, r, shifted, total = carry
+            error, total = carry
             vc = lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
-            p, g = _probabilities(statics, score(i), m, threshold, d)
+            _, g = _probabilities(statics, score(i), m, threshold, d)
             d_p = jnp.einsum("bkgth,bkch->bkgtc", d_out, vc)
-            chunk_least = jnp.min(jnp.where(p > 0, p, jnp.inf), -1, keepdims=True)
-            at = jnp.max(jnp.where(p == chunk_least, d_p, -jnp.inf), -1, keepdims=True)
-            new_r = jnp.where(chunk_least < least, at, r)
-            shifted = shifted + total * (r - new_r) + jnp.sum(g * (d_p - new_r), -1, keepdims=True)
-            total = total + jnp.sum(g, -1, keepdims=True)
-            return (jnp.minimum(least, chunk_least), new_r, shifted, total), None
+            error = error + jnp.sum(g * (d_p - centre), -1, keepdims=True)
+            return (error, total + jnp.sum(g, -1, keepdims=True)), None
 
-        init = (jnp.full(centre.shape, jnp.inf, dtype), zero_rows, zero_rows, zero_rows)
-        _, r, shifted, total = lax.scan(scan_step, init, chunks)[0]
-        return r, safe_divide(shifted, total)
+        error, total = lax.scan(scan_step, (zero_rows, zero_rows), chunks)[0]
+        return safe_divide(error, total)
 
-    def step(threshold, reference, carry, i):
+    def step(threshold, error, carry, i):
         dq, d_bias, d_alpha = carry
-        r, centre_r = reference
         kc = lax.dynamic_slice_in_dim(k, i * c, c, axis=2)
         vc = lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
         p, g = _probabilities(statics, score(i), m, threshold, d)
         p = safe_divide(p, sp)
         d_p = jnp.einsum("bkgth,bkch->bkgtc", d_out, vc)
-        ds = g * ((d_p - r) - centre_r)
+        ds = g * ((d_p - centre) - error)
         dq = dq + jnp.einsum("bkgtc,bkch->bkgth", ds, kc) * jnp.asarray(statics.scale, dtype)
         dk = jnp.einsum("bkgtc,bkgth->bkch", ds, q) * jnp.asarray(statics.scale, dtype)
         dv = jnp.einsum("bkgtc,bkgth->bkch", p, d_out)
@@ -761,8 +754,8 @@ def _chunked_bwd(statics, residuals, d_out):
     init = (jnp.zeros_like(q), d_bias0, zero_rows)
 
     def run(threshold):
-        reference = centred(threshold) if len(threshold) > 1 else (zero_rows, centre)
-        return lax.scan(partial(step, threshold, reference), init, chunks)
+        error = rounding_error(threshold) if len(threshold) > 1 else zero_rows
+        return lax.scan(partial(step, threshold, error), init, chunks)
 
     (dq, d_bias, d_rows), (dk, dv) = _by_form(threshold, d, run)
 
