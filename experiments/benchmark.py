@@ -16,9 +16,11 @@ For each shape and dtype it measures, for every variant, the forward pass and fo
   also a ratio to ``jax.nn.softmax`` (same shape, dtype and mode, same run) and to a memory-copy
   roofline: a jitted ``x * 1.0001`` timed the same way (forward: 1 read + 1 write of x; forward +
   backward: counted as 3 such copies).
-- **max |error|** of the forward output against a float64 NumPy reference (sort-based closed forms
-  for softmax, sparsemax and 1.5-entmax; bisection on the threshold for other alphas, normmax and
-  budget sparsemax) on a sample of rows of the same input, for ours and for every peer.
+- **max |error|** against a float64 NumPy reference (sort-based closed forms for softmax,
+  sparsemax and 1.5-entmax; bisection on the threshold for other alphas, normmax and budget
+  sparsemax) on a sample of rows of the same input, for ours and for every peer: of the output
+  (forward), and of the gradient ``J(x)^T w`` (forward + backward), from the reference output and
+  each variant's Jacobian in closed form (``vjp64``).
 - **compile time** of the JAX rows: ``jax.jit(f).lower(x)`` then ``.compile()``, in seconds, cold
   (``jax.clear_caches()`` first; no persistent cache), forward and forward + backward.
 
@@ -364,6 +366,50 @@ def reference64(key: tuple[Any, ...], z: np.ndarray, row_alpha: np.ndarray | Non
     raise ValueError(f"unknown reference {key!r}")
 
 
+def vjp64(
+    key: tuple[Any, ...], p: np.ndarray, w: np.ndarray, row_alpha: np.ndarray | None
+) -> np.ndarray:
+    """``J(x)^T w`` in float64: the gradient of ``sum(f(x) w)``, from the reference output ``p``.
+
+    Every reference is ``p = argmax <p, z> - Omega(p)`` on its feasible set, and the implicit
+    function theorem on its threshold gives a symmetric Jacobian:
+    - softmax at temperature T: ``(p * w - p <p, w>) / T``;
+    - alpha-entmax (sparsemax at 2, 1.5-entmax), with ``g = p^(2 - alpha)`` on the support:
+      ``g * w - g sum(g w) / sum(g)``;
+    - alpha-normmax, ``q = [z - tau]_+^r`` (``r = 1/(alpha - 1)``, ``sum q^alpha = 1``, ``p = q /
+      sum q``): ``v - p sum(v)`` with ``v = r q^(2 - alpha) (w - <p, w>) / sum q`` on the support;
+    - budget sparsemax: ``w - mean(w)`` on the entries strictly inside ``(0, 1)``, 0 elsewhere.
+
+    A row of ``p`` with a nan (budget sparsemax's rows shorter than the budget) gives nan.
+    """
+    with np.errstate(invalid="ignore"):
+        out = _vjp64(key, p, w, row_alpha)
+    return np.where(np.isnan(p).any(-1, keepdims=True), np.nan, out)
+
+
+def _vjp64(key, p, w, row_alpha):
+    kind = key[0]
+    if kind == "softmax":
+        return p * (w - np.sum(p * w, -1, keepdims=True)) / key[1]
+    on = p > 0
+    if kind in ("sparsemax", "entmax15", "entmax", "entmax rows"):
+        alpha = {"sparsemax": 2.0, "entmax15": 1.5}.get(kind, key[1] if kind == "entmax" else None)
+        a = np.asarray(row_alpha if alpha is None else alpha, np.float64).reshape(-1, 1)
+        g = np.where(on, np.where(on, p, 1) ** (2 - a), 0)
+        return g * w - g * np.sum(g * w, -1, keepdims=True) / np.sum(g, -1, keepdims=True)
+    if kind == "normmax":
+        alpha = key[1]
+        q = p / np.sum(p**alpha, -1, keepdims=True) ** (1 / alpha)  # sum q^alpha = 1
+        h = np.where(on, np.where(on, q, 1) ** (2 - alpha), 0) / (alpha - 1)
+        v = h * (w - np.sum(p * w, -1, keepdims=True)) / np.sum(q, -1, keepdims=True)
+        return v - p * np.sum(v, -1, keepdims=True)
+    if kind == "budget":
+        free = on & (p < 1)
+        m = np.maximum(np.sum(free, -1, keepdims=True), 1)
+        return np.where(free, w - np.sum(np.where(free, w, 0), -1, keepdims=True) / m, 0)
+    raise ValueError(f"unknown reference {key!r}")
+
+
 def sample_rows(batch: int, classes: int) -> np.ndarray:
     """Indices of the rows checked against float64: evenly spread, first and last included."""
     count = max(1, min(batch, ERROR_ROWS, ERROR_ENTRIES // classes))
@@ -641,22 +687,27 @@ def measure_group(
     # normal * scale beyond the dtype's range is inf: both the outputs and the reference are nan
     # there, an agreement that says nothing, so such a group has no error, only this note.
     overflow = input_overflow(x, dtype, config.logit_scale)
+    w_rows = np.asarray(w[rows], np.float64)
     references: dict[tuple[Any, ...], np.ndarray] = {}
-    errors: dict[str, tuple[float | None, str | None]] = {}
+    errors: dict[tuple[str, str], tuple[float | None, str | None]] = {}
 
-    def check(name: str, out_rows: np.ndarray) -> None:
+    def check(name: str, mode: str, out_rows: np.ndarray) -> None:
+        """The error of ``name``'s output (fwd) or of its gradient of ``sum(f(x) w)`` (fwd+bwd)."""
         if overflow:
-            errors[name] = (None, overflow)
+            errors[name, mode] = (None, overflow)
             return
         key = REFERENCES[name]
+        alpha = None
+        if key[0] == "entmax rows":
+            alpha = np.asarray(per_row_alpha(x, key[1], key[2]), np.float64)[rows]
         if key not in references:
-            alpha = None
-            if key[0] == "entmax rows":
-                alpha = np.asarray(per_row_alpha(x, key[1], key[2]), np.float64)[rows]
             references[key] = reference64(key, x_rows, alpha)
-        err = max_abs_error(out_rows, references[key])
-        note = None if math.isfinite(err) else error_note(out_rows, references[key])
-        errors[name] = (err, None) if note is None else (None, note)
+        ref = references[key]
+        if mode != "fwd":
+            ref = vjp64(key, ref, w_rows, alpha)
+        err = max_abs_error(out_rows, ref)
+        note = None if math.isfinite(err) else error_note(out_rows, ref)
+        errors[name, mode] = (err, None) if note is None else (None, note)
 
     jax_device = jax.default_backend()
     jax_method = timing_method(config, jax_device)
@@ -690,8 +741,7 @@ def measure_group(
                 out = call(x)  # the warm-up call (first-call allocations are not timed)
                 jax.block_until_ready(out)
                 first = time.perf_counter() - start
-                if mode == "fwd":
-                    check(name, np.asarray(out[rows]))
+                check(name, mode, np.asarray(out[rows]))
                 del out
                 seconds, n = time_calls(_jax_run_n(call, x), jax_method, config)
             except Exception as error:  # reported, not fatal
@@ -715,11 +765,16 @@ def measure_group(
                 start = time.perf_counter()
                 run_n(1)  # warm-up: Triton compiles and autotunes on its first call
                 first = time.perf_counter() - start
+                picked = peers.torch.from_numpy(rows).to(xt.device)
                 if mode == "fwd":
                     with peers.torch.no_grad():
-                        out = fn(xt)[peers.torch.from_numpy(rows).to(xt.device)]
-                    check(name, out.float().cpu().numpy())
-                    del out
+                        out = fn(xt)[picked]
+                else:
+                    xx = xt.detach().requires_grad_(True)
+                    (fn(xx).float() * wt).sum().backward()
+                    out = xx.grad[picked]
+                check(name, mode, out.float().cpu().numpy())
+                del out
                 seconds, n = time_calls(run_n, torch_method, config)
             except Exception as error:  # a peer that cannot run this case is reported, not fatal
                 records.append(_record(shape, dtype, mode, name, note=_error_note(error)))
@@ -736,7 +791,7 @@ def measure_group(
         for r in timed:
             r["vs_softmax"] = None if base is None else r["time_ms"] / base
             r["vs_copy"] = r["time_ms"] / (copy_time * 1e3)
-            err, note = errors.get(r["variant"], (None, "no check"))
+            err, note = errors.get((r["variant"], mode), (None, "no check"))
             r["max_abs_err"] = err
             if note:
                 r["note"] = note
@@ -888,7 +943,10 @@ def summary(records: list[dict[str, Any]]) -> str:
 
 
 def error_summary(records: list[dict[str, Any]]) -> str:
-    """One markdown table per dtype: max |output - float64 reference| of each variant, forward."""
+    """One markdown table per dtype: each variant's max |error| against float64, both modes.
+
+    Forward: the output's; forward + backward: the gradient's (see :func:`vjp64`).
+    """
 
     def value(r):
         if r["max_abs_err"] is not None:
@@ -897,10 +955,12 @@ def error_summary(records: list[dict[str, Any]]) -> str:
 
     return _grid(
         records,
-        lambda d: f"**{d}**: max |output - float64 reference| on sampled rows (forward)",
-        lambda rows: list(dict.fromkeys((tuple(r["shape"]), "") for r in rows)),
+        lambda d: (
+            f"**{d}**: max |error| against float64 on sampled rows (fwd: the output; "
+            "fwd+bwd: the gradient of sum(f(x) w))"
+        ),
+        _shape_modes,
         value,
-        keep=lambda r: r["mode"] == "fwd",
     )
 
 
@@ -997,7 +1057,7 @@ def _header(env: dict[str, Any], incomplete: str | None, logit_scale: float) -> 
         "",
         "Timing: "
         + "; ".join(f"{who}: {methods.get(how, how)}" for who, how in timing.items())
-        + ". Compile: lower + compile, cold. Errors: forward output vs a float64 reference.",
+        + ". Compile: lower + compile, cold. Errors: vs float64 (fwd+bwd: the gradient's).",
         "",
         f"Input: logits ~ normal(0, {logit_scale:g}); forward+backward's weights ~ normal(0, 1).",
     ]
