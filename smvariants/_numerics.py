@@ -259,16 +259,15 @@ def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
         return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
     if isinstance(e, float) and e == round(e) and 1 <= e <= MAX_INTEGER_POWER:
         return lax.integer_pow(b, round(e))
-    on = b > 0
+    # nan is computed with, not selected: its derivatives in b and in a traced e are nan too.
+    on = (b > 0) | jnp.isnan(b)
     if isinstance(e, float) and 0 < e <= MAX_INTEGER_POWER and (4 * e) == round(4 * e):
         roots = 1 if (2 * e) == round(2 * e) else 2
         root = jnp.where(on, b, 1)  # the inner where keeps higher derivatives finite at 0
         for _ in range(roots):
             root = jnp.sqrt(root)
-        out = jnp.where(on, lax.integer_pow(root, round(e * 2**roots)), 0)
-    else:
-        out = jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
-    return jnp.where(jnp.isnan(b), jnp.nan, out)
+        return jnp.where(on, lax.integer_pow(root, round(e * 2**roots)), 0)
+    return jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
 
 
 def expm1_ratio(x: jax.Array) -> jax.Array:
@@ -360,4 +359,6 @@ def tsallis(p: jax.Array, alpha: jax.Array | float, axis: int) -> jax.Array:
     terms = jnp.where(on, p * log_p * expm1_ratio((alpha - 1) * log_p), 0)
     bad = jnp.any(~(p >= 0), axis=axis, keepdims=True)  # nan compares False
     h = -jnp.sum(terms, axis=axis, keepdims=True) / alpha
-    return jnp.where(bad, jnp.nan, h)
+    # Such a row's value and derivatives (in every p_j and in alpha) are nan: added, not selected.
+    nan = jnp.where(bad, jnp.nan, 0)
+    return h + jnp.sum(jnp.where(bad, p, 0) * nan, axis=axis, keepdims=True) + nan * alpha

@@ -295,6 +295,17 @@ def test_tsallis_entropy_of_nan_or_negative_entries_is_nan():
     assert np.isnan(stats.tsallis_entropy(jnp.array([0.5, jnp.nan, 0.5]), 1.5))
     assert np.isnan(stats.tsallis_entropy(jnp.array([1.5, -0.5]), 1.5))
     assert np.isnan(stats.tsallis_entropy(jnp.array([1.5, -0.5]), 1.0))
+    # Its derivatives too, in every entry and in alpha (they were 0: a select passed zeros);
+    # a zero entry is no such entry.
+    grad = jax.grad(stats.tsallis_entropy, argnums=(0, 1))
+    for p in ([0.6, -0.1, 0.5], [0.6, jnp.nan, 0.4]):
+        d_p, d_alpha = grad(jnp.array(p, F32), jnp.array(1.5, F32))
+        assert np.isnan(d_p).all() and np.isnan(d_alpha)
+    d_p, d_alpha = grad(jnp.array([0.6, 0.0, 0.4], F32), jnp.array(1.5, F32))
+    assert np.isfinite(d_p).all() and np.isfinite(d_alpha) and d_p[1] == 0
+    rows = jnp.array([[0.6, 0.0, 0.4], [0.6, -0.1, 0.5]], F32)
+    d_alpha = jax.grad(lambda a: jnp.sum(stats.tsallis_entropy(rows, a)))(jnp.ones((2, 1), F32))
+    assert np.isfinite(d_alpha[0]) and np.isnan(d_alpha[1])
 
 
 def test_log_softmax_at_the_float_range_and_with_inf():
@@ -597,6 +608,13 @@ def test_invalid_traced_labels_give_nan_gradients_in_their_rows():
     assert np.isnan(out[[0, 2]]).all() and np.isfinite(out[1]).all()
     d_t = jax.grad(lambda t, y: jnp.sum(losses.sparsemax_loss(x, y, temperature=t)))
     assert np.isnan(jax.jit(d_t)(0.7, jnp.array([5, 0, 1])))
+    # normmax's alpha gradient (its regulariser's norm restored nan by a select: 0.43 here).
+    for fn in (losses.normmax_loss, losses.entmax_loss):
+        d_a = jax.jit(jax.grad(lambda a, y, fn=fn: jnp.sum(fn(x, y, alpha=a)), argnums=0))
+        assert np.isnan(d_a(jnp.array(1.5, F32), jnp.array([0, 5, 1])))
+        assert np.isnan(d_a(jnp.array(1.5, F32), soft))
+        per_row = np.asarray(d_a(jnp.full((3, 1), 1.5, F32), jnp.array([0, 5, 1])))
+        assert np.isnan(per_row[1]) and np.isfinite(per_row[[0, 2]]).all()
 
 
 def test_made_losses_refuse_unknown_keywords():
