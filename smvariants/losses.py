@@ -168,10 +168,14 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
             array = jnp.where(array == ignore_index, 0, array)
             if known is not None:
                 known = np.where(known == ignore_index, 0, known)
-        if known is not None and known.size and (known.min() < 0 or known.max() >= k):
-            bad = known[(known < 0) | (known >= k)][:3]
-            flat = "" if len(rows.axes) == 1 else f" (flat indices into {rows.text})"
-            raise ValueError(f"{name}: labels must be class ids in [0, {k}){flat}, got {bad}.")
+        if known is not None:
+            out_of_range = (known < 0) | (known >= k)
+            if _args.is_concrete(empty):  # a padding row's id is not used
+                out_of_range &= ~np.squeeze(np.asarray(empty), axis)
+            if np.any(out_of_range):
+                bad = known[out_of_range][:3]
+                flat = "" if len(rows.axes) == 1 else f" (flat indices into {rows.text})"
+                raise ValueError(f"{name}: labels must be class ids in [0, {k}){flat}, got {bad}.")
         y = jax.nn.one_hot(array, k, dtype=z.dtype, axis=axis)
         bad = jnp.expand_dims((array < 0) | (array >= k), axis)
     elif jnp.issubdtype(array.dtype, jnp.floating):
@@ -194,8 +198,8 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
         # An all-zero label is the padding of a fully masked row, and wrong anywhere else.
         bad = ~ok & ~(empty & (sums == 0))
         if known is not None and _args.is_concrete(expected):
-            # Where the mask is traced, a row of zeros may be padding: it is flagged, not raised.
-            padding = np.asarray(empty) if _args.is_concrete(empty) else True
+            # Where the logits are traced, a row of zeros may be padding: flagged, not raised.
+            padding = np.asarray(empty) if _args.is_concrete(empty) else None
             _check_targets(name, known, rows, tol, padding, np.asarray(expected), capped)
     else:
         raise TypeError(f"{name}: labels must be integer class ids or floats, got {array.dtype}.")
@@ -208,21 +212,26 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
     return jax.lax.stop_gradient(y), (bad | on_masked) & ~empty, ignored
 
 
-def _check_targets(name, labels, rows, tol, empty, expected, capped):
+def _check_targets(name, labels, rows, tol, padding, expected, capped):
     """Raises ``ValueError`` unless each row of the NumPy ``labels`` is a valid target.
 
-    Valid: entries >= 0 (and <= 1 if ``capped``) summing to ``expected`` (to ``tol`` per unit),
-    or all zeros where ``empty`` (fully masked rows, ``rows.axis`` kept; ``True``: wherever).
-    ``labels`` are arranged by ``rows`` (an ``_args.Layout``).
+    Valid: entries >= 0 (and <= 1 if ``capped``) summing to ``expected`` (to ``tol`` per unit).
+    ``padding`` flags the fully masked rows (``rows.axis`` kept), whose labels are not used and
+    not checked; ``None`` where it is not known (traced logits): there a row of zeros may be
+    padding, and passes. ``labels`` are arranged by ``rows`` (an ``_args.Layout``).
     """
     y = labels.astype(np.float64)
-    if not np.all(y >= 0):  # also catches nan
-        raise ValueError(f"{name}: probability labels must be >= 0, got {y[~(y >= 0)][:3]}.")
-    if capped and not np.all(y <= 1 + tol):
-        raise ValueError(f"{name}: target labels must be <= 1, got {y[~(y <= 1 + tol)][:3]}.")
     sums = y.sum(rows.axis, keepdims=True)
+    waived = np.zeros(sums.shape, bool) if padding is None else np.broadcast_to(padding, sums.shape)
+    live = y[np.broadcast_to(~waived, y.shape)]
+    if not np.all(live >= 0):  # also catches nan
+        raise ValueError(f"{name}: probability labels must be >= 0, got {live[~(live >= 0)][:3]}.")
+    if capped and not np.all(live <= 1 + tol):
+        raise ValueError(f"{name}: target labels must be <= 1, got {live[~(live <= 1 + tol)][:3]}.")
     expected = np.broadcast_to(expected, sums.shape)
-    off = ~(np.abs(sums - expected) <= tol * np.maximum(expected, 1)) & ~(empty & (sums == 0))
+    off = ~(np.abs(sums - expected) <= tol * np.maximum(expected, 1)) & ~waived
+    if padding is None:
+        off &= sums != 0
     if np.any(off):
         target = "1" if not capped else "the budget"
         raise ValueError(

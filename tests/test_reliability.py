@@ -410,6 +410,25 @@ def test_fully_masked_row_is_padding_whatever_its_integer_label(fn, smoothing):
     np.testing.assert_allclose(grad[::2], grad_alone(x[::2]), rtol=1e-5, atol=1e-7)
 
 
+def test_a_padding_rows_label_is_not_checked_outside_jit_either():
+    """A padding row's label (-1 is a common padding id) gave 0 under jit but raised outside."""
+    x = jnp.array([[1.0, 1.5, 2.0], [0.5, 0.2, 0.4]], F32)
+    where = jnp.array([[True] * 3, [False] * 3])
+    for labels in (
+        jnp.array([2, -1]),
+        jnp.array([2, 3]),
+        jnp.array([[0, 0, 1], [0.5, 0, 0]], F32),
+        jnp.array([[0, 0, 1], [-1, 0, 0]], F32),
+    ):
+        eager = losses.entmax15_loss(x, labels, where=where)
+        jitted = jax.jit(lambda x, y: losses.entmax15_loss(x, y, where=where))(x, labels)
+        np.testing.assert_allclose(eager, jitted, rtol=1e-6)
+        assert eager[1] == 0 and eager[0] > 0
+        # On a live row the same labels still raise.
+        with pytest.raises(ValueError, match="entmax15_loss: .*labels must"):
+            losses.entmax15_loss(x, labels)
+
+
 @pytest.mark.parametrize(
     ("name", "params"),
     [
