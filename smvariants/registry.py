@@ -8,7 +8,6 @@ Experiments and users pick variants by name (``get("entmax", alpha=1.3)`` or
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -33,8 +32,11 @@ class Variant:
     Attributes:
       name: the registry name.
       params: the bound keyword parameters (e.g. ``{"alpha": 1.3}``).
-      normalize: ``normalize(x, axis=-1, where=None) -> probabilities``.
-      loss: ``loss(logits, labels, axis=-1, where=None) -> per-example loss``.
+      normalize: ``normalize(x, axis=-1, where=None, **kwargs) -> probabilities``.
+      loss: ``loss(logits, labels, axis=-1, where=None, **kwargs) -> per-example loss``.
+
+    The keyword arguments are the function's others (``temperature`` where it is not bound,
+    ``label_smoothing``, ``ignore_index``); a bound parameter given again is a ``TypeError``.
     """
 
     name: str
@@ -71,7 +73,43 @@ def _comparable(value: Any) -> Any:
 
 
 def _shown(value: Any) -> str:
-    return str(value) if jnp.ndim(value) == 0 else f"<array of shape {jnp.shape(value)}>"
+    """A parameter as a spec shows it, so that :func:`parse` reads back an equal variant.
+
+    A number is shown as the value it compares by: NumPy's ``float32(1.3)`` is
+    1.2999999523162842, not 1.3.
+    """
+    if jnp.ndim(value):
+        return f"<array of shape {jnp.shape(value)}>"
+    number = _args.static_number(value)
+    if number is None or not math.isfinite(number):
+        return str(value)
+    return str(int(number)) if jnp.issubdtype(jnp.result_type(value), jnp.integer) else repr(number)
+
+
+def _bound(variant: str, fn: Callable[..., Any], params: Mapping[str, Any], n_args: int):
+    """``fn`` with ``params`` bound as keywords.
+
+    Its first ``n_args`` arguments, then ``axis`` and ``where``, may be given by position or by
+    keyword (a ``functools.partial`` would pass a positional ``axis`` on as ``fn``'s next
+    parameter: ``alpha`` or ``budget``).
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > n_args + 2:
+            raise TypeError(
+                f"{variant}: takes at most {n_args + 2} positional arguments (then axis, where), "
+                f"got {len(args)}."
+            )
+        given = dict(zip(("axis", "where"), args[n_args:], strict=False))
+        twice = sorted(set(given) & set(kwargs))
+        if twice:
+            raise TypeError(f"{variant}: got multiple values for {', '.join(twice)}.")
+        again = sorted(set(kwargs) & set(params))
+        if again:
+            raise TypeError(f"{variant}: {', '.join(again)} is bound; do not give it again.")
+        return fn(*args[:n_args], **given, **params, **kwargs)
+
+    return call
 
 
 def _entry(name: str) -> tuple[Callable[..., Any], Callable[..., Any], tuple[str, ...]]:
@@ -139,8 +177,12 @@ def get(name: str, **params: Any) -> Variant:
     for key, value in params.items():
         if jnp.ndim(value) and _args.is_concrete(value):
             _check_values(name, key, value)
-    bound = functools.partial(normalize, **params)
-    return Variant(name, dict(params), bound, functools.partial(loss, **params))
+    variant = Variant(name, dict(params), normalize, loss)
+    return dataclasses.replace(
+        variant,
+        normalize=_bound(str(variant), normalize, params, 1),
+        loss=_bound(f"{variant} loss", loss, params, 2),
+    )
 
 
 def _check_values(name: str, key: str, value: Any) -> None:

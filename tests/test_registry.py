@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from smvariants import _variants
+from smvariants import losses
 from smvariants import registry
 
 X = np.random.default_rng(0).normal(size=(4, 6))
@@ -129,3 +130,46 @@ def test_parse_refuses_what_is_not_a_spec():
         registry.parse(None)
     with pytest.raises(ValueError, match="alpha must be a number"):
         registry.parse("entmax:alpha=1_3")  # float() reads 13
+
+
+@pytest.mark.parametrize("name", sorted(FIRST))
+def test_axis_and_where_by_position_for_every_variant(name):
+    """A positional axis went on as the first bound parameter (alpha or budget): entmax's
+    ``normalize(x, 1)`` was softmax over the last axis."""
+    case = FIRST[name]
+    variant = registry.get(name, **case.params)
+    x3 = np.stack([X, X[::-1]], axis=1)  # (4, 2, 6): rows along axis 1 have length 2
+    where = np.ones(x3.shape, bool)
+    expected = np.moveaxis(case.fn(np.moveaxis(x3, 1, -1)), -1, 1)
+    np.testing.assert_allclose(variant.normalize(x3, 1), expected, atol=1e-12)
+    np.testing.assert_allclose(variant.normalize(x3, 1, where), expected, atol=1e-12)
+    labels = case.hard(IDS, 6)
+    labels_t = labels if case.integer_labels else labels.T
+    np.testing.assert_allclose(variant.loss(X.T, labels_t, 0), case.loss(X, labels), atol=1e-12)
+    with pytest.raises(TypeError, match="got multiple values for axis"):
+        variant.normalize(x3, 1, axis=1)
+    with pytest.raises(TypeError, match="positional arguments"):
+        variant.normalize(x3, 1, where, 0.5)
+
+
+def test_a_bound_parameter_given_again_is_an_error():
+    """It silently replaced the bound value (entmax:temperature=0.5 computed at 2)."""
+    variant = registry.get("entmax", alpha=1.3, temperature=0.5)
+    with pytest.raises(TypeError, match=r"entmax:alpha=1.3,temperature=0.5 loss: temperature is"):
+        variant.loss(X, IDS, temperature=2.0)
+    with pytest.raises(TypeError, match=r"entmax:alpha=1.3,temperature=0.5: alpha is bound"):
+        variant.normalize(X, alpha=1.5)
+    smoothed = variant.loss(X, IDS, label_smoothing=0.1)  # the loss's other keywords pass
+    expected = losses.entmax_loss(X, IDS, alpha=1.3, temperature=0.5, label_smoothing=0.1)
+    np.testing.assert_array_equal(smoothed, expected)
+    assert not np.allclose(smoothed, variant.loss(X, IDS))
+
+
+@pytest.mark.parametrize(
+    "alpha", [np.float32(1.3), jnp.float32(1.3), np.float64(1.3), 1.3, np.float32(1.5)]
+)
+def test_the_spec_of_a_scalar_of_any_type_reads_back_equal(alpha):
+    """np.float32(1.3) was shown as 1.3 and read back as another variant (1.3 != 1.29999995)."""
+    variant = registry.get("entmax", alpha=alpha, max_iter=np.int32(40))
+    assert registry.parse(str(variant)) == variant
+    assert str(variant).endswith(",max_iter=40")
