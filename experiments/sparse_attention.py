@@ -243,7 +243,7 @@ def train(variant: str, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]
     jax.block_until_ready(step(params, opt_state, *first))  # first-call costs; discarded
 
     history: list[dict[str, Any]] = []
-    times = []
+    times, train_losses = [], []
     for i in common.progress(range(config.steps), desc=f"{variant} seed {seed}"):
         batch = device_batch(*batches[i])
         began = time.perf_counter()
@@ -251,6 +251,7 @@ def train(variant: str, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]
         jax.block_until_ready((params, opt_state, metrics))
         times.append(time.perf_counter() - began)
         loss = float(metrics["loss"])
+        train_losses.append(loss)
         if not np.isfinite(loss):
             raise common.UsageError(
                 f"variant {variant} seed {seed}: the training loss became {loss} at step {i}; "
@@ -267,10 +268,14 @@ def train(variant: str, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]
     )
     valid = np.arange(config.max_length)[None, :] < lengths[:, None]
     correct = (np.asarray(logits).argmax(-1) == targets) | ~valid
+    token_losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     result: dict[str, Any] = {
         "token_accuracy": float(np.sum(correct & valid) / np.sum(valid)),
         "sequence_accuracy": float(np.mean(correct.all(-1))),
-        "loss": loss,
+        # The held-out tokens' mean cross-entropy, and the training batches' over the last tenth
+        # of the steps (a single batch's loss is noisy).
+        "loss": float(np.sum(np.asarray(token_losses) * valid) / np.sum(valid)),
+        "train_loss": float(np.mean(train_losses[-max(1, len(train_losses) // 10) :])),
         "step_time_ms": float(np.median(times) * 1e3),
         "steps": len(times),
         **attention_statistics([np.asarray(m) for m in maps], lengths),
@@ -290,6 +295,8 @@ def train(variant: str, seed: int, config: Config, mesh: Mesh) -> dict[str, Any]
 SCALARS = (
     "token_accuracy",
     "sequence_accuracy",
+    "loss",
+    "train_loss",
     "mean_sparsity",
     "mean_support_size",
     "step_time_ms",

@@ -43,6 +43,8 @@ def test_writes_metrics_tables_and_plots(quick_run):
         assert 0 <= r["token_accuracy"] <= 1 and 0 <= r["sequence_accuracy"] <= 1
         assert r["backend"] == jax.default_backend() and r["devices"] == 1 and r["seeds"] == 1
         assert r["step_time_ms"] > 0
+        # The held-out loss (of the accuracies' tokens), not the last training batch's.
+        assert r["loss"] > 0 and r["train_loss"] > 0 and r["loss"] != r["train_loss"]
     assert records[0]["mean_sparsity"] > 0  # sparsemax attention has exact zeros
     assert 1 < records[1]["mean_alpha"] < 2
     for name in ("alpha.png", "sparsity.png"):
@@ -95,6 +97,7 @@ def test_four_devices_match_one(quick_run, tmp_path):
     for a, b in zip(one, four, strict=True):
         for key in ("token_accuracy", "sequence_accuracy", "mean_sparsity", "mean_support_size"):
             assert abs(a[key] - b[key]) <= 1e-3, key
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * a["loss"]
     alpha_one = json.loads((quick_run[0] / "runs" / "learned.json").read_text())["runs"][0]
     alpha_four = json.loads((out / "runs" / "learned.json").read_text())["runs"][0]
     np.testing.assert_allclose(alpha_one["alpha"], alpha_four["alpha"], atol=1e-4)
