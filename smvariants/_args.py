@@ -74,7 +74,17 @@ def static_number(value: Any) -> float | None:
 
 
 def check_int(name: str, arg: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
-    """``value`` as an int in ``[low, high]``; ``TypeError``/``ValueError`` naming ``arg``."""
+    """``value`` as an int in ``[low, high]``; ``TypeError``/``ValueError`` naming ``arg``.
+
+    Python and NumPy integers, and concrete 0-d integer arrays (``jnp.int32(-100)``), count.
+    """
+    if (
+        isinstance(value, jax.Array)
+        and value.ndim == 0
+        and jnp.issubdtype(value.dtype, jnp.integer)
+        and is_concrete(value)
+    ):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: {arg} must be an int, got {value!r}.")
     if not low <= value <= high:

@@ -179,6 +179,11 @@ def _labels(name, labels, z, rows, total, capped, ignore_index):
         y = jax.nn.one_hot(array, k, dtype=z.dtype, axis=axis)
         bad = jnp.expand_dims((array < 0) | (array >= k), axis)
     elif jnp.issubdtype(array.dtype, jnp.floating):
+        if ignore_index is not None:
+            raise ValueError(
+                f"{name}: ignore_index applies to integer class ids, not to probability labels "
+                "(a row of zeros on a fully masked row is padding)."
+            )
         if array.shape != rows.shape:
             raise ValueError(
                 f"{name}: probability labels must have the logits' shape {rows.shape}, "
@@ -358,7 +363,8 @@ def softmax_loss(
       temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
         kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
       ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
-        with zero gradient (a masked mean works under ``jit``).
+        with zero gradient (a masked mean works under ``jit``); with probability labels, a
+        ``ValueError``.
       label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
         unmasked classes.
 
@@ -423,7 +429,8 @@ def sparsemax_loss(
       temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
         kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
       ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
-        with zero gradient (a masked mean works under ``jit``).
+        with zero gradient (a masked mean works under ``jit``); with probability labels, a
+        ``ValueError``.
       label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
         unmasked classes.
 
@@ -487,7 +494,8 @@ def entmax15_loss(
       temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
         kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
       ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
-        with zero gradient (a masked mean works under ``jit``).
+        with zero gradient (a masked mean works under ``jit``); with probability labels, a
+        ``ValueError``.
       label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
         unmasked classes.
 
@@ -558,7 +566,8 @@ def entmax_loss(
       temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
         kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
       ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
-        with zero gradient (a masked mean works under ``jit``).
+        with zero gradient (a masked mean works under ``jit``); with probability labels, a
+        ``ValueError``.
       label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
         unmasked classes.
 
@@ -631,7 +640,8 @@ def normmax_loss(
       temperature: a finite positive float, or an array broadcastable to ``logits`` with ``axis``
         kept as size 1; the loss is that of ``logits / temperature``. Differentiable.
       ignore_index: for integer labels, a class id that marks examples to skip: their loss is 0
-        with zero gradient (a masked mean works under ``jit``).
+        with zero gradient (a masked mean works under ``jit``); with probability labels, a
+        ``ValueError``.
       label_smoothing: ``s`` in [0, 1): the target is ``(1 - s) y + s u``, ``u`` uniform over the
         unmasked classes.
 
@@ -751,7 +761,7 @@ def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Ar
       label_smoothing=0.0)``, as the named losses of this module.
 
     Raises:
-      ValueError: for an unknown variant or parameter.
+      ValueError: for an unknown variant or parameter, or an invalid parameter value known now.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -776,6 +786,9 @@ def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Ar
             f"got {', '.join(unknown)}."
         )
     name = f"{variant}_loss"
+    # Parameters known now are checked now, not at the first call.
+    known = {k: v for k, v in params.items() if jnp.ndim(v) == 0 and _args.is_concrete(v)}
+    _variants.parameters(name, _variants.VARIANTS[variant], known, (1, 2), 1, jnp.float32)
     multi_label = _variants.VARIANTS[variant].label_sum is not None
 
     def loss(

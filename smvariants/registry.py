@@ -232,7 +232,7 @@ def parse(spec: str) -> Variant:
 def _number(spec: str, key: str, value: str) -> float | int:
     """A spec's value: an int for ``max_iter``, else a float; ``ValueError`` naming the key."""
     try:
-        if "_" in value:  # float() reads "1_3" as 13
+        if "_" in value or not value.isascii():  # float() reads "1_3" as 13, "१.५" as 1.5
             raise ValueError
         number = float(value)
     except ValueError:

@@ -353,3 +353,25 @@ def test_invalid_labels_inside_jit_give_nan_for_that_example_only():
     where[2, IDS[2]] = False
     out = np.asarray(jax.jit(losses.entmax15_loss)(Z, IDS, where=where))
     assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
+
+
+def test_ignore_index_with_probability_labels_is_an_error():
+    """It was silently ignored (an ignored example cannot be told from soft labels)."""
+    with pytest.raises(ValueError, match="softmax_loss: ignore_index applies to integer class"):
+        losses.softmax_loss(Z, np.full(Z.shape, 0.2), ignore_index=-100)
+
+
+def test_ignore_index_as_a_concrete_jax_integer():
+    expected = losses.sparsemax_loss(Z, IDS, ignore_index=2)
+    got = losses.sparsemax_loss(Z, IDS, ignore_index=jnp.int32(2))
+    np.testing.assert_array_equal(got, expected)
+    assert np.all(np.asarray(expected)[IDS == 2] == 0)
+
+
+def test_made_losses_check_their_parameters_when_made():
+    with pytest.raises(ValueError, match="entmax_loss: alpha must be finite and >= 1, got 0.5"):
+        losses.make_fenchel_young_loss("entmax", alpha=0.5)
+    with pytest.raises(ValueError, match="budget_sparsemax_loss: budget must be"):
+        losses.make_fenchel_young_loss("budget_sparsemax", budget=-1.0)
+    with pytest.raises(TypeError, match="normmax_loss: max_iter must be an int"):
+        losses.make_fenchel_young_loss("normmax", max_iter=2.5)

@@ -173,3 +173,12 @@ def test_the_spec_of_a_scalar_of_any_type_reads_back_equal(alpha):
     variant = registry.get("entmax", alpha=alpha, max_iter=np.int32(40))
     assert registry.parse(str(variant)) == variant
     assert str(variant).endswith(",max_iter=40")
+
+
+def test_parse_reads_ascii_numbers_only():
+    with pytest.raises(ValueError, match="alpha must be a number"):
+        registry.parse("entmax:alpha=\u0967.\u096b")  # Devanagari 1.5: float() reads it
+
+
+def test_int_parameters_as_concrete_jax_scalars():
+    assert registry.get("entmax", max_iter=jnp.int32(40)) == registry.get("entmax", max_iter=40)
