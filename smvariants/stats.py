@@ -32,7 +32,8 @@ def support_size(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) 
       where: optional boolean mask broadcastable to ``p``; only unmasked entries are counted.
 
     Returns:
-      An int32 array of ``p``'s shape without ``axis``.
+      An int32 array of ``p``'s shape without ``axis``. An int has no ``nan``: a ``nan`` entry
+      is not counted (:func:`sparsity` is ``nan`` for such a vector).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -59,7 +60,7 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
 
     Returns:
       An array of ``p``'s shape without ``axis``, in ``p``'s dtype; ``nan`` for a vector with no
-      unmasked entry (0 / 0).
+      unmasked entry (0 / 0) or with an unmasked ``nan`` entry (a normalizer's ``nan`` row).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -74,16 +75,18 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
     probs, rows, mask = _prepare("sparsity", p, axis, where)
     axis = rows.axis
     zero = probs == 0
+    nan = jnp.isnan(probs)
     # Counted in int32 and divided in float32 (or float64): a half-precision count is wrong past
     # 256 (bfloat16) or overflows past 65504 (float16).
     dtype = probs.dtype if probs.dtype == jnp.float64 else jnp.dtype(jnp.float32)
     if mask is None:
         n = jnp.asarray(probs.shape[axis], dtype)
     else:
-        zero = zero & mask
+        zero, nan = zero & mask, nan & mask
         n = jnp.sum(mask, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
     zeros = jnp.sum(zero, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
-    return rows.squeeze((zeros / n).astype(probs.dtype))
+    out = jnp.where(jnp.any(nan, axis=axis, keepdims=True), jnp.nan, zeros / n)
+    return rows.squeeze(out.astype(probs.dtype))
 
 
 def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: Axis = -1) -> jax.Array:

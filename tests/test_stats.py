@@ -77,3 +77,15 @@ def test_errors_name_the_argument():
     assert np.isfinite(h[0]) and np.isnan(h[1:]).all()
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         stats.support_size(P, axis=2)
+
+
+def test_sparsity_of_a_vector_with_nan_is_nan():
+    """A normalizer's nan row had a finite sparsity: the nan was hidden in the statistics."""
+    p = jnp.array([[0.5, 0.5, 0.0], [jnp.nan, jnp.nan, jnp.nan], [0.5, 0.0, jnp.nan]], jnp.float32)
+    out = np.asarray(stats.sparsity(p))
+    np.testing.assert_allclose(out[0], 1 / 3, rtol=1e-6)
+    assert np.isnan(out[1:]).all()
+    # A masked nan is not looked at; an int count has no nan: the nan entry is not counted.
+    where = jnp.array([[True] * 3, [True] * 3, [True, True, False]])
+    assert float(stats.sparsity(p, where=where)[2]) == 0.5
+    np.testing.assert_array_equal(stats.support_size(p), [2, 0, 1])
