@@ -19,8 +19,8 @@ training (``alpha.png``), and the median train step time (compilation excluded).
     python experiments/sparse_attention.py --quick --out /tmp/x  # a smoke run in seconds
 
 With several JAX devices the batches are sharded over all of them, with the same results.
-``python experiments/sparse_attention.py --benchmark`` (alone) prints the forward+backward time
-of softmax, entmax15 and learned-alpha attention at batch 8, 8 heads, length 128, head_dim 32.
+``python experiments/sparse_attention.py --benchmark`` (no other flag) prints the forward+backward
+time of softmax, entmax15 and learned-alpha attention at batch 8, 8 heads, length 128, head_dim 32.
 """
 
 from __future__ import annotations
@@ -549,7 +549,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--resume", action="store_true", help="skip variants already finished (same settings)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    config = common.config_from_flags(defaults, parser.parse_args(argv), QUICK)
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="only time attention's forward+backward by normalizer (no other flag)",
+    )
+    flags = parser.parse_args(argv)
+    if flags.benchmark:  # main() runs it; given with other flags, it is an error there
+        raise common.UsageError("--benchmark takes no other flag (it times fixed shapes)")
+    del flags.benchmark
+    config = common.config_from_flags(defaults, flags, QUICK)
     check_config(config)
     return config
 

@@ -139,6 +139,7 @@ def test_attention_statistics_count_only_unmasked_pairs():
         (["--learning-rate", "1e-60"], "--learning-rate 1e-60 is below float32's smallest"),
         (["--d-model", str(10**20)], "--d-model must be at most 2147483647 (2**31 - 1)"),
         (["--vocab", str(10**20)], "--vocab must be an integer >= 3 and <= 2147483647"),
+        (["--benchmark"], "--benchmark takes no other flag"),  # it ignored --quick, --out
     ],
 )
 def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):
