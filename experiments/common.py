@@ -775,6 +775,29 @@ def check_positive_ints(config: Any, names: Iterable[str]) -> None:
             raise UsageError(f"{_flag(name)} must be at most {MAX_SIZE} (2**31 - 1), got {value}")
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(needed: float, flags: str, memory: int | None = None) -> None:
+    """Refuses settings whose arrays need more than this machine's memory, before any file.
+
+    ``needed`` is the script's estimate of its largest arrays in bytes (a lower bound: XLA's
+    temporaries come on top), ``flags`` names the settings it grows with. On an accelerator the
+    device's memory is usually smaller still; this check catches the sizes no machine holds.
+    """
+    memory = physical_memory() if memory is None else memory
+    if memory and needed > memory:
+        raise UsageError(
+            f"{flags}: these sizes need about {needed / 2**30:,.0f} GiB of arrays, more than "
+            f"this machine's {memory / 2**30:,.0f} GiB"
+        )
+
+
 def check_seed(value: Any, flag: str) -> None:
     """Refuses a seed ``--flag`` that is not an integer in 0..MAX_SEED (jax.random.key's range)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -572,6 +572,10 @@ def run(config: Config) -> list[dict[str, Any]]:
     )
     features = common.load_features(config.features) if config.features else None
     raw = load_raw(config, features)
+    if "pretrain" in raw:  # the backbone's widest layer, its Adam moments, the features it makes
+        rows = len(raw["y"]) + len(raw["pretrain"][1])
+        classes = int(max(raw["y"].max(), raw["pretrain"][1].max())) + 1
+        common.check_memory(4 * config.hidden * (3 * (64 + classes) + 2 * rows), "--hidden")
     # Features from a file need no backbone: standardised (and checked) now, before writing.
     data = None if "pretrain" in raw else load_data(config, raw, None)
     record = settings_record(config, raw)

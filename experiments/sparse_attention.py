@@ -372,6 +372,26 @@ def check_config(config: Config) -> None:
             f"(known: {', '.join(VARIANTS)})"
         )
     common.check_unique(config.variants, "--variants")
+    common.check_memory(
+        memory_estimate(config),
+        "--steps, --batch-size, --max-length, --eval-size, --d-model, --vocab, --layers, --heads",
+    )
+
+
+def memory_estimate(config: Config) -> int:
+    """Bytes of the run's largest arrays (float32 and int32), a lower bound.
+
+    The training batches, generated up front; the parameters with Adam's two moments; a step's
+    attention scores and weights with their gradients and the activations; the held-out pass,
+    which returns every attention map.
+    """
+    length, width, vocab = config.max_length, config.d_model, config.vocab
+    data = 3 * config.steps * config.batch_size * length
+    params = 3 * (vocab * width + length * width + 12 * config.layers * width * width)
+    maps = config.heads * length * length * config.layers
+    step = config.batch_size * (4 * maps + 16 * config.layers * length * width + 3 * length * vocab)
+    held_out = config.eval_size * (maps + length * vocab)
+    return 4 * (data + params + max(step, held_out))
 
 
 def run(config: Config) -> list[dict[str, Any]]:

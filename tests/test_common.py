@@ -352,3 +352,11 @@ def test_sizes_are_bounded():
     common.check_positive_ints(types.SimpleNamespace(hidden=common.MAX_SIZE), ["hidden"])
     with pytest.raises(common.UsageError, match=r"--hidden must be at most 2147483647"):
         common.check_positive_ints(types.SimpleNamespace(hidden=10**20), ["hidden"])
+
+
+def test_check_memory_refuses_what_no_machine_holds():
+    common.check_memory(2**30, "--x", memory=2**31)  # fits
+    with pytest.raises(common.UsageError, match=r"--x: these sizes need about 4 GiB of arrays"):
+        common.check_memory(2**32, "--x", memory=2**31)
+    common.check_memory(2**60, "--x", memory=0)  # unknown memory: no check
+    assert common.physical_memory() is None or common.physical_memory() > 2**26

@@ -548,6 +548,8 @@ def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, array
         (["--learning-rate", "1e-60"], "--learning-rate 1e-60 is below float32's smallest"),
         (["--learned-alpha-range", "1,1e39"], "--learned-alpha-range 1e+39 is beyond the float32"),
         (["--hidden", str(10**20)], "--hidden must be at most 2147483647 (2**31 - 1)"),
+        # Accepted by the range check, but held by no memory: it failed after config.json.
+        (["--hidden", str(2**31 - 1)], "--hidden: these sizes need about"),
         (["--variants", "softmax,budget_sparsemax"], "'budget_sparsemax': its loss is multi-label"),
         (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),

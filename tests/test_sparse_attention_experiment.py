@@ -140,6 +140,9 @@ def test_attention_statistics_count_only_unmasked_pairs():
         (["--d-model", str(10**20)], "--d-model must be at most 2147483647 (2**31 - 1)"),
         (["--vocab", str(10**20)], "--vocab must be an integer >= 3 and <= 2147483647"),
         (["--benchmark"], "--benchmark takes no other flag"),  # it ignored --quick, --out
+        # Sizes the checks accepted but no memory holds failed after config.json was written.
+        (["--max-length", str(2**31 - 1)], "these sizes need about"),
+        (["--eval-size", str(2**31 - 1), "--max-length", "1000"], "these sizes need about"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):
