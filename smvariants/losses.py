@@ -787,8 +787,8 @@ def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Ar
         )
     name = f"{variant}_loss"
     # Parameters known now are checked now, not at the first call.
-    known = {k: v for k, v in params.items() if jnp.ndim(v) == 0 and _args.is_concrete(v)}
-    _variants.parameters(name, _variants.VARIANTS[variant], known, (1, 2), 1, jnp.float32)
+    given = {k: v for k, v in params.items() if jnp.ndim(v) == 0 and _args.is_concrete(v)}
+    _variants.parameters(name, _variants.VARIANTS[variant], given, (1, 2), 1, jnp.float32)
     multi_label = _variants.VARIANTS[variant].label_sum is not None
 
     def loss(
