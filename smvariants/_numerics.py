@@ -73,6 +73,15 @@ def _compensated_add(left, right):
     return s, c1 + c2 + e
 
 
+def _renormalised_add(left, right):
+    """:func:`_compensated_add` with the correction moved into the sum, within an ulp of it."""
+    return _two_sum(*_compensated_add(left, right))
+
+
+# Long rows are summed in blocks of this many entries (see ``accurate_sum``).
+_COMPENSATED_BLOCK = 1024
+
+
 # Rows up to this long are summed pairwise (see ``accurate_sum``).
 _PAIRWISE_MAX = 512
 
@@ -189,10 +198,10 @@ def row_sums(f: Callable[..., tuple], arrays: tuple[jax.Array, ...], axis: int) 
 def accurate_sum(a: jax.Array, axis: int) -> jax.Array:
     """``sum(a, axis, keepdims=True)`` accurate to rounding, whatever the row length or order.
 
-    A compensated (TwoSum) reduction: the error is about one rounding of the result plus
-    ``n eps^2`` relative, instead of the ``n eps`` of a sequential float32 sum (``1 - 1e-3`` for
-    128000 equal terms), and it does not depend on how XLA orders or blocks the reduction, so a
-    row's result does not depend on the other rows of the batch.
+    A compensated (TwoSum) reduction, in blocks of 1024: the error is about one rounding of the
+    result plus ``n eps^2`` relative, instead of the ``n eps`` of a sequential float32 sum
+    (``1 - 1e-3`` for 128000 equal terms), and it does not depend on how XLA orders or blocks
+    the reduction, so a row's result does not depend on the other rows of the batch.
 
     A row of at most 512 terms is summed pairwise instead, as a tree of halves: at most 9
     roundings deep (about one on the same-sign terms of a closed form), as independent of the
@@ -202,12 +211,30 @@ def accurate_sum(a: jax.Array, axis: int) -> jax.Array:
     Inside a Pallas kernel (which has no variadic reduction) it is the kernel's own tree sum of a
     row held on chip: ``log2(n)`` roundings deep, and also independent of the other rows.
     """
-    if _backend.in_kernel():
+    if _backend.in_kernel() or a.shape[axis] == 0:
         return jnp.sum(a, axis=axis, keepdims=True)
-    if 0 < a.shape[axis] <= _PAIRWISE_MAX:
+    if a.shape[axis] <= _PAIRWISE_MAX:
         return _pairwise_sum(a, axis)
+    # The correction of a compensated sum adds up the rounding errors in plain floats: on many
+    # equal terms (errors of one sign) it grew to 100 at 200000 entries and lost its own low
+    # bits (a sum off by 0.12). Blocks of 1024 keep it within 512 ulps of their sum (no bit
+    # lost), and the blocks' pairs are added with the correction renormalised into the sum:
+    # the per-entry work is as before.
     zero = jnp.zeros((), a.dtype)
-    s, c = jax.lax.reduce((a, jnp.zeros_like(a)), (zero, zero), _compensated_add, (axis,))
+    n, block = a.shape[axis], _COMPENSATED_BLOCK
+    full = n - n % block
+    pairs = []
+    if full:
+        head = lax.slice_in_dim(a, 0, full, axis=axis)
+        head = head.reshape(a.shape[:axis] + (full // block, block) + a.shape[axis + 1 :])
+        pairs.append(lax.reduce((head, jnp.zeros_like(head)), (zero, zero), _compensated_add,
+                                (axis + 1,)))  # fmt: skip
+    if n % block:
+        tail = lax.slice_in_dim(a, full, n, axis=axis)
+        sums = lax.reduce((tail, jnp.zeros_like(tail)), (zero, zero), _compensated_add, (axis,))
+        pairs.append(tuple(jnp.expand_dims(t, axis) for t in sums))
+    s, c = (jnp.concatenate(parts, axis=axis) for parts in zip(*pairs, strict=True))
+    s, c = lax.reduce((s, c), (zero, zero), _renormalised_add, (axis,))
     return jnp.expand_dims(s + c, axis)
 
 
@@ -259,15 +286,19 @@ def power(b: jax.Array, e: jax.Array | float) -> jax.Array:
         return jnp.sign(b)  # (a comparison's convert is several times slower to sum on XLA:CPU)
     if isinstance(e, float) and e == round(e) and 1 <= e <= MAX_INTEGER_POWER:
         return lax.integer_pow(b, round(e))
-    # nan is computed with, not selected: its derivatives in b and in a traced e are nan too.
-    on = (b > 0) | jnp.isnan(b)
+    on = b > 0
     if isinstance(e, float) and 0 < e <= MAX_INTEGER_POWER and (4 * e) == round(4 * e):
         roots = 1 if (2 * e) == round(2 * e) else 2
         root = jnp.where(on, b, 1)  # the inner where keeps higher derivatives finite at 0
         for _ in range(roots):
             root = jnp.sqrt(root)
-        return jnp.where(on, lax.integer_pow(root, round(e * 2**roots)), 0)
-    return jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
+        out = jnp.where(on, lax.integer_pow(root, round(e * 2**roots)), 0)
+    else:
+        out = jnp.where(on, jnp.exp(e * jnp.log(jnp.where(on, b, 1))), 0)
+    if isinstance(e, float):
+        return jnp.where(jnp.isnan(b), jnp.nan, out)
+    # A traced exponent's derivative at a nan base is nan too (b e: computed, not a constant).
+    return jnp.where(jnp.isnan(b), b * e, out)
 
 
 def expm1_ratio(x: jax.Array) -> jax.Array:
