@@ -84,11 +84,14 @@ class Prepared(NamedTuple):
 # Argument checks.
 
 
-def _float_array(name: str, arg: str, value: Any) -> jax.Array:
+def _float_array(name: str, arg: str, value: Any, integers: bool = False) -> jax.Array:
+    """``value`` as a floating-point array (or an integer one, if ``integers``), else TypeError."""
     try:
         array = jnp.asarray(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: {arg} must be an array, got {value!r}.") from None
+    if integers and jnp.issubdtype(array.dtype, jnp.integer):
+        return array
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(f"{name}: {arg} must be a floating-point array, got dtype {array.dtype}.")
     return array
@@ -156,7 +159,7 @@ def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float
         if not (math.isfinite(number) and number >= 1):
             raise ValueError(f"{name}: alpha must be finite and >= 1, got {value}.")
         return number
-    alpha = _float_array(name, "alpha", value)
+    alpha = _float_array(name, "alpha", value, integers=True)  # [1, 2, 2, 1] as a Python list
     if alpha.shape not in ((), (heads,)):
         raise ValueError(
             f"{name}: alpha must be a number or an array of shape (heads,) = ({heads},), got "
@@ -214,6 +217,8 @@ def prepare(
             f"{name}: value must have the shape of key, {tuple(k.shape)}, got {tuple(v.shape)}."
         )
     if not q.dtype == k.dtype == v.dtype:
+        if value is key:  # attention_weights: no value
+            raise TypeError(f"{name}: query and key must have one dtype, got {q.dtype}, {k.dtype}.")
         raise TypeError(
             f"{name}: query, key and value must have one dtype, got {q.dtype}, {k.dtype} and "
             f"{v.dtype}."
@@ -455,6 +460,31 @@ def _row_max(s: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(s.dtype).min)
 
 
+def _union_zero(dtype, *operands) -> jax.Array:
+    """A 0-d zero that varies over ``shard_map``'s manual mesh axes as the operands together do.
+
+    A loop's carry must have the type its body gives it, and the body's values vary as every
+    operand it reads: constants (``jnp.zeros``) vary over no axis, and under ``check_vma`` the
+    loop was refused. A constant, folded by XLA.
+    """
+    zero = jnp.zeros((), dtype)
+    for a in operands:
+        if a is not None:
+            zero = zero + jnp.zeros_like(a, dtype=dtype, shape=())
+    return zero
+
+
+def _varying(tree, zero: jax.Array):
+    """Every array of ``tree`` varying (over ``shard_map``'s axes) as ``zero`` does; same values."""
+
+    def vary(a):
+        if a.dtype == jnp.bool_:
+            return a | (zero != 0)
+        return a + zero.astype(a.dtype)
+
+    return jax.tree.map(vary, tree)
+
+
 def _newton(evaluate, theta, lo, hi, done, max_iter):
     """Safeguarded Newton on ``h(theta) = log sum_j p_j(theta)`` for the rows not ``done``.
 
@@ -478,15 +508,17 @@ def _newton(evaluate, theta, lo, hi, done, max_iter):
         return ~all_done & (it < max_iter)
 
     state = (theta, lo, hi, jnp.zeros_like(theta), done, jnp.all(done), jnp.array(0, jnp.int32))
+    state = _varying(state, jnp.zeros_like(theta, shape=()))  # theta varies as every operand
     return lax.while_loop(cond, body, state)[0]
 
 
-def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
+def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype, vary):
     """Per query row: the maximum ``m`` and the threshold (see the module docstring).
 
     The threshold is a tuple: ``(theta,)``; for a Python alpha >= 2 ``(c_hi, c_lo)``, ``theta -
     1/d`` carried beyond float precision; for a per-head alpha ``(theta, c_hi, c_lo)``, the latter
-    for the rows above 2 (:func:`_probabilities` takes each).
+    for the rows above 2 (:func:`_probabilities` takes each). ``vary``: :func:`_union_zero` of
+    the operands.
     """
     lowest = jnp.finfo(dtype).min
     if statics.alpha == 1:
@@ -498,7 +530,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
             total = total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new), -1, keepdims=True)
             return (m_new, total), None
 
-        start = (jnp.full(row_shape, lowest, dtype), jnp.zeros(row_shape, dtype))
+        start = _varying((jnp.full(row_shape, lowest, dtype), jnp.zeros(row_shape, dtype)), vary)
         (m, total), _ = lax.scan(online, start, jnp.arange(n_chunks, dtype=jnp.int32))
         return m, (jnp.log(jnp.maximum(total, jnp.finfo(dtype).tiny)),)
 
@@ -524,12 +556,12 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype):
         jnp.full(row_shape, lowest, dtype),
         jnp.zeros(row_shape, dtype),
     )
-    carry, _ = lax.scan(gather, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    carry, _ = lax.scan(gather, _varying(init, vary), jnp.arange(n_chunks, dtype=jnp.int32))
     cand, dropped, n, _, total = carry
     m = jnp.maximum(cand[..., :1], lowest)
     z = cand - m
     n_cand = count(z > -jnp.inf, -1, dtype)
-    zero = jnp.zeros(row_shape, dtype)
+    zero = _varying(jnp.zeros(row_shape, dtype), vary)
     # A nan row stays nan (its h is nan); a fully masked row (n = 0) has theta 0 and output 0.
     empty = n == 0
 
@@ -651,10 +683,11 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
     n_chunks = k.shape[2] // statics.chunk
     score = _blocks(statics, q, k, v, bias, mask, q_lengths, kv_lengths)
     row_shape = q.shape[:-1] + (1,)
-    m, threshold = _threshold(statics, score, n_chunks, alpha, row_shape, dtype)
+    vary = _union_zero(dtype, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
+    m, threshold = _threshold(statics, score, n_chunks, alpha, row_shape, dtype, vary)
     d = _d(statics, alpha)
     softmax = statics.alpha == 1
-    zero_rows = jnp.zeros(row_shape, dtype)
+    zero_rows = _varying(jnp.zeros(row_shape, dtype), vary)
 
     def accumulate(threshold, carry, i):
         vc = lax.dynamic_slice_in_dim(v, i * statics.chunk, statics.chunk, axis=2)
@@ -667,7 +700,7 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
             sg = sg + jnp.sum(g, -1, keepdims=True)
         return (out, sp, w, sg), None
 
-    zero_out = jnp.zeros(q.shape[:-1] + (v.shape[-1],), dtype)
+    zero_out = _varying(jnp.zeros(q.shape[:-1] + (v.shape[-1],), dtype), vary)
     init = (zero_out, zero_rows, zero_out, zero_rows)
 
     def run(threshold):
@@ -704,7 +737,8 @@ def _chunked_bwd(statics, residuals, d_out):
     learned = statics.alpha is None
     # c_i = sum_j g_ij dP_ij / sum_j g_ij = do_i . w_i.
     centre = jnp.sum(d_out * w, -1, keepdims=True)
-    zero_rows = jnp.zeros(centre.shape, dtype)
+    vary = _union_zero(dtype, q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, sp, d_out)
+    zero_rows = _varying(jnp.zeros(centre.shape, dtype), vary)
     chunks = jnp.arange(n_chunks, dtype=jnp.int32)
 
     def rounding_error(threshold):
@@ -751,7 +785,7 @@ def _chunked_bwd(statics, residuals, d_out):
         return (dq, d_bias, d_alpha), (dk, dv)
 
     d_bias0 = None if bias is None else jnp.zeros(bias.shape, dtype)
-    init = (jnp.zeros_like(q), d_bias0, zero_rows)
+    init = _varying((jnp.zeros_like(q), d_bias0, zero_rows), vary)
 
     def run(threshold):
         error = rounding_error(threshold) if len(threshold) > 1 else zero_rows
@@ -818,8 +852,7 @@ def _chunked(args: Prepared, chunk: int | None, candidates: int | None, max_iter
         max_iter=max_iter,
     )
     alpha = None if isinstance(args.alpha, float) else args.alpha
-    return chunked_core(
-        statics,
+    operands = (
         args.q,
         pad_keys(args.k, 2),
         pad_keys(args.v, 2),
@@ -829,3 +862,6 @@ def _chunked(args: Prepared, chunk: int | None, candidates: int | None, max_iter
         args.kv_lengths,
         alpha,
     )
+    # Under shard_map, every operand varies as they all do: the derivative rule's cotangents then
+    # have their operand's type (JAX sums one over the axes its operand does not vary on).
+    return chunked_core(statics, *_varying(operands, _union_zero(args.q.dtype, *operands)))

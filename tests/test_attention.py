@@ -413,6 +413,38 @@ def test_explicit_sharding(implementation):
         assert_close(grad, want, tol=3e-6)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.5, "per head"])
+def test_inside_shard_map(implementation, alpha):
+    """``shard_map`` checks (``check_vma``, its default) that a loop's carry varies over the mesh
+    axes as its body's values do: the chunked path's scans started from constants and raised a
+    ``TypeError`` naming no argument. Values and gradients (a per-head alpha's too) as unsharded."""
+    q, k, v, _, _ = make_case("random")
+    heads = q.shape[2]
+    a = jnp.linspace(1.2, 2.6, heads, dtype=q.dtype) if alpha == "per head" else jnp.asarray(1.0)
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("b")
+
+    def attend(q, k, v, a):
+        given = a if alpha == "per head" else alpha
+        return attention.dot_product_attention(q, k, v, alpha=given, implementation=implementation)
+
+    def loss(f, q, k, v, a):
+        out = f(q, k, v, a)
+        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))
+
+    sharded = jax.shard_map(
+        attend, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec()),
+        out_specs=spec,
+    )  # fmt: skip
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), (0, 1, 2, 3)))(
+        q, k, v, a
+    )
+    expected = jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2, 3))(q, k, v, a)
+    assert_close(value, expected[0], tol=1e-5)  # (a sum of many terms, as alpha's gradient)
+    for grad, want in zip(grads, expected[1], strict=True):
+        assert_close(grad, want, tol=1e-5)
+
+
 def test_jit_unbatched_and_half_precision(implementation):
     q, k, v, _, _ = make_case("random")
     f = jax.jit(functools.partial(attention.dot_product_attention, implementation=implementation))
@@ -590,3 +622,19 @@ def test_nnx_example_is_a_python_block_of_the_readme():
     """test_docs.test_readme_python_blocks_run runs it (its last line asserts alpha trained)."""
     readme = (ROOT / "README.md").read_text()
     assert f"```python\n{NNX_EXAMPLE.strip()}\n```" in readme
+
+
+def test_an_integer_per_head_alpha_is_taken():
+    """A list of ints ([1, 2, 2, 1]) was a TypeError; a Python int alpha was accepted."""
+    q, k, v, _, _ = make_case("random")
+    heads = q.shape[2]
+    ints = [1 + i % 2 for i in range(heads)]
+    out = attention.dot_product_attention(q, k, v, alpha=ints)
+    floats = attention.dot_product_attention(q, k, v, alpha=jnp.asarray(ints, q.dtype))
+    np.testing.assert_array_equal(out, floats)
+
+
+def test_attention_weights_names_only_its_arguments():
+    q = jnp.zeros((1, 2, 1, 4), jnp.float32)
+    with pytest.raises(TypeError, match=r"attention_weights: query and key must have one dtype"):
+        attention.attention_weights(q, q.astype(jnp.bfloat16))
