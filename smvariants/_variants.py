@@ -307,9 +307,15 @@ def _norm(p, axis, alpha):
 
     0 for a row of zeros (a fully masked row's output), with a zero derivative in ``alpha``
     (:func:`power` is 0 at 0 with finite derivatives; ``exp(log(0) / alpha)`` has ``0 * inf``
-    there: a padding row made a gradient ``nan``).
+    there: a padding row made a gradient ``nan``). Computed as ``max(p) ||p / max(p)||``:
+    ``p^alpha`` underflows at a large alpha (0.33^80 in float32: a norm of 0, and ``nan``
+    gradients).
     """
-    return power(jnp.sum(power(p, alpha), axis=axis, keepdims=True), 1 / alpha)
+    if p.shape[axis] == 0:  # (a maximum's ``initial`` does not lower in a GPU kernel)
+        return jnp.sum(p, axis=axis, keepdims=True)
+    top = jnp.max(p, axis=axis, keepdims=True)
+    scaled = jnp.sum(power(safe_divide(p, top), alpha), axis=axis, keepdims=True)
+    return top * power(scaled, 1 / alpha)
 
 
 def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
@@ -317,10 +323,13 @@ def _normmax_tangent(p, z_dot, axis, alpha, max_iter=None):
 
     With ``g = p^(2 - alpha)`` on the support and ``c = ||p||_alpha^(alpha - 1) / (alpha - 1)``:
     the implicit derivative of ``q_j = [z_j - tau]_+^(1/(alpha - 1))``, ``||q||_alpha = 1``,
-    through ``p = q / sum(q)``. Symmetric, like the others.
+    through ``p = q / sum(q)``. Symmetric, like the others. Computed as ``c g = (||p|| /
+    (alpha - 1)) q^(2 - alpha)`` with ``q = p / ||p||``: at a large alpha ``p^(2 - alpha)``
+    overflows where ``c`` underflows (a zero gradient at alpha = 80).
     """
-    g = _entmax_g(p, alpha)
-    c = power(_norm(p, axis, alpha), alpha - 1) / (alpha - 1)  # 0 on a row of zeros
+    norm = _norm(p, axis, alpha)
+    g = _entmax_g(safe_divide(p, norm), alpha)
+    c = norm / (alpha - 1)  # 0 on a row of zeros
 
     def dot(a, b):
         return jnp.sum(a * b, axis=axis, keepdims=True)

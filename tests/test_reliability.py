@@ -676,3 +676,21 @@ def test_label_smoothing_known_at_trace_time_whatever_its_type():
 def test_a_per_row_parameter_of_the_wrong_shape_names_the_tuple_axis(fn, axis, arg, axes):
     with pytest.raises(ValueError, match=re.escape(f"with axes {axes} kept as size 1")):
         fn(jnp.zeros((2, 3, 4)), axis=axis, **{arg: jnp.full((2, 3, 1), 1.5)})
+
+
+@pytest.mark.parametrize("alpha", [30.0, 80.0, 100.0])
+def test_normmax_gradients_at_a_large_alpha_in_float32(alpha):
+    """p^alpha underflowed and p^(2 - alpha) overflowed: a zero gradient at alpha 80, nan at
+    100 (the forward values were right)."""
+    x = np.concatenate([[0.0], -np.linspace(0.01, 0.5, 40)])
+
+    def grads(x, a):
+        return jax.grad(lambda x, a: sm.normmax(x, alpha=a)[0], argnums=(0, 1))(x, a)
+
+    got = grads(jnp.asarray(x, F32), jnp.asarray(alpha, F32))
+    with jax.enable_x64(True):
+        want = grads(jnp.asarray(x, jnp.float64), jnp.asarray(alpha, jnp.float64))
+    for g, w in zip(got, want, strict=True):
+        scale = float(np.max(np.abs(w)))
+        assert scale > 0
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale)
