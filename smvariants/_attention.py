@@ -517,7 +517,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype, 
 
     The threshold is a tuple: ``(theta,)``; for a Python alpha >= 2 ``(c_hi, c_lo)``, ``theta -
     1/d`` carried beyond float precision; for a per-head alpha ``(theta, c_hi, c_lo)``, the latter
-    for the rows above 2 (:func:`_probabilities` takes each). ``vary``: :func:`_union_zero` of
+    for the rows at or above 2 (:func:`_probabilities` takes each). ``vary``: :func:`_union_zero` of
     the operands.
     """
     lowest = jnp.finfo(dtype).min
@@ -592,7 +592,7 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype, 
         return m, (theta,)
     # alpha > 2: the threshold carried beyond float precision (_solvers.entmax_refined_output), on
     # the candidates where they hold the support at it, else over the chunks; for a per-head
-    # array, the rows above 2 where there are any (the others keep theta).
+    # array, the rows at or above 2 where there are any (the others keep theta).
     refined = _refined_threshold if _refines(d) else _array_refined_threshold
     return m, refined(theta, z, dropped, m, empty, score, n_chunks, d)
 
@@ -624,12 +624,12 @@ def _refined_threshold(theta, z, dropped, m, empty, score, n_chunks, d):
 
 
 def _array_refined_threshold(theta, z, dropped, m, empty, score, n_chunks, d):
-    """``(theta, c_hi, c_lo)`` for a per-head ``d``: the rows above 2 refined where there are any.
+    """``(theta, c_hi, c_lo)`` for a per-head ``d``: rows at or above 2 refined, if any.
 
     :func:`_refined_threshold` of those rows (``c_hi = c_lo = 0`` if there are none);
     :func:`_by_form` picks the probabilities to match.
     """
-    above = jnp.broadcast_to(d > 1, theta.shape)
+    above = jnp.broadcast_to(d >= 1, theta.shape)
 
     def refine():
         d_above = jnp.where(above, d, 2)
@@ -643,7 +643,7 @@ def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tupl
     """A chunk's ``(p, g)`` (before normalisation) from its scores and :func:`_threshold`'s.
 
     ``threshold``: ``(theta,)``, ``(c_hi, c_lo)``, or ``(theta, c_hi, c_lo)`` (a per-head alpha:
-    the rows above 2 from the second form, the others from the first).
+    the rows at or above 2 from the second form, the others from the first).
     """
     if statics.alpha == 1:
         p = jnp.exp(s - m - threshold[0])
@@ -654,7 +654,7 @@ def _probabilities(statics: Statics, s: jax.Array, m: jax.Array, threshold: tupl
         c_hi, c_lo = threshold
         return _solvers.refined_mass((s - m) - c_hi, c_lo, d)
     theta, c_hi, c_lo = threshold
-    above = d > 1
+    above = d >= 1
     plain = _solvers.deformed_exp(s - m - theta, d)
     refined = _solvers.refined_mass((s - m) - c_hi, c_lo, jnp.where(above, d, 2))
     return tuple(jnp.where(above, r, p) for r, p in zip(refined, plain, strict=True))
@@ -669,7 +669,7 @@ def _by_form(threshold: tuple, d: Any, run: Callable[[tuple], Any]) -> Any:
     """
     if len(threshold) < 3:
         return run(threshold)
-    return lax.cond(any_true(d > 1), lambda: run(threshold), lambda: run(threshold[:1]))
+    return lax.cond(any_true(d >= 1), lambda: run(threshold), lambda: run(threshold[:1]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

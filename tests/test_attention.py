@@ -638,3 +638,18 @@ def test_attention_weights_names_only_its_arguments():
     q = jnp.zeros((1, 2, 1, 4), jnp.float32)
     with pytest.raises(TypeError, match=r"attention_weights: query and key must have one dtype"):
         attention.attention_weights(q, q.astype(jnp.bfloat16))
+
+
+def test_a_per_head_alpha_of_exactly_two_is_refined(implementation):
+    """It took the plain threshold (1e-5 relative on 4096 near-equal scores, a Python 2.0 1e-7):
+    where ``bounded_alpha`` saturates, a learned alpha is exactly 2."""
+    s = 4096
+    bias = 1e-3 * jax.random.normal(jax.random.key(1), (1, 1, 1, s), jnp.float32)
+    q, k = jnp.zeros((1, 1, 1, s), jnp.float32), jnp.zeros((1, s, 1, s), jnp.float32)
+    v = jnp.eye(s, dtype=jnp.float32)[None, :, None, :]  # the output is the weights
+    with jax.enable_x64(True):
+        exact = np.asarray(reference.sparsemax(np.asarray(bias, np.float64)[0, 0, 0]))
+    out = attention.dot_product_attention(
+        q, k, v, bias, alpha=jnp.array([2.0], jnp.float32), implementation=implementation
+    )
+    assert np.abs(np.asarray(out)[0, 0, 0] - exact).max() <= 1e-6 * exact.max()

@@ -694,3 +694,12 @@ def test_normmax_gradients_at_a_large_alpha_in_float32(alpha):
         scale = float(np.max(np.abs(w)))
         assert scale > 0
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale)
+
+
+def test_an_array_alpha_of_exactly_two_is_refined():
+    """A Python 2.0 is sparsemax's closed form; an array 2.0 took the plain threshold, 1e-5
+    relative on 4096 near-equal logits (1e-3 apart)."""
+    x = 1e-3 * jax.random.normal(jax.random.key(1), (2, 4096), F32)
+    exact = reference.sparsemax(np.asarray(x, np.float64))
+    out = np.asarray(sm.entmax(x, alpha=jnp.full((2, 1), 2.0, F32)))
+    assert np.abs(out - exact).max() <= 1e-6 * exact.max()
