@@ -517,8 +517,8 @@ def _threshold(statics: Statics, score, n_chunks: int, alpha, row_shape, dtype, 
 
     The threshold is a tuple: ``(theta,)``; for a Python alpha >= 2 ``(c_hi, c_lo)``, ``theta -
     1/d`` carried beyond float precision; for a per-head alpha ``(theta, c_hi, c_lo)``, the latter
-    for the rows at or above 2 (:func:`_probabilities` takes each). ``vary``: :func:`_union_zero` of
-    the operands.
+    for the rows at or above 2 (:func:`_probabilities` takes each). ``vary``: a zero that varies
+    over ``shard_map``'s axes as the operands do.
     """
     lowest = jnp.finfo(dtype).min
     if statics.alpha == 1:
@@ -683,7 +683,7 @@ def _chunked_forward(statics, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
     n_chunks = k.shape[2] // statics.chunk
     score = _blocks(statics, q, k, v, bias, mask, q_lengths, kv_lengths)
     row_shape = q.shape[:-1] + (1,)
-    vary = _union_zero(dtype, q, k, v, bias, mask, q_lengths, kv_lengths, alpha)
+    vary = jnp.zeros_like(q, shape=())  # every operand varies as q does (see _chunked)
     m, threshold = _threshold(statics, score, n_chunks, alpha, row_shape, dtype, vary)
     d = _d(statics, alpha)
     softmax = statics.alpha == 1
@@ -737,7 +737,7 @@ def _chunked_bwd(statics, residuals, d_out):
     learned = statics.alpha is None
     # c_i = sum_j g_ij dP_ij / sum_j g_ij = do_i . w_i.
     centre = jnp.sum(d_out * w, -1, keepdims=True)
-    vary = _union_zero(dtype, q, k, v, bias, mask, q_lengths, kv_lengths, alpha, m, sp, d_out)
+    vary = jnp.zeros_like(q, shape=())  # every operand (and d_out) varies as q does
     zero_rows = _varying(jnp.zeros(centre.shape, dtype), vary)
     chunks = jnp.arange(n_chunks, dtype=jnp.int32)
 
