@@ -271,6 +271,23 @@ def bracketed_step(
     return new, lo, hi, converged
 
 
+def _halley_final(theta, new, delta, r, d) -> jax.Array:
+    """True where Halley's step from ``theta`` to ``new`` ends at the dtype's rounding level.
+
+    Where ``h`` is smooth, Halley's error after a step ``delta`` is about ``K delta^3``, ``K`` of
+    the order of ``h``'s third derivative over ``h'``: from a step of at most ``sqrt(eps)``
+    (relative) it is ``K eps^1.5``, far below rounding, and the pass that would confirm it (a
+    step at rounding level) is saved. Where an entry enters or leaves the support within the
+    step, ``h''`` jumps and the order drops to Newton's (``K eps``: rounding level) for
+    ``d <= 1/2`` (alpha <= 1.5); above, ``h''`` is unbounded at the edge of the support and the
+    order drops towards ``1/d``: those rows keep the usual test. The step must be the one
+    proposed (not bisection), with a small Halley correction ``r`` (where the local model holds).
+    """
+    eps = jnp.finfo(new.dtype).eps
+    near = jnp.abs(new - theta) <= jnp.sqrt(eps) * jnp.maximum(1, jnp.abs(new))
+    return near & (new == theta + delta) & (jnp.abs(r) <= 1 / 16) & (d <= 0.5)
+
+
 def entmax_theta(
     z: jax.Array,
     d: jax.Array | float,
@@ -315,8 +332,9 @@ def _entmax_theta(
     largest entry alone has mass 1, at the upper end less than 1 in total. A step that leaves the
     bracket, or bounces back across it, is replaced by bisection; ``init``, a lower bound of
     ``theta``, if given, and :func:`mean_bound` raise the bracket's lower end, where the
-    iterations start. Iterates until every row's step is at the dtype's resolution or
-    ``max_iter`` passes. Returns ``theta`` and the iterations used.
+    iterations start. Iterates until every row's step is at the dtype's resolution, or Halley's
+    last step ends there (:func:`_halley_final`), or ``max_iter`` passes. Returns ``theta`` and
+    the iterations used.
     """
     dtype = z.dtype
     # Halley's extra sum saves passes where each costs an exp and a log1p per entry; with
@@ -362,6 +380,8 @@ def _entmax_theta(
             elif d < 1:
                 delta = delta / (1 - r)
         new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
+        if halley_steps:
+            done = done | _halley_final(theta, new, delta, r, d)
         # A converged row keeps its value while others iterate: its result does not depend on
         # how many passes the rest of the batch needs.
         new = jnp.where(frozen, theta, new)

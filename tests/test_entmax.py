@@ -285,6 +285,23 @@ def test_dense_rows_take_few_passes(alpha, dtype):
         )
 
 
+@pytest.mark.parametrize(("dtype", "passes"), [(np.float32, 2), (np.float64, 3)])
+def test_halleys_last_step_needs_no_confirming_pass(dtype, passes):
+    # Halley's step is cubic: from within sqrt(eps) of the root it ends at rounding level, so
+    # the pass that would see a step at rounding level is not taken (one pass more before). The
+    # values stay exact.
+    alpha = 1.3
+    x = np.random.default_rng(7).normal(0, 0.3, (256, 100))
+    z = (x - x.max(1, keepdims=True)).astype(dtype)
+    for d in (alpha - 1, jnp.full((256, 1), alpha - 1, dtype)):
+        theta, iters = _solvers.entmax_theta(jnp.asarray(z), d, -1, 64)
+        assert iters <= passes
+        p = _solvers.deformed_exp(jnp.asarray(z) - theta, d)[0]
+        np.testing.assert_allclose(
+            p, reference.entmax(z, alpha=alpha), atol=8 * np.finfo(dtype).eps
+        )
+
+
 @pytest.mark.parametrize(
     ("alpha", "k", "c"),
     [(1.3, 100, 2.544846644714574), (1.3, 400, 2.5637337771273687), (1.15, 400, 3.928461251199172)],
