@@ -219,8 +219,11 @@ def bounded_alpha(a: ArrayLike, low: float = 1.0, high: float = 2.0) -> jax.Arra
     The parametrisation of Correia et al. (2019): an unconstrained parameter ``a`` (one per head,
     say) trained with the model, ``a = 0`` the midpoint (1.5 for the default interval). An
     unbounded ``1 + softplus(a)`` drifts past 2 in practice, where entmax is ill-conditioned
-    (see :func:`smvariants.entmax`). The result is clipped to ``[low, high]`` so that float
-    rounding where ``sigmoid`` saturates cannot step outside (its gradient is ~0 there).
+    (see :func:`smvariants.entmax`). Above the midpoint it is computed as
+    ``high - (high - low) * sigmoid(-a)``: the value stays in ``[low, high]`` after rounding (it
+    is ``high`` from ``a`` of about 17 in float32), and the derivative, ``(high - low)
+    sigmoid(a) sigmoid(-a)``, stays nonzero, so an optimiser can bring ``a`` back (the
+    derivative of a rounded ``sigmoid(a) = 1`` is 0: such an alpha stopped learning).
 
     Args:
       a: the unconstrained parameter, a floating-point array (or number).
@@ -256,4 +259,5 @@ def bounded_alpha(a: ArrayLike, low: float = 1.0, high: float = 2.0) -> jax.Arra
     a = jnp.asarray(a)
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise TypeError(f"bounded_alpha: a must be a floating-point array, got dtype {a.dtype}.")
-    return jnp.clip(low + (high - low) * jax.nn.sigmoid(a), low, high)
+    width = high - low
+    return jnp.where(a > 0, high - width * jax.nn.sigmoid(-a), low + width * jax.nn.sigmoid(a))

@@ -526,6 +526,14 @@ def test_bounded_alpha():
     assert float(attention.bounded_alpha(jnp.float32(0.0), 1.2, 3.0)) == pytest.approx(2.1)
     grad = jax.grad(lambda a: attention.bounded_alpha(a, 1.0, 3.0))(jnp.float32(0.0))
     assert float(grad) == pytest.approx(0.5)  # (high - low) * sigmoid'(0)
+    # At either end the value is the end itself in float32, and the derivative is not 0: an
+    # optimiser can bring a back (a clip, or sigmoid's derivative from a rounded 1, gave 0).
+    for a, end in ((20.0, 3.0), (-20.0, 1.0)):
+        value, grad = jax.value_and_grad(lambda a: attention.bounded_alpha(a, 1.0, 3.0))(
+            jnp.float32(a)
+        )
+        assert float(value) == end
+        assert float(grad) == pytest.approx(2 / (np.exp(20.0) + 2 + np.exp(-20.0)), rel=1e-5)
     for low, high in [(0.5, 2.0), (2.0, 2.0), (1.0, float("inf")), (True, 2.0)]:
         with pytest.raises(ValueError, match="^bounded_alpha: low and high"):
             attention.bounded_alpha(a, low, high)
