@@ -15,9 +15,10 @@ from smvariants import _variants
 Numeric = float | int | ArrayLike
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2,))
-@partial(jax.jit, static_argnums=(2,))
-def _log_softmax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+@partial(jax.jit, static_argnums=(2, 3))
+def _log_softmax(x: jax.Array, t: jax.Array | None, axis: int, dtype) -> jax.Array:
+    """log_softmax of ``x / t`` (compute dtype), for a result in ``dtype``."""
     m = _solvers.row_max(x, axis)
     z = _solvers.scale(x, m, t)
     # A logit more than the float range below the maximum stays finite (the lowest float), so
@@ -26,7 +27,9 @@ def _log_softmax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
     lse = jnp.log(jnp.sum(jnp.exp(z), axis=axis, keepdims=True))
     # Masked entries stay -inf, also in a fully masked row (where lse is -inf too); +inf or nan
     # anywhere in the row (lse nan or inf) makes the whole row nan.
-    out = jnp.where(z == -jnp.inf, -jnp.inf, jnp.maximum(z - lse, jnp.finfo(z.dtype).min))
+    # The lowest float of the result's dtype: a half-precision result computed in float32 would
+    # otherwise round a finite log-probability below its range to -inf.
+    out = jnp.where(z == -jnp.inf, -jnp.inf, jnp.maximum(z - lse, float(jnp.finfo(dtype).min)))
     out = jnp.where(jnp.isnan(lse) | (lse == jnp.inf), jnp.nan, out)
     if t is not None:  # as in _variants.forward: x / T overflowing to +-inf
         top = m / t
@@ -35,9 +38,9 @@ def _log_softmax(x: jax.Array, t: jax.Array | None, axis: int) -> jax.Array:
 
 
 @partial(_log_softmax.defjvp, symbolic_zeros=True)
-def _log_softmax_jvp(axis, primals, tangents):
+def _log_softmax_jvp(axis, dtype, primals, tangents):
     x, t = primals
-    out = _log_softmax(x, t, axis)
+    out = _log_softmax(x, t, axis, dtype)
 
     def tangent(out, t, x_dot, t_dot):
         # d log p = dz - <p, dz> on the unmasked entries, where z = log p + const; masked entries
@@ -140,7 +143,7 @@ def log_softmax(
       <https://doi.org/10.1007/978-3-642-76153-9_28>`_, 1990.
     """
     args = _args.prepare("log_softmax", x, axis, where, temperature)
-    return args.finish(_log_softmax(args.x, args.t, args.axis))
+    return args.finish(_log_softmax(args.x, args.t, args.axis, jnp.dtype(args.dtype)))
 
 
 def sparsemax(

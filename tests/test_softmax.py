@@ -79,3 +79,15 @@ def test_softmax_sharpens_as_temperature_falls():
     x = np.array([0.1, 0.5, 0.2])
     top = [float(sm.softmax(x, temperature=t)[1]) for t in (4.0, 1.0, 0.25, 0.01)]
     assert top == sorted(top) and top[-1] > 1 - 1e-12
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_log_softmax_is_finite_below_its_range(dtype):
+    # A log-probability below the half-precision range is its lowest finite float, as in
+    # float32 (it was computed in float32 and rounded to -inf: p log p was nan); masked: -inf.
+    low = float(jnp.finfo(dtype).min)
+    x = jnp.array([0.0, 0.75 * low, 1.0, -jnp.inf], dtype)  # below the range at T = 0.5
+    lp = sm.log_softmax(x, temperature=0.5)
+    assert lp.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(lp[1:], np.float32)[::2], [low, -np.inf])
+    assert np.isfinite(float(jnp.sum(jnp.where(x > -jnp.inf, jnp.exp(lp) * lp, 0))))
