@@ -38,11 +38,13 @@ POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
 AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
 ABOVE_ONE: Condition = (lambda v: (v > 1) & (v < np.inf), "finite and > 1")
 # A temperature: XLA:CPU flushes subnormal numbers to 0, so one below the smallest normal number
-# divided by 0 (rows of nan).
+# divided by 0 (rows of nan); XLA computes x / T as x * (1/T) in places, so one above that
+# number's reciprocal multiplied by 0 (nan rows, or uniform ones).
 TEMPERATURE: Condition = (
-    lambda v: (v >= np.finfo(v.dtype).tiny) & (v < np.inf),
-    "finite and > 0, at least the smallest normal number of its dtype (1.2e-38 in float32: XLA "
-    "flushes smaller ones to 0)",
+    lambda v: (v >= np.finfo(v.dtype).tiny) & (v <= 1 / np.finfo(v.dtype).tiny),
+    "finite and > 0, at least the smallest normal number of its dtype and at most its reciprocal "
+    "(1.2e-38 and 8.5e37 in float32: XLA flushes smaller numbers, and reciprocals of larger "
+    "ones, to 0)",
 )
 
 

@@ -63,11 +63,12 @@ def test_axis_must_be_an_int_or_a_tuple_of_ints(name):
 
 
 @pytest.mark.parametrize(
-    "temperature", [0.0, -1.0, np.inf, np.nan, 1e-50, 1e-39, np.array([[1.0], [-2.0], [1.0]])]
+    "temperature",
+    [0.0, -1.0, np.inf, np.nan, 1e-50, 1e-39, 1e38, 9e37, np.array([[1.0], [-2.0], [1.0]])],
 )
 def test_invalid_temperature(name, temperature):
     # 1e-50 is 0 in float32, the dtype the check runs in; 1e-39 is subnormal there (XLA makes it
-    # 0: the output was nan).
+    # 0: the output was nan); 1 / 1e38 too (XLA computes x / T as x * (1/T) in places: nan rows).
     with pytest.raises(ValueError, match=r"temperature must be finite and > 0, at least the sma"):
         NORMALIZERS[name](X, temperature=temperature)
 
@@ -80,6 +81,13 @@ def test_the_smallest_normal_temperature_is_valid_and_a_traced_subnormal_gives_n
     traced = jax.jit(lambda t: NORMALIZERS[name](x, temperature=t))
     assert np.isnan(traced(jnp.float32(1e-39))).all()
     np.testing.assert_allclose(traced(jnp.float32(tiny)), expected, rtol=1e-6)
+    # The largest valid temperature, 1 / tiny, and one above it (traced, with a masked entry:
+    # the -inf times a flushed 1/T was nan, the others 0, a uniform row).
+    x = jnp.array([[1.0, 2.0, 3.0, -jnp.inf]], jnp.float32)
+    masked = jax.jit(lambda t: NORMALIZERS[name](x, temperature=t))
+    out = masked(jnp.float32(1 / tiny))
+    assert np.all(np.isfinite(out[:, :3])) and not np.isnan(out).any()
+    assert np.isnan(masked(jnp.float32(1e38))).all()
 
 
 def test_temperature_shape_must_keep_axis_as_one(name):

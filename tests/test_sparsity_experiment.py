@@ -136,6 +136,7 @@ def test_quick_keeps_the_flags_given():
         # Values float32 cannot hold (entmax computes in float32).
         (["--temperatures", "1e-40"], None, "--temperatures 1e-40 is below float32's smallest"),
         (["--temperatures", "1e39"], None, "--temperatures 1e+39 is beyond the float32 range"),
+        (["--temperatures", "1e38"], None, "--temperatures 1e+38 is above 8.5e37, the recip"),
         (["--alphas", "1e39"], None, "--alphas 1e+39 is beyond the float32 range"),
         (["--seed", str(2**63)], None, "--seed must be at most 9223372036854775807"),
         # x / T overflows float32 at T = 0.5: entmax gives a nan row there.
