@@ -1005,6 +1005,7 @@ def check_config(config: Config) -> None:
     unknown = [n for n in config.variants if n not in ALL_VARIANTS]
     if unknown:
         raise common.UsageError(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    common.check_unique(config.variants, "--variants")  # it would be measured twice
     if any(d not in DTYPES for d in config.dtypes):
         raise common.UsageError(
             f"--dtypes takes a comma-separated list from {', '.join(DTYPES)}, "
@@ -1042,6 +1043,23 @@ def check_config(config: Config) -> None:
             raise common.UsageError(f"--{flag} must be finite and {bound}, got {value!r}")
     # The input is normal(0, 1) * --logit-scale, computed in float32.
     common.check_float32([config.logit_scale], "--logit-scale", positive=True)
+    if config.shapes:  # the default shapes are checked by run(), once the backend chose them
+        common.check_memory(
+            memory_estimate(config.shapes, config.dtypes or DEFAULT_DTYPES), "--shapes"
+        )
+
+
+def memory_estimate(shapes: Sequence[Sequence[int]], dtypes: Sequence[str]) -> int:
+    """Bytes of the largest shape-dtype group's arrays, a lower bound.
+
+    A group holds the float32 normal draw, the input in its dtype, the float32 weights of
+    forward + backward, and an output in the dtype (XLA's temporaries and the peers' copies come
+    on top). Python integers: a shape whose element count is beyond int64 (where NumPy and XLA
+    overflow or abort) is refused as the memory it needs, not computed with.
+    """
+    itemsize = max(jnp.dtype(dtype).itemsize for dtype in dtypes)
+    elements = max(math.prod(int(n) for n in shape) for shape in shapes)
+    return elements * (4 + 4 + 2 * itemsize)
 
 
 def _header(env: dict[str, Any], incomplete: str | None, logit_scale: float) -> str:
@@ -1107,11 +1125,16 @@ def run(config: Config) -> dict[str, Any]:
     # (it served compiles in 0.03-0.6 s that took 0.7-1.7 s cold), stays off in this process.
     # JAX decides whether it uses that cache at its first compilation, once per process.
     jax.config.update("jax_enable_compilation_cache", False)
+    # Each group once: a shape or dtype listed twice would be measured twice, and the groups
+    # planned would never all be done (the run reported as incomplete).
     config = dataclasses.replace(
         config,
-        shapes=config.shapes or default_shapes(jax.default_backend()),
-        dtypes=config.dtypes or DEFAULT_DTYPES,
+        shapes=tuple(
+            dict.fromkeys(map(tuple, config.shapes or default_shapes(jax.default_backend())))
+        ),
+        dtypes=tuple(dict.fromkeys(config.dtypes or DEFAULT_DTYPES)),
     )
+    common.check_memory(memory_estimate(config.shapes, config.dtypes), "--shapes")
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("benchmark")
     with common.output_folder(out, OUTPUTS, config.force) as out:
         if config.force:
@@ -1195,7 +1218,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         "--no-malloc-env", action="store_true", help="do not set MALLOC_* and re-run"
     )
     args = parser.parse_args(argv)
-    dtypes = tuple(d.strip() for d in (args.dtypes or "").split(",") if d.strip())
+    # Given twice, once (as --shapes): each shape-dtype group is measured once.
+    dtypes = tuple(dict.fromkeys(d.strip() for d in (args.dtypes or "").split(",") if d.strip()))
     if args.dtypes is not None and not dtypes:
         raise common.UsageError(
             f"--dtypes takes a comma-separated list from {', '.join(DTYPES)}, got nothing"

@@ -633,12 +633,20 @@ def _stderr_is_terminal() -> bool:
 # variant under runs/).
 
 
+# The entries of a settings record that say which script wrote a folder and in which format of
+# results (each script's ``EXPERIMENT`` and ``RESULTS_FORMAT``): a folder that differs in them is
+# refused by ``--resume`` whatever its other settings, and they are named first in the message.
+IDENTITY = ("experiment", "results_format")
+
+
 def settings_record(config: Any, free: Iterable[str], **extra: Any) -> dict[str, Any]:
     """What config.json holds: the config dataclass's fields, ``extra``, and ``config_hash``.
 
     ``config_hash`` (16 hex digits) covers every entry but the names in ``free`` (those that may
     change on ``--resume``, such as ``out`` or ``force``); a run's files carry it, and only
-    matching ones are reused.
+    matching ones are reused. ``extra`` holds the script's ``experiment`` and ``results_format``
+    (see IDENTITY), so that a run file of another script or of another format of results never
+    matches.
     """
     import hashlib
 
@@ -649,56 +657,107 @@ def settings_record(config: Any, free: Iterable[str], **extra: Any) -> dict[str,
     return record
 
 
+def _saved_settings(out: pathlib.Path) -> Any:
+    """The folder's config.json as read, or None when it is missing or not JSON."""
+    try:
+        return read_json(pathlib.Path(out) / "config.json")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_experiment(out: pathlib.Path, saved: dict[str, Any], experiment: Any) -> None:
+    """Refuses a folder whose config.json names another script than ``experiment``."""
+    found = saved.get("experiment")
+    if experiment is not None and found is not None and found != experiment:
+        raise UsageError(
+            f"--resume: {out} holds results of {found}.py, not of {experiment}.py; use another "
+            "--out, or --force to start over"
+        )
+
+
 def check_resumable(
     out: pathlib.Path, outputs: Iterable[str], record: dict[str, Any], free: Iterable[str]
 ) -> None:
     """Refuses ``--resume`` on a folder holding results of other (or unknown) settings.
 
+    The entries of IDENTITY are compared first: a folder of another script is refused as such,
+    and one of another format of results (an earlier version of the script) with those entries
+    alone as the settings that differ.
+
     Raises:
-        UsageError: ``out`` holds any of ``outputs`` but no readable config.json, or one whose
-            settings (all but ``free``) differ from ``record``'s.
+        UsageError: ``out`` holds any of ``outputs`` but no readable config.json, or one of
+            another script, or one whose settings (all but ``free``) differ from ``record``'s.
     """
     existing = [name for name in outputs if (pathlib.Path(out) / name).exists()]
     if not existing:
         return
-    try:
-        saved = read_json(pathlib.Path(out) / "config.json")
-    except (OSError, ValueError):
-        saved = None
+    saved = _saved_settings(out)
     if not isinstance(saved, dict):
         raise UsageError(
             f"--resume: {out} holds results ({', '.join(existing)}) but no readable config.json; "
             "use --force to start over"
         )
-    keys = sorted((set(saved) | set(record)) - set(free))
-    changed = [
-        f"{key} {saved.get(key)!r} -> {record.get(key)!r}"
-        for key in keys
-        if saved.get(key) != record.get(key)
-    ]
+    _check_experiment(out, saved, record.get("experiment"))
+
+    def changes(keys: Iterable[str]) -> list[str]:
+        return [
+            f"{key} {saved.get(key)!r} -> {record.get(key)!r}"
+            for key in keys
+            if saved.get(key) != record.get(key)
+        ]
+
+    changed = changes(key for key in IDENTITY if key in record)
+    note = " (results of another version of the script, or of another script)" if changed else ""
+    changed = changed or changes(sorted((set(saved) | set(record)) - set(free)))
     if changed:
         raise UsageError(
-            f"--resume: {out} was run with other settings ({'; '.join(changed)}); "
+            f"--resume: {out} was run with other settings ({'; '.join(changed)}){note}; "
             "use the same flags, or --force to start over"
         )
 
 
-def resumed_variants(out: pathlib.Path, variants: Sequence[str], resume: bool) -> tuple[str, ...]:
-    """The variants a run reports: on ``--resume``, those of the folder's config.json first.
+def resumed_variants(
+    out: pathlib.Path,
+    variants: Sequence[str] | None,
+    resume: bool,
+    default: Sequence[str],
+    identity: dict[str, Any] | None = None,
+) -> tuple[str, ...]:
+    """The variants a run reports: ``--variants``, the default ones, or the folder's (``--resume``).
 
-    A resumed run with another ``--variants`` list adds to the folder's results: its summaries
-    keep the variants run before (finished ones are not run again), then the new ones.
+    Args:
+        out: the results folder.
+        variants: the ``--variants`` given, or None when the flag was not given.
+        resume: whether the run continues the folder.
+        default: the variants of a run without ``--variants`` (on ``--resume``: of a folder
+            without a list of its own).
+        identity: this script's ``experiment`` and ``results_format`` (see IDENTITY): the folder's
+            list is used only where its config.json has the same.
+
+    Returns:
+        Without ``--resume``, ``variants`` (``default`` if None). With it, the folder's own list
+        when ``variants`` is None (a plain ``--resume`` continues the folder's variants), else the
+        folder's list followed by the new ones of ``variants``: the summaries keep the variants
+        run before (finished ones are not run again), then the new ones.
+
+    Raises:
+        UsageError: on ``--resume``, the folder's config.json names another script (checked
+            first, before its variants are read as this script's).
     """
+    given = tuple(default) if variants is None else tuple(variants)
     if not resume:
-        return tuple(variants)
-    try:
-        saved = read_json(pathlib.Path(out) / "config.json")
-    except (OSError, ValueError):  # none or unreadable: check_resumable says what is wrong
-        saved = None
-    before = saved.get("variants") if isinstance(saved, dict) else None
+        return given
+    saved = _saved_settings(out)  # none or unreadable: check_resumable says what is wrong
+    if not isinstance(saved, dict):
+        return given
+    identity = identity or {}
+    _check_experiment(out, saved, identity.get("experiment"))
+    if any(saved.get(key) != value for key, value in identity.items()):
+        return given  # another format of results: check_resumable refuses the folder
+    before = saved.get("variants")
     if not isinstance(before, list) or not all(isinstance(v, str) for v in before):
-        return tuple(variants)
-    return tuple(dict.fromkeys([*before, *variants]))
+        return given
+    return tuple(dict.fromkeys([*before, *(() if variants is None else variants)]))
 
 
 def check_unique(names: Sequence[str], flag: str) -> None:
@@ -711,7 +770,11 @@ def check_unique(names: Sequence[str], flag: str) -> None:
 
 
 def reusable_runs(
-    paths: dict[str, pathlib.Path], config_hash: str, backend: str, devices: int
+    paths: dict[str, pathlib.Path],
+    config_hash: str,
+    backend: str,
+    devices: int,
+    keys: dict[str, Iterable[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The finished run files that ``--resume`` reuses, by variant (see :func:`load_finished`).
 
@@ -720,10 +783,14 @@ def reusable_runs(
         config_hash: this run's.
         backend: this run's JAX backend.
         devices: this run's device count.
+        keys: by variant, what every run (seed) in its file must hold: the entries the script's
+            summaries and plots read.
 
     Raises:
         UsageError: one ran on another backend or device count than this run (its step times
-            would sit in one table with this run's, under this run's backend).
+            would sit in one table with this run's, under this run's backend), or one lacks an
+            entry of ``keys`` (a damaged file, or one of another version of the script): a
+            one-line error before anything is written, not a KeyError halfway through.
     """
     finished = {name: load_finished(path, config_hash) for name, path in paths.items()}
     reused = {name: run for name, run in finished.items() if run is not None}
@@ -734,6 +801,18 @@ def reusable_runs(
                 f"device(s), this run has {backend} with {devices}; run there, or use --force "
                 "to start over"
             )
+        wanted = tuple((keys or {}).get(name, ()))
+        for seed, result in enumerate(run["runs"]):
+            missing = (
+                [key for key in wanted if key not in result] if isinstance(result, dict) else []
+            )
+            if not isinstance(result, dict) or missing:
+                lacks = ", ".join(missing) if missing else "a result (not a JSON object)"
+                raise UsageError(
+                    f"--resume: {paths[name]} lacks {lacks} in run {seed} (damaged, or written "
+                    f"by another version of the script); delete it to run {name} again, or use "
+                    "--force to start over"
+                )
     return reused
 
 

@@ -12,7 +12,10 @@ size, sparsity and train step time.
     python experiments/finetune_head.py --features my.npz --variants softmax,entmax:alpha=1.3
 
 ``--features FILE.npz`` brings embeddings from any model (arrays ``X``, ``y``, optional ``split``
-with 0/1/2 or train/val/test). With several JAX devices, batches are sharded over all of them.
+with 0/1/2 or train/val/test). The train and test splits must have rows; the val split may be
+empty: where it has rows, each run's record in ``runs/`` (and the summaries in ``metrics.json``
+and ``summary.csv``, not the printed table) also holds the head's val accuracy and loss, for model
+selection. With several JAX devices, batches are sharded over all of them.
 ``--variants`` is comma-separated, and a spec may take several parameters:
 ``softmax,entmax:alpha=1.3,temperature=2,sparsemax`` is three variants (see
 :func:`common.split_specs`).
@@ -74,6 +77,17 @@ OUTPUTS = (
 QUICK = {"seeds": 1, "epochs": 4, "backbone_epochs": 10}
 # Settings that may change on --resume; the data are compared by their fingerprint instead.
 RESUME_FREE = ("out", "force", "resume", "quick", "variants", "features", "config_hash")
+# What config.json names as the script (see common.IDENTITY).
+EXPERIMENT = "finetune_head"
+# The format of the results in runs/: part of config_hash, so that --resume refuses a folder
+# written by a version of the script with another format (1: before the val metrics).
+RESULTS_FORMAT = 2
+# What every run (seed) in a run file holds, read by the summaries and plots (a learned alpha's
+# also "alpha"); val_accuracy and val_loss only where the val split has rows.
+RUN_KEYS = (
+    "accuracy", "loss", "ece", "support_size", "sparsity", "step_time_ms", "steps",
+    "support_sizes", "reliability",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -81,7 +95,9 @@ class Config:
     """One run's settings; every CLI flag overrides the field of the same name."""
 
     out: str = ""  # results folder; empty: results/finetune-<timestamp>
-    variants: tuple[str, ...] = DEFAULT_VARIANTS  # registry specs, plus entmax:alpha=learned
+    # Registry specs, plus entmax:alpha=learned. None (no --variants): DEFAULT_VARIANTS, or on
+    # --resume the folder's own list.
+    variants: tuple[str, ...] | None = None
     seeds: int = 3  # head fine-tunings per variant (seeds 0..seeds-1)
     epochs: int = 60  # passes over the target training split per fine-tuning
     # Examples per step; an epoch's last batch holds the rest. Each batch is padded to a multiple
@@ -163,9 +179,13 @@ def pretrain_backbone(x: np.ndarray, y: np.ndarray, config: Config) -> list[dict
 
 
 def check_splits(split: np.ndarray, source: str) -> None:
-    """Raises a :class:`common.UsageError` naming the first empty train/val/test split."""
-    for name, code in common.SPLITS.items():
-        if not np.any(split == code):
+    """Raises a :class:`common.UsageError` naming an empty train or test split.
+
+    The val split may be empty: the head is trained on train and reported on test; val rows,
+    where there are some, are only evaluated (for model selection).
+    """
+    for name in ("train", "test"):
+        if not np.any(split == common.SPLITS[name]):
             raise common.UsageError(f"the {name} split is empty ({source})")
 
 
@@ -264,6 +284,13 @@ def load_data(config: Config, raw: dict[str, Any], cache: pathlib.Path | None) -
 def standardize(parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> dict[str, Any]:
     """``parts`` (name -> (x, y)) with x standardised by the training split's mean and std.
 
+    Each column is centred by its training mean and divided by its training std, so the result
+    does not depend on the features' units (``X`` and ``X * 1e-8`` give the same parts, to
+    float32 rounding). A column constant on the training split (std 0, or at float64 rounding
+    level of its mean: at most ``16 * eps * |mean|``) is only centred (scale 1, as scikit-learn's
+    StandardScaler does): a dead ReLU unit, 0 on every training row, stays small on the others
+    instead of being multiplied by a huge factor.
+
     Raises:
         common.UsageError: a standardised value is beyond the float32 range (a column nearly
             constant on the training split, with large values elsewhere): the head would see inf.
@@ -271,9 +298,11 @@ def standardize(parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) ->
     # Standardise with training statistics: the head then trains well with one learning rate.
     # Computed in float64: float32 sums of features near the float32 limit would overflow.
     train = parts["train"][0].astype(np.float64)
-    mean, std = train.mean(0), train.std(0) + 1e-6
+    mean, std = train.mean(0), train.std(0)
+    constant = std <= 16 * np.finfo(np.float64).eps * np.abs(mean)
+    scale = np.where(constant, 1.0, std)
     return {
-        name: (common.to_float32((x - mean) / std, _standardized_what(source, name)), y)
+        name: (common.to_float32((x - mean) / scale, _standardized_what(source, name)), y)
         for name, (x, y) in parts.items()
     }
 
@@ -384,7 +413,12 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
 
     ``step_time_ms`` is the median time of the training steps proper: ``train_step`` is compiled
     and run once (on the first batch, result discarded) before the loop, and each timed step ends
-    with ``block_until_ready``.
+    with ``block_until_ready``. Where ``data["parts"]`` has val rows, the result also holds the
+    head's ``val_accuracy`` and ``val_loss``.
+
+    Raises:
+        common.UsageError: the training loss became non-finite, or training left the head's
+            weights bit-identical (a learning rate too small for any float32 update of them).
     """
     (x_tr, y_tr), (x_te, y_te) = data["parts"]["train"], data["parts"]["test"]
     num_classes = data["num_classes"]
@@ -399,6 +433,7 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     params, opt_state = jax.device_put((params, opt_state), replicated)
+    start_w = params["w"]  # compared once after training (steps return new arrays)
 
     def train_step(params, opt_state, x_BxD, y_B, w_B):
         # w_B is 1 for an example and 0 for a padding row: the loss is the mean over examples.
@@ -456,6 +491,14 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
                 )
     if not step_times:  # cannot happen with a non-empty training split and epochs >= 1
         raise common.UsageError(f"variant {variant['spec']} seed {seed}: no training step ran")
+    # The weights start random (the bias and a learned alpha at 0, where any update shows): every
+    # Adam update of them below half a float32 ulp leaves them bit-identical, a head at chance.
+    if np.asarray(params["w"]).tobytes() == np.asarray(start_w).tobytes():
+        raise common.UsageError(
+            f"variant {variant['spec']} seed {seed}: {len(step_times)} training steps left the "
+            f"head's weights bit-identical: --learning-rate {config.learning_rate:g} is too "
+            "small for a float32 update of them; use a larger one"
+        )
     probs, losses = eval_step(params, x_te, y_te)
     probs = np.asarray(probs, np.float64)
     if not np.isfinite(probs).all():
@@ -474,6 +517,11 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
         "support_sizes": np.sum(probs > 0, -1).tolist(),
         "reliability": reliability(probs, y_te),
     }
+    x_va, y_va = data["parts"].get("val", (x_te[:0], y_te[:0]))
+    if len(y_va):  # for model selection; not in the printed table
+        val_probs, val_losses = eval_step(params, x_va, y_va)
+        result["val_accuracy"] = float(np.mean(np.asarray(val_probs).argmax(-1) == y_va))
+        result["val_loss"] = float(np.mean(val_losses))
     if variant["alpha"] is not None:
         result["alpha"] = float(variant["alpha"](params))
     logits = np.asarray(_affine(x_te, params), np.float32)
@@ -490,8 +538,9 @@ def summarize(spec: str, finished: dict[str, Any]) -> dict[str, Any]:
     """
     runs = finished["runs"]
     record: dict[str, Any] = {"variant": spec}
-    for key in ("accuracy", "loss", "ece", "support_size", "sparsity", "step_time_ms", "alpha"):
-        if key in runs[0]:
+    scalars = ("accuracy", "loss", "ece", "support_size", "sparsity", "step_time_ms", "alpha")
+    for key in (*scalars, "val_accuracy", "val_loss"):
+        if all(key in run for run in runs):
             values = np.array([run[key] for run in runs])
             record[key] = float(values.mean())
             record[f"{key}_std"] = float(values.std())
@@ -516,12 +565,15 @@ def _run_file(out: pathlib.Path, spec: str) -> pathlib.Path:
 def settings_record(config: Config, raw: dict[str, Any]) -> dict[str, Any]:
     """What config.json holds: the settings, the data's fingerprint and ``config_hash``.
 
-    ``config_hash`` covers every setting that changes the results (all but RESUME_FREE) and
-    the data; each run file and test_logits.npz carry it, and only matching ones are reused.
+    ``config_hash`` covers every setting that changes the results (all but RESUME_FREE), the
+    data, the script (EXPERIMENT) and the format of its results (RESULTS_FORMAT); each run file
+    and test_logits.npz carry it, and only matching ones are reused.
     """
     record = {
         **dataclasses.asdict(config),
         "data_fingerprint": fingerprint(raw["x"], raw["y"], raw["split"]),
+        "experiment": EXPERIMENT,
+        "results_format": RESULTS_FORMAT,
     }
     record = json.loads(json.dumps(record))  # tuples as lists, as read back from the file
     kept = {key: value for key, value in record.items() if key not in RESUME_FREE}
@@ -559,11 +611,14 @@ def run(config: Config) -> list[dict[str, Any]]:
     """Runs the comparison and writes ``config.out``; returns the per-variant records."""
     # Everything the user gave is checked before anything is written.
     check_config(config)
-    common.check_unique(config.variants, "--variants")
+    if config.variants is not None:
+        common.check_unique(config.variants, "--variants")
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
-    config = dataclasses.replace(
-        config, variants=common.resumed_variants(out, config.variants, config.resume)
+    identity = {"experiment": EXPERIMENT, "results_format": RESULTS_FORMAT}
+    variants = common.resumed_variants(
+        out, config.variants, config.resume, DEFAULT_VARIANTS, identity
     )
+    config = dataclasses.replace(config, variants=variants)
     variants = [resolve_variant(spec, config.learned_alpha_range) for spec in config.variants]
     if not variants:
         raise common.UsageError("no variants given")
@@ -587,8 +642,9 @@ def run(config: Config) -> list[dict[str, Any]]:
         if config.resume:
             common.check_resumable(out, OUTPUTS, record, RESUME_FREE)
             paths = {spec: _run_file(out, spec) for spec in config.variants}
+            keys = {spec: RUN_KEYS + (("alpha",) if spec == LEARNED else ()) for spec in paths}
             reused = common.reusable_runs(
-                paths, config_hash, jax.default_backend(), jax.device_count()
+                paths, config_hash, jax.default_backend(), jax.device_count(), keys
             )
         cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
         if config.force:
@@ -708,7 +764,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--variants",
         type=common.split_specs,
         help=f"comma-separated specs ({', '.join(SINGLE_LABEL)}, name:key=value[,key=value], "
-        f"{LEARNED}); e.g. softmax,entmax:alpha=1.3,temperature=2 is two variants",
+        f"{LEARNED}); e.g. softmax,entmax:alpha=1.3,temperature=2 is two variants (default "
+        f"{','.join(DEFAULT_VARIANTS)}; with --resume, the folder's own list)",
     )
     for name, kind in (
         ("seeds", int),
@@ -727,7 +784,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="lo,hi: the interval a learned alpha stays in, alpha = lo + (hi - lo) * sigmoid(a) "
         f"(default {','.join(f'{v:g}' for v in defaults.learned_alpha_range)})",
     )
-    parser.add_argument("--features", help="X/y(/split) .npz file (default: bundled digits)")
+    parser.add_argument(
+        "--features",
+        help="X/y(/split) .npz file (default: bundled digits); split 0/1/2 or train/val/test, "
+        "val optional (its accuracy and loss are recorded, not printed)",
+    )
     overwrite = parser.add_mutually_exclusive_group()
     overwrite.add_argument("--force", action="store_true", help="overwrite results in --out")
     overwrite.add_argument(

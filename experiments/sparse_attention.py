@@ -58,6 +58,11 @@ OUTPUTS = (
 QUICK = {"seeds": 1, "steps": 40, "eval_size": 64}
 # Settings that may change on --resume without changing results.
 RESUME_FREE = ("out", "force", "resume", "quick", "variants", "config_hash")
+# What config.json names as the script (see common.IDENTITY).
+EXPERIMENT = "sparse_attention"
+# The format of the results in runs/: part of config_hash, so that --resume refuses a folder
+# written by a version of the script with another format (1: before train_loss).
+RESULTS_FORMAT = 2
 PAD = 0  # token id of padding; real tokens are 1 .. vocab - 1
 
 
@@ -66,7 +71,9 @@ class Config:
     """One run's settings; every CLI flag overrides the field of the same name."""
 
     out: str = ""  # results folder; empty: results/sparse-attention-<timestamp>
-    variants: tuple[str, ...] = tuple(VARIANTS)  # from softmax, sparsemax, entmax15, learned
+    # From softmax, sparsemax, entmax15, learned. None (no --variants): all, or on --resume the
+    # folder's own list.
+    variants: tuple[str, ...] | None = None
     seeds: int = 2  # trainings per variant (seeds 0..seeds-1)
     steps: int = 400  # Adam steps per training
     batch_size: int = 32  # sequences per step (padded to a multiple of the device count)
@@ -303,6 +310,12 @@ SCALARS = (
 )
 
 
+def run_keys(variant: str) -> tuple[str, ...]:
+    """What every run (seed) of ``variant`` in its run file holds for the summaries and plots."""
+    learned = ("alpha", "alpha_history") if variant == "learned" else ()
+    return (*SCALARS, "steps", "sparsity", "support_size", *learned)
+
+
 def summarize(variant: str, finished: dict[str, Any]) -> dict[str, Any]:
     """Mean and std over seeds of the scalar metrics, the learned alphas' mean, backend, devices."""
     runs = finished["runs"]
@@ -365,17 +378,23 @@ def check_config(config: Config) -> None:
         )
     common.check_learning_rate(config.learning_rate)
     common.check_alpha_range(config.learned_alpha_range)
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown or not config.variants:
-        raise common.UsageError(
-            f"--variants: unknown {', '.join(map(repr, unknown)) or 'empty list'} "
-            f"(known: {', '.join(VARIANTS)})"
-        )
-    common.check_unique(config.variants, "--variants")
+    if config.variants is not None:
+        check_variants(config.variants)
     common.check_memory(
         memory_estimate(config),
         "--steps, --batch-size, --max-length, --eval-size, --d-model, --vocab, --layers, --heads",
     )
+
+
+def check_variants(variants: Sequence[str]) -> None:
+    """Raises a :class:`common.UsageError` for an unknown variant, none, or one given twice."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise common.UsageError(
+            f"--variants: unknown {', '.join(map(repr, unknown)) or 'empty list'} "
+            f"(known: {', '.join(VARIANTS)})"
+        )
+    common.check_unique(variants, "--variants")
 
 
 def memory_estimate(config: Config) -> int:
@@ -398,10 +417,13 @@ def run(config: Config) -> list[dict[str, Any]]:
     """Trains every variant and seed, writes ``config.out``; returns the per-variant records."""
     check_config(config)
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("sparse-attention")
-    config = dataclasses.replace(
-        config, variants=common.resumed_variants(out, config.variants, config.resume)
+    identity = {"experiment": EXPERIMENT, "results_format": RESULTS_FORMAT}
+    variants = common.resumed_variants(
+        out, config.variants, config.resume, tuple(VARIANTS), identity
     )
-    record = common.settings_record(config, RESUME_FREE)
+    check_variants(variants)  # a folder's list, too
+    config = dataclasses.replace(config, variants=variants)
+    record = common.settings_record(config, RESUME_FREE, **identity)
     config_hash = record["config_hash"]
     with common.output_folder(
         out, OUTPUTS, config.force, config.resume, subfolders=("runs",)
@@ -410,8 +432,9 @@ def run(config: Config) -> list[dict[str, Any]]:
         if config.resume:
             common.check_resumable(out, OUTPUTS, record, RESUME_FREE)
             paths = {variant: out / "runs" / f"{variant}.json" for variant in config.variants}
+            keys = {variant: run_keys(variant) for variant in paths}
             reused = common.reusable_runs(
-                paths, config_hash, jax.default_backend(), jax.device_count()
+                paths, config_hash, jax.default_backend(), jax.device_count(), keys
             )
         if config.force:
             common.remove_outputs(out, OUTPUTS)
@@ -551,7 +574,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--variants",
         type=common.comma_separated(str),
-        help=f"comma-separated, from {', '.join(VARIANTS)} (default all)",
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default all; with --resume, the "
+        "folder's own list)",
     )
     for field in dataclasses.fields(Config):
         if field.type in ("int", "float"):

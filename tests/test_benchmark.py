@@ -409,6 +409,13 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--shapes", f"{10**20}x3"], "--shapes takes sizes up to 2147483647"),
         (["--timing", "fast"], "--timing takes auto, per-call, batched, got 'fast'"),
         (["--variants", "sparsemax,fastmax"], "unknown variants ['fastmax']"),
+        # It measured sparsemax twice.
+        (["--variants", "sparsemax,entmax15,sparsemax"], "--variants: 'sparsemax' is given twice"),
+        # Sizes no memory holds: an out-of-memory traceback, or an abort (SIGABRT) that left a
+        # stale lock, once the folder was made.
+        (["--shapes", "1000000x1000000"], "--shapes: these sizes need about 14,901 GiB of arrays"),
+        (["--shapes", "8x4,2000000000x2000000000"], "--shapes: these sizes need about"),
+        (["--shapes", "2147483647x2147483647", "--dtypes", "bfloat16"], "these sizes need about"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):
@@ -449,3 +456,39 @@ def test_variant_names_with_parameters_are_split_on_commas():
         "sparsemax",
         "adasplash triton_entmax a=1.5",
     )
+
+
+def test_a_dtype_or_shape_given_twice_is_measured_once(tmp_path, monkeypatch):
+    # --dtypes float32,float32 ran the group twice and called the finished run "Incomplete:
+    # ... 1 of 2 shape-dtype groups"; shapes were deduplicated already, dtypes are now too.
+    config, _ = benchmark.parse_args(
+        ["--dtypes", "float32,bfloat16,float32", "--shapes", "2x3,2x3"]
+    )
+    assert config.dtypes == ("float32", "bfloat16") and config.shapes == ((2, 3),)
+    groups = []
+
+    def group(config, shape, dtype, names, peers):
+        groups.append((shape, dtype))
+        return [benchmark._record(shape, dtype, "fwd", "jax.nn.softmax", time_ms=1.0)]
+
+    monkeypatch.setattr(benchmark, "measure_group", group)
+    config = benchmark.Config(
+        out=str(tmp_path / "out"), shapes=((2, 3), (2, 3)), dtypes=("float32", "float32"),
+        variants=("sparsemax",),
+    )  # fmt: skip
+    result = benchmark.run(config)
+    assert groups == [((2, 3), "float32")] and result["incomplete"] is None
+    saved = json.loads((tmp_path / "out" / "benchmark.json").read_text())["config"]
+    assert saved["dtypes"] == ["float32"] and saved["shapes"] == [[2, 3]]
+
+
+def test_memory_estimate_is_the_largest_group():
+    assert benchmark.memory_estimate([(2, 3), (4, 5)], ["float32", "bfloat16"]) == 20 * 16
+    assert benchmark.memory_estimate([(4, 5)], ["bfloat16"]) == 20 * 12
+    # Python integers: beyond int64 (which NumPy and XLA would overflow) it is still a number.
+    assert benchmark.memory_estimate([(2**40, 2**40)], ["float32"]) == 2**80 * 16
+    out = "unused"
+    config = benchmark.Config(out=out, shapes=((10**6, 10**6),), dtypes=("float32",))
+    with pytest.raises(common.UsageError, match="--shapes: these sizes need about"):
+        benchmark.run(config)
+    assert not pathlib.Path(out).exists()

@@ -360,3 +360,83 @@ def test_check_memory_refuses_what_no_machine_holds():
         common.check_memory(2**32, "--x", memory=2**31)
     common.check_memory(2**60, "--x", memory=0)  # unknown memory: no check
     assert common.physical_memory() is None or common.physical_memory() > 2**26
+
+
+IDENTITY = {"experiment": "finetune_head", "results_format": 2}
+
+
+def _folder_with_settings(path, **settings):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(settings))
+    return path
+
+
+def test_a_plain_resume_continues_the_folders_own_variants(tmp_path):
+    default = ("softmax", "sparsemax", "entmax15", "entmax:alpha=learned")
+    out = _folder_with_settings(tmp_path / "out", variants=["softmax", "sparsemax"], **IDENTITY)
+    # No --variants: the folder's list (it added the default list to it).
+    assert common.resumed_variants(out, None, True, default, IDENTITY) == ("softmax", "sparsemax")
+    # A list given adds to the folder's; without --resume, the list or the default.
+    given = ("entmax15", "softmax")
+    resumed = common.resumed_variants(out, given, True, default, IDENTITY)
+    assert resumed == ("softmax", "sparsemax", "entmax15")
+    assert common.resumed_variants(out, given, False, default, IDENTITY) == given
+    assert common.resumed_variants(out, None, False, default, IDENTITY) == default
+    assert common.resumed_variants(tmp_path / "new", None, True, default, IDENTITY) == default
+    # A folder of another format of results: not its list (check_resumable refuses the folder).
+    old = _folder_with_settings(tmp_path / "old", variants=["sparsemax"])
+    assert common.resumed_variants(old, None, True, default, IDENTITY) == default
+
+
+def test_resume_refuses_a_folder_of_another_script_first(tmp_path):
+    out = _folder_with_settings(
+        tmp_path / "out", variants=["learned"], experiment="sparse_attention", results_format=2
+    )
+    message = f"--resume: {out} holds results of sparse_attention.py, not of finetune_head.py"
+    with pytest.raises(common.UsageError, match=re.escape(message)):
+        common.resumed_variants(out, None, True, ("softmax",), IDENTITY)
+    record = {"variants": ["softmax"], "epochs": 4, **IDENTITY, "config_hash": "0" * 16}
+    with pytest.raises(common.UsageError, match=re.escape(message)):
+        common.check_resumable(out, ["config.json"], record, ("variants", "config_hash"))
+
+
+def test_resume_refuses_a_folder_of_another_results_format(tmp_path):
+    # An earlier version of a script wrote run files of another format with the same settings:
+    # refused as other settings, naming the format alone.
+    out = _folder_with_settings(tmp_path / "out", variants=["softmax"], epochs=4, seeds=1)
+    record = {"variants": ["softmax"], "epochs": 4, "seeds": 2, **IDENTITY, "config_hash": "x"}
+    with pytest.raises(common.UsageError) as error:
+        common.check_resumable(out, ["config.json"], record, ("variants", "config_hash"))
+    assert str(error.value) == (
+        f"--resume: {out} was run with other settings (experiment None -> 'finetune_head'; "
+        "results_format None -> 2) (results of another version of the script, or of another "
+        "script); use the same flags, or --force to start over"
+    )
+    # The format is part of config_hash: a run file of another format never matches.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Settings:
+        epochs: int = 4
+
+    hashes = {
+        common.settings_record(Settings(), ())["config_hash"],
+        common.settings_record(Settings(), (), **IDENTITY)["config_hash"],
+        common.settings_record(Settings(), (), **{**IDENTITY, "results_format": 3})["config_hash"],
+    }
+    assert len(hashes) == 3
+
+
+def test_a_reused_run_file_lacking_a_key_is_a_one_line_error(tmp_path):
+    path = tmp_path / "softmax.json"
+    finished = {"config_hash": "h", "backend": "cpu", "devices": 1, "runs": [{"accuracy": 0.9}]}
+    path.write_text(json.dumps(finished))
+    keys = {"softmax": ("accuracy",)}
+    assert common.reusable_runs({"softmax": path}, "h", "cpu", 1, keys) == {"softmax": finished}
+    with pytest.raises(common.UsageError) as error:
+        common.reusable_runs({"softmax": path}, "h", "cpu", 1, {"softmax": ("accuracy", "loss")})
+    assert str(error.value).startswith(f"--resume: {path} lacks loss in run 0 (damaged, or")
+    path.write_text(json.dumps({**finished, "runs": [[0.9]]}))
+    with pytest.raises(common.UsageError, match="lacks a result"):
+        common.reusable_runs({"softmax": path}, "h", "cpu", 1, keys)
+    assert common.reusable_runs({"softmax": path}, "other", "cpu", 1, keys) == {}  # not reused

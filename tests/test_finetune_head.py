@@ -161,10 +161,10 @@ def test_resume_refuses_other_settings_and_bad_data_first(quick_run, tmp_path, c
         assert status == 2 and "was run with other settings" in err, extra
         assert len(err.strip().splitlines()) == 1
     # An empty split is found before anything is written, even into an existing run.
-    split = np.array([0, 0, 2, 2, 0, 2])
-    empty_val = write_npz(tmp_path / "emptyval.npz", X=np.ones((6, 2)), y=np.arange(6), split=split)
-    status, err = main_error(["--quick", "--resume", "--out", out, "--features", empty_val], capsys)
-    assert status == 2 and "the val split is empty" in err
+    split = np.array([0, 0, 1, 1, 0, 1])
+    empty = write_npz(tmp_path / "emptytest.npz", X=np.ones((6, 2)), y=np.arange(6), split=split)
+    status, err = main_error(["--quick", "--resume", "--out", out, "--features", empty], capsys)
+    assert status == 2 and "the test split is empty" in err
     assert snapshot(out) == before
     # Results without a config.json: their settings are unknown, so they are not resumed.
     bare = tmp_path / "bare"
@@ -511,9 +511,9 @@ def test_plots_of_all_zero_probabilities(tmp_path):
         ({"X": np.ones((6, 0)), "y": np.arange(6) % 3}, "at least one row and column"),
         ({"X": np.ones((6, 2), np.complex64), "y": np.arange(6) % 3}, "2-D real numeric array"),
         (
-            # Column 0 is constant on the train split (std -> 1e-6) and 1e33 in test: 1e39.
+            # Column 0 is nearly constant on the train split (std 4.7e-31) and 1e33 in test: 2e63.
             {
-                "X": np.where(np.arange(6)[:, None] == 5, 1e33, 0.0) * [1, 0] + [0, 1],
+                "X": np.array([0, 1e-30, 0, 0, 0, 1e33])[:, None] * [1, 0] + [0, 1],
                 "y": np.arange(6) % 3,
                 "split": np.array([0, 0, 0, 1, 2, 2]),
             },
@@ -590,3 +590,163 @@ def test_every_variant_that_help_lists_trains(tmp_path, capsys, optax_promotion)
     argv = ["--quick", "--epochs", "1", "--features", features, "--out", out]
     common.run_main(finetune_head.main, [*map(str, argv), "--variants", ",".join(listed)])
     assert [r["variant"] for r in read_json(out / "metrics.json")] == listed
+
+
+def test_standardizing_does_not_depend_on_units_and_keeps_dead_columns_bounded():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(90, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 100, 0]).astype(np.float32)
+    x[:60, 4] = 0  # a dead ReLU unit: 0 on every training row, small on some test rows
+    x[60:, 4] = np.where(np.arange(30) % 3 == 0, 0.01, 0)
+    y = np.arange(90) % 3
+
+    def parts(x):
+        return {"train": (x[:60], y[:60]), "test": (x[60:], y[60:]), "val": (x[:0], y[:0])}
+
+    plain = finetune_head.standardize(parts(x), "test")
+    # Features in other units (1e-8 of them) standardise to the same parts, to float32 rounding
+    # (the train std plus 1e-6 divided small units by 1e-6: the head barely trained); the dead
+    # column, only centred, keeps its units (and stays small).
+    small = finetune_head.standardize(parts(x * np.float32(1e-8)), "test")
+    for name in plain:
+        np.testing.assert_allclose(small[name][0][:, :4], plain[name][0][:, :4], atol=1e-5)
+        assert np.abs(small[name][0][:, 4]).max(initial=0) <= 1e-10
+    train = plain["train"][0]
+    np.testing.assert_allclose(train[:, :4].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(train[:, :4].std(0), 1, rtol=1e-5)
+    # The dead column is centred but not scaled: 0.01 stays 0.01 (it was 0.01 / 1e-6 = 1e4,
+    # swamping the logits of the test rows where the unit is active).
+    assert not train[:, 4].any() and np.abs(plain["test"][0][:, 4]).max() == np.float32(0.01)
+    # A column constant at a large value is constant up to float64 rounding of its mean.
+    x[:, 3] = 1e6
+    assert np.abs(finetune_head.standardize(parts(x), "test")["test"][0][:, 3]).max() == 0
+
+
+def test_a_plain_resume_continues_the_folders_own_variants(tmp_path, optax_promotion):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", str(features), "--out", str(out)]
+    common.run_main(finetune_head.main, [*args, "--variants", "softmax,sparsemax"])
+    before = snapshot(out / "runs")
+    # No --variants: the folder's list (the default list was added to it and trained).
+    common.run_main(finetune_head.main, [*args, "--resume"])
+    assert [r["variant"] for r in read_json(out / "metrics.json")] == ["softmax", "sparsemax"]
+    assert read_json(out / "config.json")["variants"] == ["softmax", "sparsemax"]
+    assert snapshot(out / "runs") == before  # nothing trained again
+
+
+def _old_format(folder):
+    """Makes ``folder`` as the version before RESULTS_FORMAT left it: no format, no experiment.
+
+    Its config_hash is then the hash of its settings alone, as that version computed it (the
+    same settings as a current run's), and its run files carry it.
+    """
+    import hashlib
+
+    config = read_json(folder / "config.json")
+    for key in common.IDENTITY:
+        del config[key]
+    kept = {k: v for k, v in config.items() if k not in finetune_head.RESUME_FREE}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    (folder / "config.json").write_text(json.dumps({**config, "config_hash": digest}))
+    for path in (folder / "runs").glob("*.json"):
+        path.write_text(json.dumps({**read_json(path), "config_hash": digest}))
+    return digest
+
+
+def test_resume_refuses_results_of_another_format_or_lacking_a_key(
+    tmp_path, capsys, optax_promotion
+):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", features, "--out", out, "--variants", "softmax"]
+    common.run_main(finetune_head.main, list(map(str, args)))
+    # A run file that lacks what the summaries read (damaged, or hand-made): a one-line error
+    # before anything is written (it was a KeyError traceback after config.json was rewritten).
+    path = finetune_head._run_file(out, "softmax")
+    finished = read_json(path)
+    run = dict(finished["runs"][0])
+    del run["ece"]
+    path.write_text(json.dumps({**finished, "runs": [run]}))
+    state = snapshot(out)
+    status, err = main_error([*args, "--resume"], capsys)
+    assert status == 2 and f"{path} lacks ece in run 0" in err, err
+    assert len(err.strip().splitlines()) == 1 and snapshot(out) == state
+    # A folder written by the version before the val metrics (same settings): refused as
+    # another format of results, not reused.
+    path.write_text(json.dumps(finished))
+    _old_format(out)
+    state = snapshot(out)
+    status, err = main_error([*args, "--resume"], capsys)
+    changed = "was run with other settings (experiment None -> 'finetune_head'; results_format"
+    assert status == 2 and f"{changed} None -> 2) (results of another version" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(out) == state
+
+
+def test_the_val_split_is_optional_and_evaluated_when_it_has_rows(tmp_path, optax_promotion):
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = rng.normal(size=(90, 4)) + 3 * np.eye(4)[y]
+    variants = "softmax,entmax:alpha=learned"
+    splits = {"no_val": np.arange(90) % 2 * 2, "val": np.arange(90) % 3}  # train/test, 0/1/2
+    for name, split in splits.items():
+        split = rng.permutation(split)
+        features = write_npz(tmp_path / f"{name}.npz", X=x, y=y, split=split)
+        out = tmp_path / name
+        argv = ["--quick", "--features", features, "--out", out, "--variants", variants]
+        common.run_main(finetune_head.main, list(map(str, argv)))
+        records = read_json(out / "metrics.json")
+        for spec, record in zip(variants.split(","), records, strict=True):
+            (run,) = read_json(finetune_head._run_file(out, spec))["runs"]
+            assert run["accuracy"] > 0.8
+            if name == "no_val":  # trained and tested without val rows (it was refused)
+                assert "val_accuracy" not in run and "val_loss" not in record
+            else:  # the val rows are evaluated, for model selection
+                assert run["val_accuracy"] > 0.8 and np.isfinite(run["val_loss"])
+                assert record["val_accuracy"] == run["val_accuracy"]
+                assert record["val_loss"] == run["val_loss"]
+    assert "val" not in finetune_head.table(records)  # the printed table stays as it was
+
+
+@pytest.mark.parametrize("rate", ["1e-12", "1e-30"])
+def test_a_learning_rate_too_small_to_change_a_weight_is_an_error(
+    tmp_path, capsys, optax_promotion, rate
+):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    argv = ["--quick", "--features", features, "--out", out, "--variants", "softmax"]
+    # Adam's steps of about the rate are below half a float32 ulp of every weight: the head stays
+    # at its random start (chance accuracy, reported as a result with exit status 0).
+    status, err = main_error([*argv, "--learning-rate", rate], capsys)
+    assert status == 2 and "variant softmax seed 0: " in err
+    assert f"left the head's weights bit-identical: --learning-rate {rate} is too small" in err
+    assert len(err.strip().splitlines()) == 1 and not (out / "metrics.json").exists()
+
+
+def test_resume_on_a_folder_of_another_script(quick_run, tmp_path, capsys):
+    import sparse_attention
+
+    # A sparse_attention.py folder: refused as such (it was "variant 'learned': unknown variant",
+    # from the folder's variants read as this script's).
+    out = tmp_path / "sparse"
+    (out / "runs").mkdir(parents=True)
+    config = sparse_attention.Config(variants=("sparsemax", "learned"))
+    identity = {"experiment": "sparse_attention", "results_format": 2}
+    record = common.settings_record(config, sparse_attention.RESUME_FREE, **identity)
+    common.write_json(out / "config.json", record)
+    common.write_json(out / "runs" / "learned.json", {"config_hash": record["config_hash"]})
+    state = snapshot(out)
+    status, err = main_error(["--quick", "--resume", "--out", out], capsys)
+    assert status == 2 and err.strip() == (
+        f"error: --resume: {out} holds results of sparse_attention.py, not of finetune_head.py; "
+        "use another --out, or --force to start over"
+    )
+    assert snapshot(out) == state
+    # And the other way round (it was "--variants: unknown 'softmax:temperature=0.5', ...").
+    out, _ = quick_run
+    state = snapshot(out)
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(sparse_attention.main, ["--quick", "--resume", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds results of finetune_head.py, not of sparse_" in err
+    assert snapshot(out) == state

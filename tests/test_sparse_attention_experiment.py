@@ -157,3 +157,83 @@ def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, m
 def test_quick_keeps_the_flags_given():
     config = sparse_attention.parse_args(["--quick", "--steps", "7"])
     assert config.steps == 7 and config.seeds == sparse_attention.QUICK["seeds"] and config.quick
+
+
+def snapshot(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_plain_resume_continues_the_folders_own_variants(quick_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(quick_run[0], out)
+    before = snapshot(out / "runs")
+    # No --variants: the folder's (sparsemax, learned); it added and trained the default list.
+    flags = [flag for flag in FLAGS if flag not in ("--variants", "sparsemax,learned")]
+    resumed = run_script(*flags, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["variant"] for r in records] == ["sparsemax", "learned"]
+    assert json.loads((out / "config.json").read_text())["variants"] == ["sparsemax", "learned"]
+    assert snapshot(out / "runs") == before
+
+
+def test_resume_refuses_the_previous_results_format_and_a_run_file_lacking_a_key(
+    quick_run, tmp_path, capsys
+):
+    import hashlib
+
+    def resume_error(out):
+        argv = [*FLAGS, "--out", str(out), "--resume"]
+        with pytest.raises(SystemExit) as exit_:
+            common.run_main(sparse_attention.main, argv)
+        return exit_.value.code, capsys.readouterr().err
+
+    # A run file without train_loss (as before train_loss was recorded) but with this run's
+    # config_hash: a one-line error before anything is written, not a KeyError traceback.
+    out = tmp_path / "lacking"
+    shutil.copytree(quick_run[0], out)
+    path = out / "runs" / "sparsemax.json"
+    finished = json.loads(path.read_text())
+    del finished["runs"][0]["train_loss"]
+    path.write_text(json.dumps(finished))
+    state = snapshot(out)
+    status, err = resume_error(out)
+    assert status == 2 and f"{path} lacks train_loss in run 0 (damaged, or written by" in err
+    assert err.count("\n") == 1 and snapshot(out) == state
+    # A whole folder of the version before train_loss: its config.json had no results_format
+    # (nor experiment), and its config_hash was the hash of the settings alone, the same as a
+    # current run's settings. It gave KeyError: 'train_loss' after config.json was rewritten.
+    config = json.loads((out / "config.json").read_text())
+    for key in common.IDENTITY:
+        del config[key]
+    kept = {k: v for k, v in config.items() if k not in sparse_attention.RESUME_FREE}
+    config["config_hash"] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    config["config_hash"] = config["config_hash"][:16]
+    (out / "config.json").write_text(json.dumps(config))
+    for path in (out / "runs").glob("*.json"):
+        old = json.loads(path.read_text())
+        for run in old["runs"]:
+            run.pop("train_loss", None)
+        path.write_text(json.dumps({**old, "config_hash": config["config_hash"]}))
+    state = snapshot(out)
+    status, err = resume_error(out)
+    changed = "other settings (experiment None -> 'sparse_attention'; results_format None -> 2)"
+    assert status == 2 and f"{changed} (results of another version of the script, or of" in err
+    assert err.count("\n") == 1 and snapshot(out) == state
+
+
+def test_resume_on_a_folder_of_another_script(quick_run, capsys):
+    import finetune_head
+
+    # It said "error: variant 'learned': unknown variant ...": the folder's variants were read
+    # as finetune_head.py's before its config.json was checked.
+    out = quick_run[0]
+    state = snapshot(out)
+    with pytest.raises(SystemExit) as exit_:
+        common.run_main(finetune_head.main, ["--quick", "--resume", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == (
+        f"error: --resume: {out} holds results of sparse_attention.py, not of finetune_head.py; "
+        "use another --out, or --force to start over\n"
+    )
+    assert snapshot(out) == state
