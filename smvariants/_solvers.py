@@ -285,7 +285,9 @@ def _halley_final(theta, new, delta, r, d) -> jax.Array:
     """
     eps = jnp.finfo(new.dtype).eps
     near = jnp.abs(new - theta) <= jnp.sqrt(eps) * jnp.maximum(1, jnp.abs(new))
-    return near & (new == theta + delta) & (jnp.abs(r) <= 1 / 16) & (d <= 0.5)
+    final = near & (new == theta + delta) & (jnp.abs(r) <= 1 / 16)
+    # A static d is decided here (no Python bool in the kernel's arithmetic: Triton mistypes it).
+    return final if isinstance(d, float) else final & (d <= 0.5)
 
 
 def entmax_theta(
@@ -380,7 +382,7 @@ def _entmax_theta(
             elif d < 1:
                 delta = delta / (1 - r)
         new, lo, hi, done = bracketed_step(theta, delta, h, h_last, lo, hi)
-        if halley_steps:
+        if halley_steps and not (isinstance(d, float) and d > 0.5):
             done = done | _halley_final(theta, new, delta, r, d)
         # A converged row keeps its value while others iterate: its result does not depend on
         # how many passes the rest of the batch needs.
