@@ -887,7 +887,7 @@ def check_seed(value: Any, flag: str) -> None:
         )
 
 
-def float32_problem(value: float, positive: bool = False) -> str | None:
+def float32_problem(value: float, positive: bool = False, reciprocal: bool = False) -> str | None:
     """Why the computations, in float32, cannot use the finite number ``value``; None if they can.
 
     Args:
@@ -895,6 +895,9 @@ def float32_problem(value: float, positive: bool = False) -> str | None:
         positive: a step size, temperature or scale: one below float32's smallest normal number
             is 0 there too (XLA on the CPU flushes subnormal numbers to 0, so a learning rate
             trains nothing and a temperature divides by 0; the library refuses such temperatures).
+        reciprocal: a temperature or an alpha, whose reciprocal is computed: one above the
+            reciprocal of float32's smallest normal number has it flushed to 0 (the library
+            refuses such values).
 
     Returns:
         None, or what is wrong as a phrase ("beyond the float32 range (...)").
@@ -906,13 +909,21 @@ def float32_problem(value: float, positive: bool = False) -> str | None:
     if positive and abs(as_float32) < _FLOAT32.tiny:
         tiny = float(_FLOAT32.tiny)
         return f"below float32's smallest normal number {tiny:.3g} (XLA flushes it to 0)"
+    if reciprocal and abs(as_float32) > 1 / _FLOAT32.tiny:
+        bound = float(1 / _FLOAT32.tiny)
+        return (
+            f"above {bound:.2g}, the reciprocal of float32's smallest normal number (XLA flushes "
+            "its reciprocal to 0)"
+        )
     return None
 
 
-def check_float32(values: Iterable[float], flag: str, positive: bool = False) -> None:
+def check_float32(
+    values: Iterable[float], flag: str, positive: bool = False, reciprocal: bool = False
+) -> None:
     """Refuses finite ``values`` of ``flag`` that float32 cannot hold (see float32_problem)."""
     for value in values:
-        problem = float32_problem(value, positive)
+        problem = float32_problem(value, positive, reciprocal)
         if problem:
             raise UsageError(f"{flag} {value:g} is {problem}")
 
@@ -939,7 +950,7 @@ def check_alpha_range(bounds: Iterable[Any]) -> None:
             "--learned-alpha-range must be two finite numbers lo,hi with 1 <= lo < hi, "
             f"got {','.join(map(str, bounds))}"
         )
-    check_float32(bounds, "--learned-alpha-range")
+    check_float32(bounds, "--learned-alpha-range", reciprocal=True)
     if not np.float32(bounds[0]) < np.float32(bounds[1]):
         raise UsageError(
             f"--learned-alpha-range {bounds[0]:g},{bounds[1]:g}: lo and hi are the same number "

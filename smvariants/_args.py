@@ -36,6 +36,13 @@ _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 Condition = tuple[Callable[[Any], Any], str]
 POSITIVE: Condition = (lambda v: (v > 0) & (v < np.inf), "finite and > 0")
 AT_LEAST_ONE: Condition = (lambda v: (v >= 1) & (v < np.inf), "finite and >= 1")
+# alpha-entmax's alpha: its threshold is below 1 / (alpha - 1), which XLA flushes to 0 (rows of
+# nan) above the reciprocal of the smallest normal number.
+ENTMAX_ALPHA: Condition = (
+    lambda v: (v >= 1) & (v <= 1 / np.finfo(v.dtype).tiny),
+    "finite and >= 1, at most the reciprocal of the smallest normal number of its dtype (8.5e37 "
+    "in float32: the threshold, below 1 / (alpha - 1), would be flushed to 0)",
+)
 ABOVE_ONE: Condition = (lambda v: (v > 1) & (v < np.inf), "finite and > 1")
 # A temperature: XLA:CPU flushes subnormal numbers to 0, so one below the smallest normal number
 # divided by 0 (rows of nan); XLA computes x / T as x * (1/T) in places, so one above that

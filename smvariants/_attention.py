@@ -154,10 +154,12 @@ def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float
     """``alpha`` as a Python float (compiled in) or a per-head array ``[1, K, G, 1, 1]``."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: alpha must be a number or an array of shape (heads,), got bool.")
+    valid, expected = _args.ENTMAX_ALPHA
     number = _args.static_number(value)  # a concrete 0-d array too, as smvariants.entmax takes it
     if number is not None:
-        if not (math.isfinite(number) and number >= 1):
-            raise ValueError(f"{name}: alpha must be finite and >= 1, got {value}.")
+        with np.errstate(over="ignore"):
+            if not valid(np.asarray(number).astype(dtype)):
+                raise ValueError(f"{name}: alpha must be {expected}, got {value}.")
         return number
     alpha = _float_array(name, "alpha", value, integers=True)  # [1, 2, 2, 1] as a Python list
     if alpha.shape not in ((), (heads,)):
@@ -166,16 +168,17 @@ def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float
             f"shape {tuple(alpha.shape)}."
         )
     if _is_concrete(alpha):
-        bad = ~((np.asarray(alpha) >= 1) & np.isfinite(np.asarray(alpha)))
+        with np.errstate(over="ignore"):
+            bad = ~valid(np.asarray(alpha).astype(dtype))
         if bad.any():
             raise ValueError(
-                f"{name}: alpha must be finite and >= 1, got {np.asarray(alpha)[bad][0]} "
+                f"{name}: alpha must be {expected}, got {np.asarray(alpha)[bad][0]} "
                 f"(head {int(np.argmax(bad.reshape(-1)))})."
             )
     alpha = jnp.broadcast_to(alpha.astype(dtype), (heads,))
     # A traced alpha cannot be checked: heads with an invalid one get nan, in the output and in
     # every gradient (the library's nan policy), never a silently wrong value.
-    invalid = ~((alpha >= 1) & (alpha < jnp.inf))
+    invalid = ~valid(alpha)
     alpha = alpha + jnp.where(invalid, jnp.nan, 0).astype(dtype)
     return alpha.reshape(1, k_heads, heads // k_heads, 1, 1)
 

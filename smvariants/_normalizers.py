@@ -280,8 +280,9 @@ def entmax(
 
     Args:
       x: logits, a floating-point array.
-      alpha: a finite number >= 1, or an array broadcastable to ``x`` with ``axis`` kept as size 1
-        (per-row or per-head alpha). Differentiable. A Python number is compiled into the solver
+      alpha: a finite number >= 1 (at most 8.5e37 in float32, the reciprocal of its smallest
+        normal number), or an array broadcastable to ``x`` with ``axis`` kept as size 1 (per-row
+        or per-head alpha). Differentiable. A Python number is compiled into the solver
         (faster: 1, 1.5 and 2 are exact closed forms, 1 + 1/n uses integer powers); pass an array
         to learn alpha or to vary it without recompiling.
       axis: the axis along which the probabilities sum to 1: an int or a tuple of ints (the

@@ -293,7 +293,7 @@ ENTMAX = Variant(
     phi=_entmax_phi,
     tangent=_entmax_tangent,
     regulariser=lambda p, axis, alpha, max_iter: -tsallis(p, alpha, axis),
-    params=(Param("alpha", 1.5, _args.AT_LEAST_ONE), Param("max_iter", 64)),
+    params=(Param("alpha", 1.5, _args.ENTMAX_ALPHA), Param("max_iter", 64)),
     exact=lambda alpha, max_iter: {1: "softmax", 1.5: "entmax15", 2: "sparsemax"}.get(alpha),
     logit_tangents={"alpha": lambda p, axis, alpha, max_iter: entmax_alpha_tangent(p, alpha - 1)},
 )

@@ -328,6 +328,7 @@ def test_float32_problem(value, positive, problem):
         (lambda: common.check_learning_rate(1e39), "--learning-rate 1e+39 is beyond the float32"),
         (lambda: common.check_learning_rate(1e-60), "--learning-rate 1e-60 is below float32's"),
         (lambda: common.check_alpha_range((1, 1e39)), "--learned-alpha-range 1e+39 is beyond"),
+        (lambda: common.check_alpha_range((1, 1e38)), "--learned-alpha-range 1e+38 is above 8.5"),
         (lambda: common.check_alpha_range((1, 1 + 1e-9)), "the same number in float32"),
         (lambda: common.check_seed(2**63, "--seed"), "--seed must be at most 9223372036854775807"),
         (lambda: common.check_seed(-1, "--seed"), "--seed must be an integer >= 0, got -1"),

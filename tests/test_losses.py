@@ -242,7 +242,7 @@ def test_label_errors_outside_jit():
         losses.entmax15_loss(Z, IDS, where=where)
     with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1"):
         losses.entmax_loss(Z, IDS, alpha=0.9)
-    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1, got inf"):
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1, .* got inf"):
         losses.entmax_loss(Z, IDS, alpha=np.inf)
 
 
@@ -369,7 +369,7 @@ def test_ignore_index_as_a_concrete_jax_integer():
 
 
 def test_made_losses_check_their_parameters_when_made():
-    with pytest.raises(ValueError, match="entmax_loss: alpha must be finite and >= 1, got 0.5"):
+    with pytest.raises(ValueError, match="entmax_loss: alpha must be finite and >= 1, .*, got 0.5"):
         losses.make_fenchel_young_loss("entmax", alpha=0.5)
     with pytest.raises(ValueError, match="budget_sparsemax_loss: budget must be"):
         losses.make_fenchel_young_loss("budget_sparsemax", budget=-1.0)

@@ -105,7 +105,7 @@ def test_errors():
 
 def test_array_parameters_are_validated_by_get():
     """get() says parameters are validated now: an array alpha of 0.2 passed until first use."""
-    with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1, got \[0.2\]"):
+    with pytest.raises(ValueError, match=r"entmax: alpha must be finite and >= 1, .*, got \[0.2\]"):
         registry.get("entmax", alpha=jnp.array([[0.2], [1.3]]))
     with pytest.raises(ValueError, match="temperature must be"):
         registry.get("softmax", temperature=np.array([[1.0], [-1.0]]))

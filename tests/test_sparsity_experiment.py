@@ -136,7 +136,9 @@ def test_quick_keeps_the_flags_given():
         # Values float32 cannot hold (entmax computes in float32).
         (["--temperatures", "1e-40"], None, "--temperatures 1e-40 is below float32's smallest"),
         (["--temperatures", "1e39"], None, "--temperatures 1e+39 is beyond the float32 range"),
-        (["--temperatures", "1e38"], None, "--temperatures 1e+38 is above 8.5e37, the recip"),
+        (["--temperatures", "1e38"], None, "--temperatures 1e+38 is above 8.5e+37, the recip"),
+        # entmax refuses an alpha whose 1 / (alpha - 1) is flushed: before a file is written.
+        (["--alphas", "3e38"], None, "--alphas 3e+38 is above 8.5e+37, the reciprocal"),
         (["--alphas", "1e39"], None, "--alphas 1e+39 is beyond the float32 range"),
         (["--seed", str(2**63)], None, "--seed must be at most 9223372036854775807"),
         # x / T overflows float32 at T = 0.5: entmax gives a nan row there.
