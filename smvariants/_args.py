@@ -255,6 +255,21 @@ def layout(name: str, axis: Any, shape: tuple[int, ...], arg: str = "x") -> Layo
     return Layout(shape, axes, k, arranged, None if perm == tuple(sorted(perm)) else perm, text)
 
 
+def integers_as_floats(value: Any) -> Any:
+    """Python or NumPy integers as float64 NumPy values, anything else as it is.
+
+    Without x64, JAX makes integers int32: a Python int of 2^31 or more raised ``OverflowError``
+    and a NumPy int64 wrapped around (a temperature of 2^40 became 0, an alpha of 2^31 negative).
+    """
+    if isinstance(value, jax.Array):
+        return value
+    try:
+        given = np.asarray(value)
+    except (TypeError, ValueError):
+        return value  # as_array says what is wrong
+    return given.astype(np.float64) if np.issubdtype(given.dtype, np.integer) else value
+
+
 def row_parameter(
     name: str,
     arg: str,
@@ -280,7 +295,7 @@ def row_parameter(
       traced value, a boolean array flagging the entries that fail ``condition`` (``None`` for a
       concrete value). Callers turn those rows into ``nan``.
     """
-    array = as_array(name, arg, value)
+    array = as_array(name, arg, integers_as_floats(value))
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(f"{name}: {arg} must be a real number or array, got {value!r}.")
     row = reduced_shape(shape, axis)

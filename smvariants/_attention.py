@@ -161,7 +161,8 @@ def _alpha(name: str, value: Any, heads: int, k_heads: int, dtype: Any) -> float
             if not valid(np.asarray(number).astype(dtype)):
                 raise ValueError(f"{name}: alpha must be {expected}, got {value}.")
         return number
-    alpha = _float_array(name, "alpha", value, integers=True)  # [1, 2, 2, 1] as a Python list
+    # [1, 2, 2, 1] as a Python list (as floats: int32 would wrap 2^31 around)
+    alpha = _float_array(name, "alpha", _args.integers_as_floats(value), integers=True)
     if alpha.shape not in ((), (heads,)):
         raise ValueError(
             f"{name}: alpha must be a number or an array of shape (heads,) = ({heads},), got "

@@ -144,6 +144,37 @@ def test_a_number_beyond_float32_is_shown_as_given():
         sm.entmax(x, alpha=0.5)
 
 
+_INTEGER_FORMS = {
+    "int": lambda v, rank: v,
+    "numpy int64": lambda v, rank: np.int64(v),
+    "numpy array": lambda v, rank: np.full((1,) * rank, v),
+    "list": lambda v, rank: np.full((1,) * rank, v).tolist(),
+}
+
+
+@pytest.mark.parametrize("form", list(_INTEGER_FORMS))
+def test_integer_parameters_beyond_int32_are_their_float_values(form):
+    # Without x64 JAX makes integers int32: 2**31 raised OverflowError (naming nothing) and a
+    # NumPy int64 wrapped around (a temperature of 2**40 became 0: nan rows; an alpha of 2**31
+    # became negative: nan rows).
+    as_int = _INTEGER_FORMS[form]
+    x = jnp.array([[0.3, 0.1, -0.2]], jnp.float32)
+    with jax.enable_x64(False):
+        check_integer_forms(x, as_int)
+
+
+def check_integer_forms(x, as_int):
+    for value in (2**31, 2**40):
+        for f, arg in ((sm.softmax, "temperature"), (sm.entmax, "alpha"), (sm.normmax, "alpha")):
+            expected = f(x, **{arg: float(value)})
+            np.testing.assert_array_equal(f(x, **{arg: as_int(value, 2)}), expected)
+        qkv = (jnp.ones((1, 2, 1, 2), jnp.float32),) * 3
+        np.testing.assert_array_equal(
+            sm.attention.dot_product_attention(*qkv, alpha=as_int(value, 1)),
+            sm.attention.dot_product_attention(*qkv, alpha=float(value)),
+        )
+
+
 def test_alpha_type_and_shape():
     with pytest.raises(TypeError, match=r"entmax: alpha must be an array or a number, got '1.5'"):
         sm.entmax(X, alpha="1.5")
