@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from smvariants import _args
@@ -710,6 +711,23 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
 
 
 CORES: dict[str, Callable[..., jax.Array]] = {name: make_core(v) for name, v in VARIANTS.items()}
+
+
+def check_array_values(name: str, variant: str, key: str, value: Any) -> None:
+    """Raises ``ValueError`` unless every entry of ``variant``'s concrete array ``value`` is valid.
+
+    ``key`` is a parameter of the variant, or ``"temperature"``; ``name`` is the function that
+    messages name. An int option (``max_iter``) given as an array is left to the normalizer.
+    """
+    conditions = {q.name: q.condition for q in VARIANTS[variant].params}
+    condition = _args.TEMPERATURE if key == "temperature" else conditions.get(key)
+    if condition is None:
+        return
+    valid, expected = condition
+    values = np.asarray(value, np.float32)
+    bad = ~valid(values)
+    if np.any(bad):
+        raise ValueError(f"{name}: {key} must be {expected}, got {values[bad][:3]}.")
 
 
 def parameters(

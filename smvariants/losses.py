@@ -789,6 +789,9 @@ def make_fenchel_young_loss(variant: str, **params: Any) -> Callable[..., jax.Ar
     # Parameters known now are checked now, not at the first call.
     given = {k: v for k, v in params.items() if jnp.ndim(v) == 0 and _args.is_concrete(v)}
     _variants.parameters(name, _variants.VARIANTS[variant], given, (1, 2), 1, jnp.float32)
+    for key, value in params.items():
+        if jnp.ndim(value) and _args.is_concrete(value):
+            _variants.check_array_values(name, variant, key, value)
     multi_label = _variants.VARIANTS[variant].label_sum is not None
 
     def loss(

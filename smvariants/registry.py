@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from smvariants import _args
 from smvariants import _normalizers
@@ -176,26 +175,13 @@ def get(name: str, **params: Any) -> Variant:
     normalize(jnp.zeros((1, 2)), **scalars)
     for key, value in params.items():
         if jnp.ndim(value) and _args.is_concrete(value):
-            _check_values(name, key, value)
+            _variants.check_array_values(name, name, key, value)
     variant = Variant(name, dict(params), normalize, loss)
     return dataclasses.replace(
         variant,
         normalize=_bound(str(variant), normalize, params, 1),
         loss=_bound(f"{variant} loss", loss, params, 2),
     )
-
-
-def _check_values(name: str, key: str, value: Any) -> None:
-    """Raises ``ValueError`` unless every entry of the concrete array ``value`` is valid."""
-    conditions = {q.name: q.condition for q in _variants.VARIANTS[name].params}
-    condition = _args.TEMPERATURE if key == "temperature" else conditions.get(key)
-    if condition is None:  # an int option (max_iter) given as an array: the normalizer says so
-        return
-    valid, expected = condition
-    values = np.asarray(value, np.float32)
-    bad = ~valid(values)
-    if np.any(bad):
-        raise ValueError(f"{name}: {key} must be {expected}, got {values[bad][:3]}.")
 
 
 def parse(spec: str) -> Variant:

@@ -375,3 +375,10 @@ def test_made_losses_check_their_parameters_when_made():
         losses.make_fenchel_young_loss("budget_sparsemax", budget=-1.0)
     with pytest.raises(TypeError, match="normmax_loss: max_iter must be an int"):
         losses.make_fenchel_young_loss("normmax", max_iter=2.5)
+    # A concrete array too (it was checked at the first call only; found by a review).
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite .*, got \[0.5\]"):
+        losses.make_fenchel_young_loss("entmax", alpha=np.array([[0.5], [1.5]]))
+    with pytest.raises(ValueError, match=r"budget_sparsemax_loss: budget must be .*, got \[-1.\]"):
+        losses.make_fenchel_young_loss("budget_sparsemax", budget=np.array([[-1.0], [1.5]]))
+    per_row = losses.make_fenchel_young_loss("entmax", alpha=np.array([[1.5], [2.0]]))
+    assert per_row(jnp.zeros((2, 3)), jnp.array([0, 1])).shape == (2,)
