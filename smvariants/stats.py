@@ -59,8 +59,10 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
         as zeros nor in ``n``).
 
     Returns:
-      An array of ``p``'s shape without ``axis``, in ``p``'s dtype; ``nan`` for a vector with no
-      unmasked entry (0 / 0) or with an unmasked ``nan`` entry (a normalizer's ``nan`` row).
+      An array of ``p``'s shape without ``axis``, in ``p``'s dtype (rounded towards 0 in half
+      precision, so that 1 means that every unmasked entry is 0: bfloat16 has no number between
+      0.996 and 1); ``nan`` for a vector with no unmasked entry (0 / 0) or with an unmasked
+      ``nan`` entry (a normalizer's ``nan`` row).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -86,7 +88,9 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
         n = jnp.sum(mask, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
     zeros = jnp.sum(zero, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
     out = jnp.where(jnp.any(nan, axis=axis, keepdims=True), jnp.nan, zeros / n)
-    return rows.squeeze(out.astype(probs.dtype))
+    rounded = out.astype(probs.dtype)
+    above = rounded.astype(dtype) > out  # (False for nan)
+    return rows.squeeze(jnp.where(above, jnp.nextafter(rounded, jnp.zeros_like(rounded)), rounded))
 
 
 def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: Axis = -1) -> jax.Array:
@@ -100,7 +104,9 @@ def tsallis_entropy(p: ArrayLike, alpha: float | ArrayLike, axis: Axis = -1) -> 
     It is evaluated as :math:`-\frac{1}{\alpha}\sum_j p_j \log p_j \,
     \frac{\mathrm{expm1}((\alpha-1)\log p_j)}{(\alpha-1)\log p_j}`, which is exact at
     ``alpha = 1`` and has no cancellation near it; it is differentiable in ``p`` (on the support)
-    and in ``alpha``.
+    and in ``alpha``. That is :math:`(\sum_j p_j - \sum_j p_j^\alpha) / (\alpha (\alpha - 1))`,
+    the formula above for ``p`` on the simplex; a vector that does not sum to 1 gets this form
+    (an all-zero one, a fully masked normalizer row, gets 0).
 
     Args:
       p: probabilities along ``axis``.

@@ -289,6 +289,14 @@ def test_sparsity_counts_in_half_precision():
     assert abs(float(stats.sparsity(p)) - 0.997) < 4e-3  # bfloat16's resolution, not 1.0
     assert float(stats.sparsity(p, where=jnp.ones(1000, bool))) < 1
     assert float(stats.sparsity(jnp.zeros(70000, jnp.float16))) == 1
+    # 999 or 4999 zeros of 1000 or 5000: rounded towards 0, not to 1 (the value of a row of
+    # zeros; found by a review), while exact values stay as they are.
+    for dtype, n in ((jnp.bfloat16, 1000), (jnp.float16, 5000)):
+        one = jnp.zeros((2, n), dtype).at[0, 0].set(1).at[1, : n // 2].set(1)
+        sparsity = stats.sparsity(one)
+        assert sparsity.dtype == dtype and 1 - 4e-3 < float(sparsity[0]) < 1
+        assert float(sparsity[1]) == 0.5
+        assert int(stats.support_size(one)[0]) == 1
 
 
 def test_tsallis_entropy_of_nan_or_negative_entries_is_nan():
