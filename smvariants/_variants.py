@@ -658,7 +658,8 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
     dtype); ``axis`` (non-negative) and ``statics`` (one entry per parameter: its Python value,
     or ``None`` where it is in ``arrays``) are static. Differentiable in ``x``, ``t`` and
     ``arrays``; the backward pass keeps only the output (in ``x``'s dtype, as ``jax.nn.softmax``
-    keeps its own) and the parameters, and computes in float32 from it.
+    keeps its own; in float32 for a half-precision ``x`` where ``t`` or a parameter is
+    differentiated too) and the parameters, and computes in float32 from it.
     """
 
     @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -666,8 +667,8 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
     def core(x, t, arrays, axis, statics):
         return forward(v, x, t, merge_params(arrays, statics), axis)
 
-    def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics):
-        out_dtype, compute = p.dtype, _args.compute_dtype(p.dtype)
+    def tangent(p, t, arrays, x_dot, t_dot, arrays_dot, *, axis, statics, out_dtype):
+        compute = _args.compute_dtype(p.dtype)
         stored, p = p, p.astype(compute)
         params = merge_params(arrays, statics)
         terms: list[jax.Array] = []
@@ -701,11 +702,22 @@ def make_core(v: Variant) -> Callable[..., jax.Array]:
     @partial(core.defjvp, symbolic_zeros=True)
     def core_jvp(axis, statics, primals, tangents):
         x, t, arrays = primals
-        p = core(x, t, arrays, axis, statics)
+        x_dot, t_dot, arrays_dot = nonzero_tangents(tuple(tangents))
+        compute = _args.compute_dtype(x.dtype)
+        if compute != x.dtype and (t_dot is not None or any(a is not None for a in arrays_dot)):
+            # The parameters' tangents rebuild the logits on the support from the output: from a
+            # half-precision one, entries within an ulp of each other (near ties) lost their gaps
+            # (a temperature's or alpha's gradient off by its own size, or of the other sign).
+            # They take the float32 output, which the backward pass keeps instead.
+            exact = core(x.astype(compute), t, arrays, axis, statics)
+            p = exact.astype(x.dtype)
+        else:
+            exact = p = core(x, t, arrays, axis, statics)
         # Checkpointed: the backward pass keeps only p, t and the parameters; what the rule
         # derives from p (g, phi) is recomputed in the pass that reads p.
-        rule = jax.checkpoint(partial(tangent, axis=axis, statics=statics), prevent_cse=False)
-        return p, rule(p, t, arrays, *nonzero_tangents(tuple(tangents)))
+        of_p = partial(tangent, axis=axis, statics=statics, out_dtype=x.dtype)
+        rule = jax.checkpoint(of_p, prevent_cse=False)
+        return p, rule(exact, t, arrays, x_dot, t_dot, arrays_dot)
 
     return core
 

@@ -355,6 +355,38 @@ def test_dtypes_are_preserved(name, dtype):
     assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
 
 
+_PARAMETER_GRADIENTS = {
+    "softmax T": lambda x, a: sm.softmax(x, temperature=a),
+    "sparsemax T": lambda x, a: sm.sparsemax(x, temperature=a),
+    "entmax15 T": lambda x, a: sm.entmax15(x, temperature=a),
+    "entmax alpha": lambda x, a: sm.entmax(x, alpha=a),
+    "normmax alpha": lambda x, a: sm.normmax(x, alpha=a + 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(_PARAMETER_GRADIENTS))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_parameter_gradients_keep_near_ties(name, dtype):
+    # Near-tied small logits: the rule rebuilt the logits on the support from the rounded output,
+    # which lost gaps of about an ulp (gradients off by their own size, or of the other sign:
+    # found by a review); it takes the float32 output. The cotangent w is exact in ``dtype``, so
+    # the gradient carries float32 rounding only.
+    f = _PARAMETER_GRADIENTS[name]
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(0, 0.02, (200, 4)), dtype)
+    w = jnp.asarray(rng.normal(size=(200, 4)), dtype)
+    a = jnp.full((200, 1), 1.3, jnp.float32)
+
+    def objective(x, a, w):
+        return jnp.sum(f(x, a).astype(a.dtype) * w.astype(a.dtype))
+
+    got = jax.grad(objective, 1)(x, a, w)
+    x64, a64, w64 = (np.asarray(v, np.float64) for v in (x, a, w))
+    expected = jax.grad(objective, 1)(x64, a64, w64)
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize(
     "x, budget",
     [
