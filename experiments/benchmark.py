@@ -1169,7 +1169,7 @@ def _shapes(text: str) -> tuple[tuple[int, ...], ...]:
             shapes += SHAPE_ALIASES[item]
             continue
         try:
-            shapes.append(tuple(int(n) for n in item.split("x")))
+            shapes.append(tuple(common.integer(n) for n in item.split("x")))
         except ValueError:
             raise common.UsageError(
                 f"--shapes takes BATCHxCLASSES,... or {', '.join(SHAPE_ALIASES)}, got {item!r}"
@@ -1199,18 +1199,23 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument(
         "--timing", default=defaults.timing, help="auto (per-call on CPU), per-call, batched"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="per-call timing: calls")
-    parser.add_argument("--min-batch-ms", type=float, default=None, help="batched timing")
-    parser.add_argument("--batches", type=int, default=None, help="batched timing")
+    parser.add_argument(
+        "--repeats", type=common.integer, default=None, help="per-call timing: calls"
+    )
+    parser.add_argument("--min-batch-ms", type=common.number, default=None, help="batched timing")
+    parser.add_argument("--batches", type=common.integer, default=None, help="batched timing")
     parser.add_argument(
         "--deadline-s",
-        type=float,
+        type=common.number,
         help="stop starting new shape-dtype groups after this many seconds; the first group "
         "always runs (default 0: no limit)",
     )
-    parser.add_argument("--compile-limit-s", type=float, default=defaults.compile_limit_s)
+    parser.add_argument("--compile-limit-s", type=common.number, default=defaults.compile_limit_s)
     parser.add_argument(
-        "--logit-scale", type=float, default=defaults.logit_scale, help="x ~ normal(0, scale)"
+        "--logit-scale",
+        type=common.number,
+        default=defaults.logit_scale,
+        help="x ~ normal(0, scale)",
     )
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--quick", action="store_true")

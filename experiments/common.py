@@ -453,14 +453,20 @@ def read_npz(path: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
 
 def to_float32(array: np.ndarray, what: str) -> np.ndarray:
     """``array`` as float32; a finite value that float32 cannot hold is a :class:`UsageError`."""
+    return to_float(array, np.float32, what)
+
+
+def to_float(array: np.ndarray, dtype: Any, what: str) -> np.ndarray:
+    """``array`` as the float ``dtype``; a finite value it cannot hold is a :class:`UsageError`."""
     with np.errstate(over="ignore"):  # reported below, with the values
-        out = array.astype(np.float32)
+        out = array.astype(dtype)
     overflow = np.isfinite(array) & ~np.isfinite(out)
     if overflow.any():
-        largest = float(np.max(np.abs(array[overflow])))
+        largest = np.format_float_scientific(np.max(np.abs(array[overflow])), 2, trim="-")
+        name, top = np.dtype(dtype).name, float(np.finfo(dtype).max)
         raise UsageError(
-            f"{what} has values beyond the float32 range (|x| up to {largest:.3g}, "
-            f"float32 holds up to {float(np.finfo(np.float32).max):.3g}); rescale them"
+            f"{what} has values beyond the {name} range (|x| up to {largest}, {name} holds up "
+            f"to {top:.3g}); rescale them"
         )
     return out
 
@@ -495,9 +501,14 @@ def _split_codes(split: np.ndarray, path: pathlib.Path) -> np.ndarray:
 def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads ``X`` (n, d), ``y`` (n,) and optional ``split`` (n,) from an ``.npz`` file.
 
-    ``X`` is cast to float32 (values beyond its range are refused); ``y`` must hold the class ids
-    0..K-1, each at least once; ``split`` holds 0/1/2 or "train"/"val"/"test" per row. Every
-    problem is a :class:`UsageError` naming the file and what is wrong.
+    ``X`` keeps its precision, as a float of at most 64 bits (float16 and small integers as
+    float32, float64 and larger integers as float64; a longer float is cast to float64, values
+    beyond its range refused): the features are standardised before they are cast to float32
+    (finetune_head.standardize), so that neither their units nor an offset shared by the rows
+    rounds them away (``X * 1e-46`` underflows float32, ``X + 1e9`` is rounded to steps of 64
+    there). ``y`` must hold the class ids 0..K-1, each at least once; ``split`` holds 0/1/2 or
+    "train"/"val"/"test" per row. Every problem is a :class:`UsageError` naming the file and
+    what is wrong.
     """
     path = pathlib.Path(path)
     arrays = read_npz(path, "features")
@@ -532,7 +543,9 @@ def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if not np.isfinite(x).all():
         raise UsageError(f"features file {path}: X has non-finite values (NaN or inf)")
-    out = {"X": to_float32(x, f"features file {path}: X"), "y": y.astype(np.int32)}
+    dtype = np.promote_types(x.dtype, np.float32)  # float32, float64 or a longer float
+    dtype = np.dtype(np.float64) if dtype.itemsize > 8 else dtype
+    out = {"X": to_float(x, dtype, f"features file {path}: X"), "y": y.astype(np.int32)}
     if "split" in arrays:
         if arrays["split"].shape != y.shape:
             raise UsageError(f"features file {path}: split must have shape {y.shape}")
@@ -549,7 +562,8 @@ def split_specs(text: str) -> tuple[str, ...]:
 
     A piece with ``=`` but no ``:`` is a further parameter of the spec before it, so
     ``"softmax,entmax:alpha=1.3,temperature=2,sparsemax"`` gives ``("softmax",
-    "entmax:alpha=1.3,temperature=2", "sparsemax")``. Blank pieces are dropped.
+    "entmax:alpha=1.3,temperature=2", "sparsemax")``, and ``"softmax,temperature=2"`` (a spec
+    with no parameter yet) gives ``("softmax:temperature=2",)``. Blank pieces are dropped.
 
     Raises:
         UsageError: the list starts with a parameter (``"alpha=1.3,softmax"``).
@@ -564,10 +578,37 @@ def split_specs(text: str) -> tuple[str, ...]:
                     f"--variants {text!r}: {piece!r} is a parameter with no variant before it "
                     "(write name:key=value,key=value)"
                 )
-            specs[-1] += "," + piece
+            specs[-1] += ("," if ":" in specs[-1] else ":") + piece
         else:
             specs.append(piece)
     return tuple(specs)
+
+
+def _plain_number(text: str) -> str:
+    """``text`` if it is a number as smvariants.registry reads one in a spec, else ValueError.
+
+    ``float`` and ``int`` read ``"1_5"`` as 15 and non-ASCII digits (``"٣"``, ``"१.५"``) too; the
+    registry refuses them (``registry._number``, private and worded for specs), and so do the
+    flags: ASCII decimal or scientific notation (``inf`` and ``nan`` are read, for the range
+    checks to name them).
+    """
+    if "_" in text or not text.isascii():
+        raise ValueError(f"not a plain number: {text!r}")
+    return text
+
+
+def number(text: str) -> float:
+    """An argparse ``type`` for a float flag: ``float(text)``, strict (see _plain_number)."""
+    return float(_plain_number(text))
+
+
+def integer(text: str) -> int:
+    """An argparse ``type`` for an int flag: ``int(text)``, strict (see _plain_number)."""
+    return int(_plain_number(text))
+
+
+# argparse names the type in its errors ("invalid float value: '1_5'"), as for float and int.
+number.__name__, integer.__name__ = "float", "int"
 
 
 def comma_separated(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -657,7 +698,7 @@ def settings_record(config: Any, free: Iterable[str], **extra: Any) -> dict[str,
     return record
 
 
-def _saved_settings(out: pathlib.Path) -> Any:
+def saved_settings(out: pathlib.Path) -> Any:
     """The folder's config.json as read, or None when it is missing or not JSON."""
     try:
         return read_json(pathlib.Path(out) / "config.json")
@@ -691,7 +732,7 @@ def check_resumable(
     existing = [name for name in outputs if (pathlib.Path(out) / name).exists()]
     if not existing:
         return
-    saved = _saved_settings(out)
+    saved = saved_settings(out)
     if not isinstance(saved, dict):
         raise UsageError(
             f"--resume: {out} holds results ({', '.join(existing)}) but no readable config.json; "
@@ -722,6 +763,7 @@ def resumed_variants(
     resume: bool,
     default: Sequence[str],
     identity: dict[str, Any] | None = None,
+    key: Callable[[str], Any] | None = None,
 ) -> tuple[str, ...]:
     """The variants a run reports: ``--variants``, the default ones, or the folder's (``--resume``).
 
@@ -733,12 +775,14 @@ def resumed_variants(
             without a list of its own).
         identity: this script's ``experiment`` and ``results_format`` (see IDENTITY): the folder's
             list is used only where its config.json has the same.
+        key: what makes two names one variant (default: the name itself); see check_unique.
 
     Returns:
         Without ``--resume``, ``variants`` (``default`` if None). With it, the folder's own list
         when ``variants`` is None (a plain ``--resume`` continues the folder's variants), else the
         folder's list followed by the new ones of ``variants``: the summaries keep the variants
-        run before (finished ones are not run again), then the new ones.
+        run before (finished ones are not run again), then the new ones; a new one equal by
+        ``key`` to one of the folder's is that one (as the folder spells it).
 
     Raises:
         UsageError: on ``--resume``, the folder's config.json names another script (checked
@@ -747,7 +791,7 @@ def resumed_variants(
     given = tuple(default) if variants is None else tuple(variants)
     if not resume:
         return given
-    saved = _saved_settings(out)  # none or unreadable: check_resumable says what is wrong
+    saved = saved_settings(out)  # none or unreadable: check_resumable says what is wrong
     if not isinstance(saved, dict):
         return given
     identity = identity or {}
@@ -757,16 +801,33 @@ def resumed_variants(
     before = saved.get("variants")
     if not isinstance(before, list) or not all(isinstance(v, str) for v in before):
         return given
-    return tuple(dict.fromkeys([*before, *(() if variants is None else variants)]))
+    key = key or _same
+    merged: dict[Any, str] = {}
+    for name in [*before, *(() if variants is None else variants)]:
+        merged.setdefault(key(name), name)
+    return tuple(merged.values())
 
 
-def check_unique(names: Sequence[str], flag: str) -> None:
-    """Refuses a list that gives one name twice (two runs would write one results file)."""
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise UsageError(f"{flag}: {name!r} is given twice")
-        seen.add(name)
+def _same(name: str) -> str:
+    return name
+
+
+def check_unique(names: Sequence[str], flag: str, key: Callable[[str], Any] | None = None) -> None:
+    """Refuses a list that gives one name twice (two runs would write one results file).
+
+    Args:
+        names: the list, as given.
+        flag: the flag that gave it, for the message.
+        key: what makes two names one (default: the name itself); for variant specs, the parsed
+            variant, so that ``softmax:temperature=2`` and ``softmax:temperature=2.0`` are one.
+    """
+    key = key or _same
+    seen: dict[Any, str] = {}
+    for index, name in enumerate(names):
+        first = seen.setdefault(key(name), name)
+        if len(seen) <= index:  # the key was there before
+            also = "" if first == name else f" (also as {first!r}: the same variant)"
+            raise UsageError(f"{flag}: {name!r} is given twice{also}")
 
 
 def reusable_runs(

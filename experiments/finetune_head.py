@@ -285,26 +285,47 @@ def standardize(parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) ->
     """``parts`` (name -> (x, y)) with x standardised by the training split's mean and std.
 
     Each column is centred by its training mean and divided by its training std, so the result
-    does not depend on the features' units (``X`` and ``X * 1e-8`` give the same parts, to
-    float32 rounding). A column constant on the training split (std 0, or at float64 rounding
-    level of its mean: at most ``16 * eps * |mean|``) is only centred (scale 1, as scikit-learn's
-    StandardScaler does): a dead ReLU unit, 0 on every training row, stays small on the others
-    instead of being multiplied by a huge factor.
+    does not depend on the features' units (``X``, ``X * 1e-8`` and float64 ``X * 1e-46`` give
+    the same parts, to float32 rounding) nor on an offset that float32 could not hold (float64
+    ``X + 1e9``). It is computed in float64 on ``x`` as given (common.load_features keeps a
+    float64 ``X``), and cast to float32 only after. A column constant on the training split
+    (std 0, or at float64 rounding level of its mean: at most ``16 * eps * |mean|``) is only
+    centred (scale 1, as scikit-learn's StandardScaler does): a dead ReLU unit, 0 on every
+    training row, stays small on the others instead of being multiplied by a huge factor.
 
     Raises:
-        common.UsageError: a standardised value is beyond the float32 range (a column nearly
-            constant on the training split, with large values elsewhere): the head would see inf.
+        common.UsageError: every column is constant on the training split (one training row, or
+            identical ones): the head has nothing to learn from; or a standardised value is
+            beyond the float32 range (a column nearly constant on the training split, with large
+            values elsewhere): the head would see inf.
     """
     # Standardise with training statistics: the head then trains well with one learning rate.
-    # Computed in float64: float32 sums of features near the float32 limit would overflow.
+    # Computed in float64 (float32 sums of features near the float32 limit would overflow), in
+    # units of a power of two near each column's largest |value|: exact (the same numbers in
+    # other units), and the squares neither overflow (features near 1e308) nor underflow.
     train = parts["train"][0].astype(np.float64)
-    mean, std = train.mean(0), train.std(0)
+    unit = np.ldexp(0.5, np.frexp(np.abs(train).max(0))[1])  # |train| / unit < 2
+    scaled = train / unit
+    mean, std = scaled.mean(0) * unit, scaled.std(0) * unit
     constant = std <= 16 * np.finfo(np.float64).eps * np.abs(mean)
+    if constant.all():
+        raise common.UsageError(
+            f"{source}: every feature is constant on the train split ({len(train)} row(s)): "
+            "nothing to learn"
+        )
     scale = np.where(constant, 1.0, std)
     return {
-        name: (common.to_float32((x - mean) / scale, _standardized_what(source, name)), y)
+        name: (_standardized(x, mean, scale, _standardized_what(source, name)), y)
         for name, (x, y) in parts.items()
     }
+
+
+def _standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, what: str) -> np.ndarray:
+    """``(x - mean) / scale`` (float64) as float32; beyond the float32 range: UsageError."""
+    with np.errstate(over="ignore"):  # past float64 too: clipped to its largest, refused below
+        z = (x - mean) / scale
+    largest = np.finfo(np.float64).max
+    return common.to_float32(np.clip(z, -largest, largest), what)
 
 
 def _standardized_what(source: str, split: str) -> str:
@@ -364,6 +385,21 @@ def resolve_variant(spec: str, alpha_range: Sequence[float] = (1.0, 2.0)) -> dic
     }
 
 
+def variant_key(spec: str) -> Any:
+    """What makes two specs one variant: the registry's variant (LEARNED: the spec itself).
+
+    ``softmax:temperature=2`` and ``softmax:temperature=2.0``, ``sparsemax`` and ``sparsemax:``,
+    or two orders of the same parameters parse to equal variants (see registry.Variant). A spec
+    the registry refuses is its own key (resolve_variant says what is wrong with it).
+    """
+    if spec == LEARNED:
+        return spec
+    try:
+        return registry.parse(spec)
+    except (ValueError, TypeError, OverflowError):
+        return spec
+
+
 def _confidence_bins(probs: np.ndarray, bins: int) -> list[np.ndarray]:
     """Boolean masks of the examples in each equal-width confidence bin [0, 1/b], (1/b, 2/b], ..."""
     confidence = probs.max(-1)
@@ -418,7 +454,8 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
 
     Raises:
         common.UsageError: the training loss became non-finite, or training left the head's
-            weights bit-identical (a learning rate too small for any float32 update of them).
+            weights bit-identical (a learning rate too small for any float32 update of them, or
+            training features that do not vary: a zero gradient; standardize refuses those).
     """
     (x_tr, y_tr), (x_te, y_te) = data["parts"]["train"], data["parts"]["test"]
     num_classes = data["num_classes"]
@@ -497,7 +534,8 @@ def train_head(variant, data, seed: int, config: Config, mesh: Mesh) -> dict[str
         raise common.UsageError(
             f"variant {variant['spec']} seed {seed}: {len(step_times)} training steps left the "
             f"head's weights bit-identical: --learning-rate {config.learning_rate:g} is too "
-            "small for a float32 update of them; use a larger one"
+            "small for a float32 update of them (use a larger one), or the training features "
+            "do not vary (every one constant on the train split)"
         )
     probs, losses = eval_step(params, x_te, y_te)
     probs = np.asarray(probs, np.float64)
@@ -597,6 +635,24 @@ def stale_outputs(out: pathlib.Path, cache: pathlib.Path | None) -> list[str]:
     return [*OUTPUTS, *caches]
 
 
+def resumed_alpha_range(config: Config, out: pathlib.Path) -> Config:
+    """``config``, with the folder's ``learned_alpha_range`` on a ``--resume`` that learns no alpha.
+
+    The range changes only entmax:alpha=learned's results, but config_hash covers it (a learned
+    variant added to a folder later is then checked against the folder's range, and the hash of
+    a folder written before stays the same). Without that variant in the run (the folder's list
+    and ``--variants``), a range given to ``--resume`` changes nothing, so the folder's is kept
+    instead of refusing the folder over it.
+    """
+    if not config.resume or LEARNED in config.variants:
+        return config
+    saved = common.saved_settings(out)
+    kept = saved.get("learned_alpha_range") if isinstance(saved, dict) else None
+    if not (isinstance(kept, list) and len(kept) == 2):
+        return config  # none or unreadable: check_resumable says what is wrong
+    return dataclasses.replace(config, learned_alpha_range=tuple(kept))
+
+
 def check_config(config: Config) -> None:
     """Raises a :class:`common.UsageError` for a setting out of its range."""
     common.check_positive_ints(
@@ -612,13 +668,13 @@ def run(config: Config) -> list[dict[str, Any]]:
     # Everything the user gave is checked before anything is written.
     check_config(config)
     if config.variants is not None:
-        common.check_unique(config.variants, "--variants")
+        common.check_unique(config.variants, "--variants", variant_key)
     out = pathlib.Path(config.out) if config.out else common.default_out_dir("finetune")
     identity = {"experiment": EXPERIMENT, "results_format": RESULTS_FORMAT}
     variants = common.resumed_variants(
-        out, config.variants, config.resume, DEFAULT_VARIANTS, identity
+        out, config.variants, config.resume, DEFAULT_VARIANTS, identity, variant_key
     )
-    config = dataclasses.replace(config, variants=variants)
+    config = resumed_alpha_range(dataclasses.replace(config, variants=variants), out)
     variants = [resolve_variant(spec, config.learned_alpha_range) for spec in config.variants]
     if not variants:
         raise common.UsageError("no variants given")
@@ -647,6 +703,8 @@ def run(config: Config) -> list[dict[str, Any]]:
                 paths, config_hash, jax.default_backend(), jax.device_count(), keys
             )
         cache = out / backbone_file(config, raw["pretrain"]) if "pretrain" in raw else None
+        if data is None:  # before the outputs: standardize's errors come before config.json
+            data = load_data(config, raw, cache)
         if config.force:
             common.remove_outputs(out, stale_outputs(out, cache))
         logits_path = out / "test_logits.npz"
@@ -654,8 +712,6 @@ def run(config: Config) -> list[dict[str, Any]]:
         if not logits_current:  # another run's (e.g. an interrupted one): never read it
             logits_path.unlink(missing_ok=True)
         common.write_json(out / "config.json", record)
-        if data is None:
-            data = load_data(config, raw, cache)
         mesh = Mesh(np.array(jax.devices()), ("data",))
 
         records, details = [], {}
@@ -768,19 +824,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         f"{','.join(DEFAULT_VARIANTS)}; with --resume, the folder's own list)",
     )
     for name, kind in (
-        ("seeds", int),
-        ("epochs", int),
-        ("batch_size", int),
-        ("learning_rate", float),
-        ("backbone_epochs", int),
-        ("hidden", int),
-        ("split_seed", int),
+        ("seeds", common.integer),
+        ("epochs", common.integer),
+        ("batch_size", common.integer),
+        ("learning_rate", common.number),
+        ("backbone_epochs", common.integer),
+        ("hidden", common.integer),
+        ("split_seed", common.integer),
     ):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, help=f"default {getattr(defaults, name)}")
     parser.add_argument(
         "--learned-alpha-range",
-        type=common.comma_separated(float),
+        type=common.comma_separated(common.number),
         help="lo,hi: the interval a learned alpha stays in, alpha = lo + (hi - lo) * sigmoid(a) "
         f"(default {','.join(f'{v:g}' for v in defaults.learned_alpha_range)})",
     )

@@ -579,12 +579,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     for field in dataclasses.fields(Config):
         if field.type in ("int", "float"):
-            kind = int if field.type == "int" else float
+            kind = common.integer if field.type == "int" else common.number
             flag = "--" + field.name.replace("_", "-")
             parser.add_argument(flag, type=kind, help=f"default {getattr(defaults, field.name)}")
     parser.add_argument(
         "--learned-alpha-range",
-        type=common.comma_separated(float),
+        type=common.comma_separated(common.number),
         help="lo,hi: the interval of a learned alpha (default 1,2)",
     )
     overwrite = parser.add_mutually_exclusive_group()

@@ -278,10 +278,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--logits", help=".npz with an array 'logits' (last axis: classes; -inf entries: masked)"
     )
     parser.add_argument("--from-run", help="a finetune_head.py folder")
-    numbers = common.comma_separated(float)
+    numbers = common.comma_separated(common.number)
     parser.add_argument("--alphas", type=numbers, help=f"default {defaults.alphas}")
     parser.add_argument("--temperatures", type=numbers, help=f"default {defaults.temperatures}")
-    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--seed", type=common.integer, help=f"default {defaults.seed}")
     parser.add_argument("--force", action="store_true", help="overwrite results in --out")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
     config = common.config_from_flags(defaults, parser.parse_args(argv), QUICK)

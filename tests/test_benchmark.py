@@ -408,6 +408,10 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
         (["--logit-scale", "1e39"], "--logit-scale 1e+39 is beyond the float32 range"),
         (["--shapes", f"{10**20}x3"], "--shapes takes sizes up to 2147483647"),
         (["--timing", "fast"], "--timing takes auto, per-call, batched, got 'fast'"),
+        # Read as 10, 15 and 3 before (the registry refuses such numbers in a spec).
+        (["--repeats", "1_0"], "argument --repeats: invalid int value: '1_0'"),
+        (["--logit-scale", "1_5"], "argument --logit-scale: invalid float value: '1_5'"),
+        (["--shapes", "٣x32"], "--shapes takes BATCHxCLASSES,... or default, large, mid, all"),
         (["--variants", "sparsemax,fastmax"], "unknown variants ['fastmax']"),
         # It measured sparsemax twice.
         (["--variants", "sparsemax,entmax15,sparsemax"], "--variants: 'sparsemax' is given twice"),

@@ -34,6 +34,13 @@ import common  # noqa: E402
             ("entmax:alpha=1.3,max_iter=20", "softmax:temperature=0.5", "entmax:alpha=learned"),
         ),
         ("", ()),
+        # A parameter after a spec with none yet starts its parameters (it was joined with ",":
+        # "unknown variant 'softmax,temperature=2'").
+        ("softmax,temperature=2", ("softmax:temperature=2",)),
+        (
+            "sparsemax,entmax,alpha=1.3,temperature=2,softmax",
+            ("sparsemax", "entmax:alpha=1.3,temperature=2", "softmax"),
+        ),
     ],
 )
 def test_split_specs_keeps_parameters_with_their_variant(text, specs):
@@ -271,7 +278,7 @@ def test_a_read_only_out_is_a_usage_error(tmp_path, monkeypatch):
         read_only.chmod(0o755)
 
 
-def test_load_features_checks_labels_and_the_float32_range(tmp_path):
+def test_load_features_checks_labels_and_keeps_the_precision_of_x(tmp_path):
     path = tmp_path / "f.npz"
     np.savez(path, X=np.ones((3, 2)), y=np.array([0, 10**9, 1]))
     with pytest.raises(common.UsageError, match=r"largest is 1000000000 but 2, 3, 4, 5, 6 and"):
@@ -279,12 +286,43 @@ def test_load_features_checks_labels_and_the_float32_range(tmp_path):
     np.savez(path, X=np.ones((4, 2)), y=np.array([0, 1, 3, 5]))
     with pytest.raises(common.UsageError, match="the largest is 5 but 2, 4 never occur"):
         common.load_features(path)
-    np.savez(path, X=np.array([[1e300, 0.0], [0.0, 1.0]]), y=np.array([0, 1]))
-    with pytest.raises(common.UsageError, match="beyond the float32 range"):
-        common.load_features(path)
-    np.savez(path, X=np.array([[1e30, 0.0], [0.0, 1.0]]), y=np.array([1, 0]))
+    np.savez(path, X=np.array([[1e30, 0.0], [0.0, 1.0]], np.float32), y=np.array([1, 0]))
     loaded = common.load_features(path)
     assert loaded["X"].dtype == np.float32 and loaded["y"].tolist() == [1, 0]
+    # Float64 X stays float64 until it is standardised (it was cast to float32 here: X + 1e9
+    # lost every distinct value, X * 1e-46 underflowed to 0, X * 1e300 was refused).
+    x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    for values in (x + 1e9, x * 1e-46, x * 1e300):
+        np.savez(path, X=values, y=np.array([0, 1]))
+        loaded = common.load_features(path)
+        assert loaded["X"].dtype == np.float64 and np.array_equal(loaded["X"], values)
+    # Integers: as the smallest float that holds them (int64's 2**53 + 1 is not float32's).
+    for dtype, expected in ((np.int16, np.float32), (np.int64, np.float64)):
+        np.savez(path, X=x.astype(dtype), y=np.array([0, 1]))
+        assert common.load_features(path)["X"].dtype == expected
+    if np.finfo(np.longdouble).max > np.finfo(np.float64).max:  # x86: 80-bit long double
+        np.savez(path, X=np.array([[1, 2], [3, 4]], np.longdouble) * 10**400, y=np.array([0, 1]))
+        with pytest.raises(common.UsageError, match=r"beyond the float64 range \(\|x\| up to 4e"):
+            common.load_features(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("3", 3), ("+3", 3), ("-2", -2), ("1.5", 1.5), ("1e-3", 1e-3), ("-.5E+2", -50.0)],
+)
+def test_number_flags_read_plain_ascii_numbers(text, value):
+    parse = common.integer if isinstance(value, int) else common.number
+    assert parse(text) == value and type(parse(text)) is type(value)
+    assert math.isnan(common.number("nan")) and common.number("inf") == math.inf  # checked later
+
+
+@pytest.mark.parametrize("text", ["1_5", "1_0.5", "\u0663", "\u0967.\u096b", "1e1_0", "", "two"])
+def test_number_flags_refuse_what_the_registry_refuses(text):
+    # float() and int() read "1_5" as 15 and "\u0663" (Arabic-Indic 3) as 3; a spec refuses them.
+    for parse in (common.number, common.integer):
+        with pytest.raises(ValueError):
+            parse(text)
+    assert (common.number.__name__, common.integer.__name__) == ("float", "int")  # argparse
 
 
 def test_load_features_refuses_a_complex_x(tmp_path):
@@ -387,6 +425,31 @@ def test_a_plain_resume_continues_the_folders_own_variants(tmp_path):
     # A folder of another format of results: not its list (check_resumable refuses the folder).
     old = _folder_with_settings(tmp_path / "old", variants=["sparsemax"])
     assert common.resumed_variants(old, None, True, default, IDENTITY) == default
+
+
+def test_a_variant_spelled_two_ways_is_one_variant(tmp_path):
+    # finetune_head's key is the parsed variant; here a table of spellings stands for it.
+    aliases = {"sparsemax:": "sparsemax", "softmax:temperature=2.0": "softmax:temperature=2"}
+
+    def key(name):
+        return aliases.get(name, name)
+
+    common.check_unique(["sparsemax:", "softmax:temperature=2.0"], "-v", key)
+    common.check_unique(["sparsemax", "sparsemax:"], "-v")  # by the name itself: two names
+    with pytest.raises(common.UsageError) as error:
+        common.check_unique(["sparsemax", "softmax:temperature=2.0", "sparsemax:"], "-v", key)
+    assert str(error.value) == (
+        "-v: 'sparsemax:' is given twice (also as 'sparsemax': the same variant)"
+    )
+    with pytest.raises(common.UsageError, match=r"^-v: 'a' is given twice$"):
+        common.check_unique(["a", "b", "a"], "-v", key)
+    # --resume: a spelling of one of the folder's variants is that variant, as the folder has it.
+    out = _folder_with_settings(tmp_path / "out", variants=["sparsemax", "entmax15"], **IDENTITY)
+    given = ("sparsemax:", "softmax")
+    resumed = common.resumed_variants(out, given, True, (), IDENTITY, key)
+    assert resumed == ("sparsemax", "entmax15", "softmax")
+    by_name = ("sparsemax", "entmax15", "sparsemax:", "softmax")  # without key: two names
+    assert common.resumed_variants(out, given, True, (), IDENTITY) == by_name
 
 
 def test_resume_refuses_a_folder_of_another_script_first(tmp_path):

@@ -506,7 +506,28 @@ def test_plots_of_all_zero_probabilities(tmp_path):
         ({"X": np.ones((6, 2)), "y": np.array([0, 1, 3, 0, 1, 3])}, "but 2 never occur"),
         (
             {"X": np.full((6, 2), 1e300), "y": np.arange(6) % 3},
-            "X has values beyond the float32 range",
+            "every feature is constant on the train split",
+        ),
+        # Nothing to learn: it failed after config.json, blaming the learning rate.
+        (
+            {"X": np.arange(12.0).reshape(6, 2), "y": np.arange(6) % 3, "split": [0] + [2] * 5},
+            "every feature is constant on the train split (1 row(s)): nothing to learn",
+        ),
+        (
+            {
+                "X": np.r_[np.ones((20, 3)), np.eye(3)],
+                "y": np.arange(23) % 3,
+                "split": [0] * 20 + [2] * 3,
+            },
+            "every feature is constant on the train split (20 row(s)): nothing to learn",
+        ),
+        pytest.param(
+            {"X": np.ones((6, 2), np.longdouble) * 10**400, "y": np.arange(6) % 3},
+            "X has values beyond the float64 range (|x| up to 1e+400",
+            marks=pytest.mark.skipif(
+                np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
+                reason="long double is float64 here",
+            ),
         ),
         ({"X": np.ones((6, 0)), "y": np.arange(6) % 3}, "at least one row and column"),
         ({"X": np.ones((6, 2), np.complex64), "y": np.arange(6) % 3}, "2-D real numeric array"),
@@ -561,6 +582,22 @@ def test_bad_features_are_one_line_errors_before_writing(tmp_path, capsys, array
         (["--variants", "softmax,entmax:alpha=1.3,temperature=0"], "variant 'entmax:alpha=1.3,"),
         (["--variants", "alpha=1.3,softmax"], "'alpha=1.3' is a parameter with no variant"),
         (["--variants", ","], "no variants given"),
+        # Numbers as smvariants.registry reads them: float("1_5") is 15, int("\u0663") is 3.
+        (["--learned-alpha-range", "1,1_5"], "argument --learned-alpha-range: invalid comma-sep"),
+        (["--learning-rate", "1_0"], "argument --learning-rate: invalid float value: '1_0'"),
+        (["--seeds", "\u0663"], "argument --seeds: invalid int value: '\u0663'"),
+        (["--split-seed", "1_0"], "argument --split-seed: invalid int value: '1_0'"),
+        # One variant spelled two ways was trained and reported twice.
+        (
+            ["--variants", "softmax:temperature=2,softmax:temperature=2.0"],
+            "--variants: 'softmax:temperature=2.0' is given twice (also as 'softmax:temperature=2'",
+        ),
+        (
+            ["--variants", "entmax:alpha=1.3,temperature=2,entmax:temperature=2,alpha=1.3"],
+            "--variants: 'entmax:temperature=2,alpha=1.3' is given twice (also as 'entmax:alpha",
+        ),
+        (["--variants", "sparsemax,sparsemax:"], "'sparsemax:' is given twice (also as 'sparse"),
+        (["--variants", "softmax,entmax15,softmax"], "--variants: 'softmax' is given twice\n"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_writing(tmp_path, capsys, flags, message):
@@ -720,6 +757,7 @@ def test_a_learning_rate_too_small_to_change_a_weight_is_an_error(
     status, err = main_error([*argv, "--learning-rate", rate], capsys)
     assert status == 2 and "variant softmax seed 0: " in err
     assert f"left the head's weights bit-identical: --learning-rate {rate} is too small" in err
+    assert "(use a larger one), or the training features do not vary" in err
     assert len(err.strip().splitlines()) == 1 and not (out / "metrics.json").exists()
 
 
@@ -750,3 +788,135 @@ def test_resume_on_a_folder_of_another_script(quick_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "holds results of finetune_head.py, not of sparse_" in err
     assert snapshot(out) == state
+
+
+def test_float64_features_keep_their_precision_until_standardised(tmp_path, optax_promotion):
+    rng = np.random.default_rng(0)
+    y = np.arange(150) % 3
+    x = rng.normal(size=(150, 4)) + 3 * np.eye(4)[y]
+    # float32 could not hold these (it was cast to first): X * 1e-46 underflowed to 0, X + 1e9
+    # lost every distinct value (both failed blaming the learning rate), X + 1e7 was quantised.
+    accuracy = {}
+    for name, values in {"x": x, "tiny": x * 1e-46, "1e9": x + 1e9, "1e7": x + 1e7}.items():
+        features = write_npz(tmp_path / f"{name}.npz", X=values, y=y)
+        out = tmp_path / name
+        argv = ["--quick", "--features", features, "--out", out, "--variants", "softmax"]
+        common.run_main(finetune_head.main, list(map(str, argv)))
+        accuracy[name] = read_json(out / "metrics.json")[0]["accuracy"]
+        config = finetune_head.parse_args(list(map(str, argv)))
+        raw = finetune_head.load_raw(config, common.load_features(features))
+        parts = finetune_head.load_data(finetune_head.Config(), raw, None)["parts"]
+        if name == "x":
+            expected = parts
+        for split, (standardised, _) in parts.items():  # the same numbers, to float32 rounding
+            assert standardised.dtype == np.float32
+            np.testing.assert_allclose(standardised, expected[split][0], atol=1e-5, err_msg=name)
+    assert accuracy["x"] > 0.9
+    for name, value in accuracy.items():
+        assert abs(value - accuracy["x"]) <= 0.02, (name, accuracy)
+
+
+def test_float32_features_standardise_as_before():
+    # The backbone's features (and float32 files) give the numbers of the plain float64 formula
+    # bit for bit: the power-of-two units change no rounding.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 6)) * [1, 1e-3, 1e3, 5, 1e-20, 1e20] + [0, 1, -3, 1e4, 0, 0]
+    x = x.astype(np.float32)
+    y = np.arange(200) % 4
+    parts = {
+        "train": (x[:120], y[:120]),
+        "val": (x[120:150], y[120:150]),
+        "test": (x[150:], y[150:]),
+    }
+    train = x[:120].astype(np.float64)
+    mean, std = train.mean(0), train.std(0)
+    for name, (standardised, labels) in finetune_head.standardize(parts, "test").items():
+        assert np.array_equal(standardised, ((parts[name][0] - mean) / std).astype(np.float32))
+        assert labels is parts[name][1]
+    # Values near the float64 limits: the squares of the std would overflow or underflow.
+    for factor in (1e280, 1e-280):  # columns up to 1e300 and down to 1e-300
+        big = {
+            name: (part.astype(np.float64) * factor, labels)
+            for name, (part, labels) in parts.items()
+        }
+        for name, (standardised, _) in finetune_head.standardize(big, "test").items():
+            plain = finetune_head.standardize(parts, "test")[name][0]
+            np.testing.assert_allclose(standardised, plain, atol=1e-4, err_msg=(factor, name))
+
+
+def test_a_dead_backbone_is_refused_before_config_json(tmp_path, capsys, monkeypatch):
+    # Every ReLU unit 0 on every row: the features are constant, the head has nothing to learn
+    # (it failed after config.json, blaming the learning rate).
+    dead = [
+        {"w": np.zeros((64, 64), np.float32), "b": -np.ones(64, np.float32)},
+        {"w": np.zeros((64, 32), np.float32), "b": -np.ones(32, np.float32)},
+        {"w": np.zeros((32, 10), np.float32), "b": np.zeros(10, np.float32)},
+    ]
+    monkeypatch.setattr(finetune_head, "load_backbone", lambda config, pretrain, cache: dead)
+    out = tmp_path / "out"
+    status, err = main_error(["--quick", "--out", out, "--variants", "softmax"], capsys)
+    assert status == 2 and "every feature is constant on the train split" in err, err
+    assert len(err.strip().splitlines()) == 1 and not list(out.iterdir())
+
+
+def test_weights_left_bit_identical_name_both_causes(optax_promotion):
+    # Features that do not vary give a zero gradient for the weights: bit-identical weights are
+    # not always a learning rate too small (standardize refuses such features before this).
+    y = (np.arange(12) % 3).astype(np.int32)
+    x = np.zeros((12, 4), np.float32)
+    data = {"parts": {"train": (x, y), "test": (x, y)}, "num_classes": 3}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    variant = finetune_head.resolve_variant("softmax")
+    with pytest.raises(common.UsageError) as error:
+        finetune_head.train_head(variant, data, 0, finetune_head.Config(epochs=2), mesh)
+    message = str(error.value)
+    assert "--learning-rate 0.02 is too small for a float32 update of them" in message
+    assert "or the training features do not vary" in message and "\n" not in message
+
+
+def test_resume_takes_a_variant_spelled_another_way_as_the_folders(tmp_path, optax_promotion):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", str(features), "--out", str(out)]
+    common.run_main(finetune_head.main, [*args, "--variants", "softmax,entmax:alpha=1.3"])
+    before = snapshot(out / "runs")
+    # These were trained again and reported twice, under their new spellings.
+    again = "softmax:,entmax:alpha=1.30,temperature=1.0,entmax:alpha=1.3"
+    status_args = [*args, "--resume", "--variants", again]
+    common.run_main(finetune_head.main, status_args)
+    records = read_json(out / "metrics.json")
+    assert [r["variant"] for r in records] == [
+        "softmax",
+        "entmax:alpha=1.3",
+        "entmax:alpha=1.30,temperature=1.0",  # another variant: temperature is a parameter
+    ]
+    assert read_json(out / "config.json")["variants"] == [r["variant"] for r in records]
+    runs = snapshot(out / "runs")
+    assert {path: runs[path] for path in before} == before  # reused, not trained again
+    assert len(runs) == 3
+
+
+def test_resume_without_a_learned_alpha_keeps_the_folders_range(tmp_path, capsys, optax_promotion):
+    features = small_features(tmp_path / "f.npz")
+    out = tmp_path / "out"
+    args = ["--quick", "--features", str(features), "--out", str(out)]
+    common.run_main(finetune_head.main, [*args, "--variants", "softmax"])
+    runs, config = snapshot(out / "runs"), read_json(out / "config.json")
+    # The range changes nothing without entmax:alpha=learned (it was "was run with other
+    # settings (learned_alpha_range [1.0, 2.0] -> [1.0, 3.0])").
+    common.run_main(finetune_head.main, [*args, "--resume", "--learned-alpha-range", "1,3"])
+    assert snapshot(out / "runs") == runs  # nothing trained again
+    resumed = read_json(out / "config.json")
+    assert resumed["learned_alpha_range"] == [1.0, 2.0]
+    assert resumed["config_hash"] == config["config_hash"]
+    # With the learned variant the range matters: another one is refused, as before.
+    state = snapshot(out)
+    learned = [*args, "--resume", "--variants", finetune_head.LEARNED]
+    status, err = main_error([*learned, "--learned-alpha-range", "1,3"], capsys)
+    assert status == 2 and "other settings (learned_alpha_range [1.0, 2.0] -> [1.0, 3.0])" in err
+    assert snapshot(out) == state
+    common.run_main(finetune_head.main, learned)  # the folder's range: softmax is reused
+    path = finetune_head._run_file(out, "softmax")
+    assert path.read_bytes() == runs[path]
+    variants = [r["variant"] for r in read_json(out / "metrics.json")]
+    assert variants == ["softmax", finetune_head.LEARNED]

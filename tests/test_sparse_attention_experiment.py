@@ -133,6 +133,10 @@ def test_attention_statistics_count_only_unmasked_pairs():
         (["--vocab", "2"], "--vocab must be an integer >= 3"),
         (["--learned-alpha-range", "2,1"], "--learned-alpha-range must be"),
         (["--seeds", "x"], "invalid int value"),
+        # Numbers as smvariants.registry reads them: int("1_0") is 10, float("\u0660.1") 0.1.
+        (["--seeds", "1_0"], "argument --seeds: invalid int value: '1_0'"),
+        (["--learning-rate", "\u0660.1"], "argument --learning-rate: invalid float value"),
+        (["--learned-alpha-range", "1,1_5"], "argument --learned-alpha-range: invalid comma"),
         # What float32 (the model's arithmetic) or array sizes cannot take, refused up front.
         (["--learned-alpha-range", "1,1e39"], "--learned-alpha-range 1e+39 is beyond the float32"),
         (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),

@@ -132,6 +132,11 @@ def test_quick_keeps_the_flags_given():
         (["--temperatures", "0"], None, "temperatures must be finite and > 0, got 0.0"),
         (["--seed", "-1"], None, "--seed must be an integer >= 0, got -1"),
         (["--seed", "x"], None, "argument --seed: invalid int value: 'x'"),
+        # Numbers as smvariants.registry reads them: float("1_5") is 15, int("\u0661") is 1.
+        (["--alphas", "1,1_5"], None, "argument --alphas: invalid comma-separated float value"),
+        (["--temperatures", "\u0967"], None, "argument --temperatures: invalid comma-separated"),
+        (["--seed", "\u0661"], None, "argument --seed: invalid int value: '\u0661'"),
+        (["--seed", "1_0"], None, "argument --seed: invalid int value: '1_0'"),
         (["--alphas", ""], None, "need at least one value"),
         # Values float32 cannot hold (entmax computes in float32).
         (["--temperatures", "1e-40"], None, "--temperatures 1e-40 is below float32's smallest"),
