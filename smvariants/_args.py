@@ -75,7 +75,10 @@ def static_number(value: Any) -> float | None:
     if isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, (int, float, np.number)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64: invalid everywhere, and reported so
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and is_concrete(value):
         if jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer):
             return float(value)
@@ -256,7 +259,7 @@ def layout(name: str, axis: Any, shape: tuple[int, ...], arg: str = "x") -> Layo
 
 
 def integers_as_floats(value: Any) -> Any:
-    """Python or NumPy integers as float64 NumPy values, anything else as it is.
+    """Python or NumPy integers (of any size) as float64 NumPy values, anything else as it is.
 
     Without x64, JAX makes integers int32: a Python int of 2^31 or more raised ``OverflowError``
     and a NumPy int64 wrapped around (a temperature of 2^40 became 0, an alpha of 2^31 negative).
@@ -265,6 +268,10 @@ def integers_as_floats(value: Any) -> Any:
         return value
     try:
         given = np.asarray(value)
+        if given.dtype == object:  # Python ints of 2^64 or more
+            return np.asarray(value, np.float64)
+    except OverflowError:  # beyond float64: invalid for every parameter, and reported so
+        return np.full(np.shape(value), np.inf)
     except (TypeError, ValueError):
         return value  # as_array says what is wrong
     return given.astype(np.float64) if np.issubdtype(given.dtype, np.integer) else value
@@ -295,7 +302,8 @@ def row_parameter(
       traced value, a boolean array flagging the entries that fail ``condition`` (``None`` for a
       concrete value). Callers turn those rows into ``nan``.
     """
-    array = as_array(name, arg, integers_as_floats(value))
+    value = integers_as_floats(value)
+    array = as_array(name, arg, value)
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(f"{name}: {arg} must be a real number or array, got {value!r}.")
     row = reduced_shape(shape, axis)

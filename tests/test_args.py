@@ -146,7 +146,7 @@ def test_a_number_beyond_float32_is_shown_as_given():
 
 _INTEGER_FORMS = {
     "int": lambda v, rank: v,
-    "numpy int64": lambda v, rank: np.int64(v),
+    "numpy int64": lambda v, rank: np.int64(v) if v < 2**63 else int(v),  # (no larger int64)
     "numpy array": lambda v, rank: np.full((1,) * rank, v),
     "list": lambda v, rank: np.full((1,) * rank, v).tolist(),
 }
@@ -164,7 +164,7 @@ def test_integer_parameters_beyond_int32_are_their_float_values(form):
 
 
 def check_integer_forms(x, as_int):
-    for value in (2**31, 2**40):
+    for value in (2**31, 2**40, 2**70, 10**30):  # 2**64 and more: NumPy's object arrays
         for f, arg in ((sm.softmax, "temperature"), (sm.entmax, "alpha"), (sm.normmax, "alpha")):
             expected = f(x, **{arg: float(value)})
             np.testing.assert_array_equal(f(x, **{arg: as_int(value, 2)}), expected)
@@ -173,6 +173,20 @@ def check_integer_forms(x, as_int):
             sm.attention.dot_product_attention(*qkv, alpha=as_int(value, 1)),
             sm.attention.dot_product_attention(*qkv, alpha=float(value)),
         )
+
+
+@pytest.mark.parametrize("form", list(_INTEGER_FORMS))
+def test_integer_parameters_beyond_float64_are_refused_naming_them(form):
+    # They raised a bare OverflowError ("int too large to convert to float").
+    as_int = _INTEGER_FORMS[form]
+    x = jnp.array([[0.3, 0.1, -0.2]], jnp.float32)
+    with pytest.raises(ValueError, match=r"softmax: temperature must be finite and > 0"):
+        sm.softmax(x, temperature=as_int(10**400, 2))
+    with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1"):
+        sm.losses.entmax_loss(x, jnp.array([0]), alpha=as_int(10**400, 2))
+    with pytest.raises(ValueError, match=r"dot_product_attention: alpha must be finite"):
+        qkv = (jnp.ones((1, 2, 1, 2), jnp.float32),) * 3
+        sm.attention.dot_product_attention(*qkv, alpha=as_int(10**400, 1))
 
 
 def test_alpha_type_and_shape():
