@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from smvariants import _args
@@ -35,6 +36,7 @@ from smvariants import _backend
 from smvariants import _jacobian
 from smvariants import _pallas
 from smvariants import _solvers
+from smvariants._numerics import any_true
 from smvariants._numerics import entmax_alpha_tangent
 from smvariants._numerics import expm1_ratio
 from smvariants._numerics import power
@@ -156,6 +158,10 @@ class Variant:
       reduce_rows: long rows use the block reduction, and NVIDIA GPUs run the variant in one
         Pallas kernel (both pointless where every entry is in the support: softmax, which XLA
         fuses into one kernel itself).
+      recentre: for a variant whose support reaches far below the row maximum (budget
+        sparsemax), ``(pivot, solve)``: ``pivot(m, temperature, t) -> (far, c)``, the rows to
+        shift by ``c`` instead of their maximum ``m``, given their threshold ``t``, and
+        ``solve(x, c, temperature, t, axis, *params)``, their threshold there; or ``None``.
     """
 
     name: str
@@ -175,6 +181,7 @@ class Variant:
     capped: bool = False
     projection: bool = False
     reduce_rows: bool = True
+    recentre: tuple[Callable[..., tuple], Callable[..., jax.Array]] | None = None
 
 
 def _nan_like(p: jax.Array) -> jax.Array:
@@ -410,6 +417,7 @@ BUDGET_SPARSEMAX = Variant(
     label_sum="budget",
     capped=True,
     projection=True,
+    recentre=(_solvers.budget_pivot, _solvers.budget_recentred_threshold),
 )
 
 
@@ -451,9 +459,64 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
     return _output(v, x, m, tau, t, params, axis)
 
 
-def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
-    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype)."""
-    p = v.output(x, m, t, tau, axis, *params)
+def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
+    """``(c, tau)``: the shifts and thresholds of ``v.recentre`` (a ``cond`` outside kernels)."""
+    assert v.recentre is not None
+    far, c = v.recentre[0](m, t, tau)
+    return c, _recentred_rows(v, x, c, tau, far, t, params, axis)
+
+
+def _recentred_rows(v: Variant, x, c, tau, far, t, params: tuple, axis: int) -> jax.Array:
+    """``tau`` with the rows flagged ``far`` solved again, shifted by ``c`` (``v.recentre``).
+
+    Outside a kernel, only if some row is far: one test for the whole batch under ``vmap`` too
+    (the mapped dimension joins the rows: ``vmap`` of a ``cond`` on a mapped predicate runs both
+    branches, the re-solve on every call).
+    """
+    assert v.recentre is not None
+    solve = v.recentre[1]
+    arrays, statics = _split(params)  # (the rule must close over no tracer)
+    has_t = t is not None
+
+    def unpack(rest):
+        t_, arrays = _without_t(has_t, rest)
+        return t_, merge_params(arrays, statics)
+
+    def rows(x, c, tau, far, *rest):
+        t_, params_ = unpack(rest)
+
+        def solved():
+            return jnp.where(far, solve(x, c, t_, tau, axis, *params_), tau)
+
+        if _backend.in_kernel():  # a block of rows, never mapped
+            return solved()
+        return lax.cond(any_true(far), solved, lambda: tau)
+
+    operands = (x, c, tau, far, *_with_t(t, arrays))
+    if _backend.in_kernel():
+        return rows(*operands)
+    mapped = jax.custom_batching.custom_vmap(rows)
+
+    @mapped.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        in_front = zip(args, in_batched, strict=True)
+        x_, *per_row = (_solvers.mapped_in_front(a, b, x.ndim + 1) for a, b in in_front)
+        x_ = jnp.broadcast_to(x_, (axis_size, *x.shape))
+        c_, tau_, far_, *rest = per_row
+        t_, params_ = unpack(rest)
+        return _recentred_rows(v, x_, c_, tau_, far_, t_, params_, axis + 1), True
+
+    return mapped(*operands)
+
+
+def _output(v: Variant, x, m, tau, t, params: tuple, axis: int, shift=None) -> jax.Array:
+    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype).
+
+    ``shift``: the rows' shifts where ``v.recentre`` has computed them (and ``tau`` there).
+    """
+    if v.recentre is not None and shift is None:
+        shift, tau = _recentred(v, x, m, tau, t, params, axis)
+    p = v.output(x, m if shift is None else shift, t, tau, axis, *params)
     if t is not None:
         # x / T overflows: to +inf, a nan row (as jax.nn.softmax(x / T)); to -inf, masked.
         top = m / t
@@ -564,7 +627,19 @@ def split_forward(
     m, tau = _solvers.certified_threshold(
         x2, t2, 1, v.in_support, row_params, solve_subset, resolve
     )
-    p = _output(v, x2, m, tau, t2, row_params, 1).astype(x.dtype)
+    shift = None
+    if v.recentre is not None and _pallas.fits(x2.shape, 1):  # in a kernel, as the re-solve
+        pivot, solve = v.recentre
+        far, shift = pivot(m, t2, tau)
+
+        def recentred(x, c, tau, *per_row):
+            t_rows, arrays = _without_t(has_t, per_row)
+            return solve(x, c, t_rows, tau, 1, *merge_params(arrays, statics))
+
+        given = [shift, tau, *_with_t(t2, row_arrays)]
+        fill = [0.0, 0.0, *_with_t(1.0 if has_t else None, fills)]
+        tau = _pallas.rows_threshold(recentred, x2, given, fill, far, tau, interpret)
+    p = _output(v, x2, m, tau, t2, row_params, 1, shift).astype(x.dtype)
     return _pallas.from_rows(p, x.shape, axis)
 
 

@@ -355,6 +355,40 @@ def test_dtypes_are_preserved(name, dtype):
     assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
 
 
+def far_budget_rows(n: int, rng) -> np.ndarray:
+    """Rows whose budget-2 threshold is far below their maximum: one large logit (gaps of 1e4 to
+    3e7) above ``n - 1`` normal ones, a masked entry, and normal rows (a temperature of 0.01 puts
+    their threshold hundreds below their maximum)."""
+    gaps = [1e4, 1e6, 4e6, 1e7, 3e7]
+    far = np.stack([np.r_[g, rng.normal(size=n - 1)] for g in gaps])
+    far[0, 3] = -np.inf
+    return np.concatenate([far, rng.normal(size=(3, n))]).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [51, 3000])  # solved directly, block-reduced
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_budget_threshold_far_below_the_maximum(n, dtype):
+    # Shifted by their maximum, the entries near such a threshold carried an ulp of the gap:
+    # they collapsed onto the same float, and a row summed to 1 to 12 for a budget of 2 (found
+    # by an audit); shifted near the threshold, they are exact.
+    x = jnp.asarray(far_budget_rows(n, np.random.default_rng(12)), dtype)
+    temperature = jnp.asarray([[1.0]] * 5 + [[0.01]] * 3, jnp.float32)
+    budget = jnp.asarray([[2.0], [2.0], [3.5], [2.0], [1.5], [2.0], [7.5], [2.0]], jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    expected = reference.budget_sparsemax(x64, np.asarray(budget), temperature=temperature)
+    tol = 2e-6 if dtype == jnp.float32 else 4e-3  # (the output's rounding)
+    for got in (
+        sm.budget_sparsemax(x, budget=budget, temperature=temperature),
+        jax.vmap(lambda x, b, t: sm.budget_sparsemax(x, budget=b, temperature=t))(
+            x, budget[:, 0], temperature[:, 0]
+        ),
+    ):
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=tol)
+        if dtype == jnp.float32:
+            sums = np.sum(np.asarray(got, np.float64), axis=-1)
+            np.testing.assert_allclose(sums, budget[:, 0], rtol=1e-5)
+
+
 _PARAMETER_GRADIENTS = {
     "softmax T": lambda x, a: sm.softmax(x, temperature=a),
     "sparsemax T": lambda x, a: sm.sparsemax(x, temperature=a),
