@@ -957,9 +957,9 @@ def budget_recentred_threshold(x, c, temperature, tau, axis, budget, max_iter) -
     """Budget sparsemax's threshold of the rows ``scale(x, c, T)`` (:func:`budget_pivot`).
 
     ``tau``, the threshold of the rows shifted by their maximum, says how far the root can be
-    from 0 there: ``D``, four times the rounding of ``tau`` and ``c``. It is solved from the
-    lower bound ``-D`` where ``f(-D) >= 0`` confirms it, and from scratch elsewhere; these rows'
-    maximum is not 0, but their ``top``.
+    from 0 there: ``D``, 16 ulps of ``|tau|`` and ``|c| / T``. It is solved from the lower bound
+    ``-D`` where ``f(-D) >= 0`` confirms it, and from scratch elsewhere; these rows' maximum is
+    not 0, but their ``top``.
     """
     z = scale(x, c, temperature)
     live = z != -jnp.inf
