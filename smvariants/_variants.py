@@ -462,6 +462,8 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
 def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
     """``(c, tau)``: the shifts and thresholds of ``v.recentre`` (a ``cond`` outside kernels)."""
     assert v.recentre is not None
+    if x.size == 0:  # (no maximum to take)
+        return m, tau
     far, c = v.recentre[0](m, t, tau)
     return c, _recentred_rows(v, x, c, tau, far, t, params, axis)
 
