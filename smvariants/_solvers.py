@@ -859,7 +859,10 @@ def budget_threshold(
     live = z != -jnp.inf
     n = count(live, axis, z.dtype)
     zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)
-    lo = zmin - budget / jnp.maximum(n, 1)  # f(lo) >= 0 when budget <= n
+    # f(lo) >= 0 when budget <= n (lo at least budget / n below zmin, after its rounding too:
+    # at zmin = -3e7 the difference was zmin, whose f is 0, and the row nan).
+    eps = jnp.finfo(z.dtype).eps
+    lo = zmin - (budget / jnp.maximum(n, 1) + 4 * eps * jnp.abs(zmin))
     if init is not None:
         lo = jnp.maximum(lo, init)
     hi = -budget / jnp.maximum(n, 1)  # f(hi) <= 0 (every entry at most budget / n)
@@ -946,7 +949,8 @@ def budget_pivot(m: jax.Array, temperature: jax.Array | None, tau: jax.Array) ->
     the support), so is its rounding, and entries collapse onto the same float (a row summed to
     12 for a budget of 2 at a gap of 3e7). Rows with ``|tau| >= 16`` are shifted by
     ``c = m + tau T``, near their threshold, where ``x - c`` is exact, and solved again there
-    (:func:`budget_recentred_threshold`).
+    (:func:`budget_recentred_threshold`); ``c`` carries an ulp of ``tau T``, so this repeats,
+    from ``c`` as ``m``, until the threshold is near.
     """
     far = (jnp.abs(tau) >= _FAR) & (jnp.abs(tau) < jnp.inf) & (jnp.abs(m) < jnp.inf)
     c = jnp.where(far, m + tau * (1 if temperature is None else temperature), m)

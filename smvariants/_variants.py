@@ -459,24 +459,23 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
     return _output(v, x, m, tau, t, params, axis)
 
 
+# Passes of the re-centring at most: each takes the shift's error from an ulp of the distance
+# below the maximum to an ulp of that (a gap of 1e30 over T = 100 needs 4 in float32).
+_RECENTRE_PASSES = 8
+
+
 def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
-    """``(c, tau)``: the shifts and thresholds of ``v.recentre`` (a ``cond`` outside kernels)."""
+    """``(c, tau)``: the rows' shifts and thresholds there, by ``v.recentre``.
+
+    Rows flagged far are shifted by the ``c`` of ``v.recentre``'s pivot and solved again, until
+    none is far (at most ``_RECENTRE_PASSES`` passes): a ``while`` that makes no trip where no
+    row is far, one test for the whole batch under ``vmap`` too (the mapped dimension joins the
+    rows: ``vmap`` of a loop on a mapped predicate runs it for every member).
+    """
     assert v.recentre is not None
     if x.size == 0:  # (no maximum to take)
         return m, tau
-    far, c = v.recentre[0](m, t, tau)
-    return c, _recentred_rows(v, x, c, tau, far, t, params, axis)
-
-
-def _recentred_rows(v: Variant, x, c, tau, far, t, params: tuple, axis: int) -> jax.Array:
-    """``tau`` with the rows flagged ``far`` solved again, shifted by ``c`` (``v.recentre``).
-
-    Outside a kernel, only if some row is far: one test for the whole batch under ``vmap`` too
-    (the mapped dimension joins the rows: ``vmap`` of a ``cond`` on a mapped predicate runs both
-    branches, the re-solve on every call).
-    """
-    assert v.recentre is not None
-    solve = v.recentre[1]
+    pivot, solve = v.recentre
     arrays, statics = _split(params)  # (the rule must close over no tracer)
     has_t = t is not None
 
@@ -484,18 +483,24 @@ def _recentred_rows(v: Variant, x, c, tau, far, t, params: tuple, axis: int) -> 
         t_, arrays = _without_t(has_t, rest)
         return t_, merge_params(arrays, statics)
 
-    def rows(x, c, tau, far, *rest):
+    def rows(x, m, tau, *rest):
         t_, params_ = unpack(rest)
 
-        def solved():
-            return jnp.where(far, solve(x, c, t_, tau, axis, *params_), tau)
+        def again(state):
+            c, tau, far, passes = state
+            tau = jnp.where(far, solve(x, c, t_, tau, axis, *params_), tau)
+            nearer, shift = pivot(c, t_, tau)
+            return shift, tau, far & nearer, passes + 1
 
-        if _backend.in_kernel():  # a block of rows, never mapped
-            return solved()
-        return lax.cond(any_true(far), solved, lambda: tau)
+        def more(state):
+            return any_true(state[2]) & (state[3] < _RECENTRE_PASSES)
 
-    operands = (x, c, tau, far, *_with_t(t, arrays))
-    if _backend.in_kernel():
+        far, c = pivot(m, t_, tau)
+        c, tau, *_ = lax.while_loop(more, again, (c, tau, far, jnp.array(0, jnp.int32)))
+        return c, tau
+
+    operands = (x, m, tau, *_with_t(t, arrays))
+    if _backend.in_kernel():  # a block of rows, never mapped
         return rows(*operands)
     mapped = jax.custom_batching.custom_vmap(rows)
 
@@ -504,21 +509,19 @@ def _recentred_rows(v: Variant, x, c, tau, far, t, params: tuple, axis: int) -> 
         in_front = zip(args, in_batched, strict=True)
         x_, *per_row = (_solvers.mapped_in_front(a, b, x.ndim + 1) for a, b in in_front)
         x_ = jnp.broadcast_to(x_, (axis_size, *x.shape))
-        c_, tau_, far_, *rest = per_row
+        m_, tau_, *rest = per_row
         t_, params_ = unpack(rest)
-        return _recentred_rows(v, x_, c_, tau_, far_, t_, params_, axis + 1), True
+        return _recentred(v, x_, m_, tau_, t_, params_, axis + 1), (True, True)
 
     return mapped(*operands)
 
 
-def _output(v: Variant, x, m, tau, t, params: tuple, axis: int, shift=None) -> jax.Array:
-    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype).
-
-    ``shift``: the rows' shifts where ``v.recentre`` has computed them (and ``tau`` there).
-    """
-    if v.recentre is not None and shift is None:
+def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
+    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype)."""
+    shift = m
+    if v.recentre is not None:
         shift, tau = _recentred(v, x, m, tau, t, params, axis)
-    p = v.output(x, m if shift is None else shift, t, tau, axis, *params)
+    p = v.output(x, shift, t, tau, axis, *params)
     if t is not None:
         # x / T overflows: to +inf, a nan row (as jax.nn.softmax(x / T)); to -inf, masked.
         top = m / t
@@ -629,19 +632,7 @@ def split_forward(
     m, tau = _solvers.certified_threshold(
         x2, t2, 1, v.in_support, row_params, solve_subset, resolve
     )
-    shift = None
-    if v.recentre is not None and _pallas.fits(x2.shape, 1):  # in a kernel, as the re-solve
-        pivot, solve = v.recentre
-        far, shift = pivot(m, t2, tau)
-
-        def recentred(x, c, tau, *per_row):
-            t_rows, arrays = _without_t(has_t, per_row)
-            return solve(x, c, t_rows, tau, 1, *merge_params(arrays, statics))
-
-        given = [shift, tau, *_with_t(t2, row_arrays)]
-        fill = [0.0, 0.0, *_with_t(1.0 if has_t else None, fills)]
-        tau = _pallas.rows_threshold(recentred, x2, given, fill, far, tau, interpret)
-    p = _output(v, x2, m, tau, t2, row_params, 1, shift).astype(x.dtype)
+    p = _output(v, x2, m, tau, t2, row_params, 1).astype(x.dtype)
     return _pallas.from_rows(p, x.shape, axis)
 
 

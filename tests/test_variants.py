@@ -389,6 +389,26 @@ def test_budget_threshold_far_below_the_maximum(n, dtype):
             np.testing.assert_allclose(sums, budget[:, 0], rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("gap", "temperature", "budget"),
+    [
+        (1e30, 100.0, 2.0),  # the shift c = m + tau T carried an ulp of tau T: 4 passes
+        (1e30, 837.8813, 2.0),
+        (3e7, 1.0, 5.0),  # the first solve's bracket rounded away: nan rows
+        (1e8, 1.0, 10.0),
+    ],
+)
+def test_budget_far_rows_with_one_large_logit(gap, temperature, budget):
+    # (Found by a review of the re-centring: rows summed to 1, or were nan.) The large logit is
+    # at the cap; the others share the rest of the budget as budget sparsemax of their own.
+    rest = np.linspace(-1, 1, 39)
+    x = jnp.asarray(np.r_[gap, rest], jnp.float32)
+    got = sm.budget_sparsemax(x, budget=budget, temperature=temperature)
+    rest32 = np.asarray(jnp.asarray(rest, jnp.float32), np.float64) / np.float32(temperature)
+    expected = np.r_[1.0, reference.budget_sparsemax(rest32, budget - 1)]
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
 _PARAMETER_GRADIENTS = {
     "softmax T": lambda x, a: sm.softmax(x, temperature=a),
     "sparsemax T": lambda x, a: sm.sparsemax(x, temperature=a),
