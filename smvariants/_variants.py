@@ -596,7 +596,9 @@ def split_forward(
     output map refines the threshold in a loop of a constant number of passes
     (``_solvers.entmax_refined_output``: each reads the row; XLA:GPU runs a loop of known trip
     count without waiting for the host), where one program per row spilled kilobytes of
-    registers a thread (``tools/kernel_registers.py``). (Rows longer than
+    registers a thread (``tools/kernel_registers.py``), and for budget sparsemax, whose rows
+    with a threshold far below their maximum are re-centred in an XLA ``while`` (no trip, one
+    wait for the host, where no row is). (Rows longer than
     ``_pallas.MAX_COLUMNS``, which no program holds whole, re-solve on the XLA path: one
     ``while``, inside a ``cond`` for half precision, that makes no trip where every row is
     certified.) The kernels' ``z`` is
