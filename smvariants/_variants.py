@@ -496,8 +496,15 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
             return any_true(state[2]) & (state[3] < _RECENTRE_PASSES)
 
         far, c = pivot(m, t_, tau)
-        c, tau, *_ = lax.while_loop(more, again, (c, tau, far, jnp.array(0, jnp.int32)))
-        return c, tau
+
+        def loop():
+            return lax.while_loop(more, again, (c, tau, far, jnp.array(0, jnp.int32)))[:2]
+
+        if x.dtype == m.dtype or _backend.in_kernel():
+            return loop()
+        # Half precision: XLA:CPU converts the rows to float32 before the loop, on every call
+        # (as for resolve_rows); in a ``cond``, only when a row is far.
+        return lax.cond(any_true(far), loop, lambda: (c, tau))
 
     operands = (x, m, tau, *_with_t(t, arrays))
     if _backend.in_kernel():  # a block of rows, never mapped
