@@ -1001,7 +1001,12 @@ _DIRECT_SUBSET = 2048
 # kernels per solver). Larger batches re-solve dense rows faster but a few failing rows slower
 # (1/8: entmax15 18% slower at 1024x1000, 10 of whose rows fail). A subset's failing rows (1/8 of
 # a row long or less) are all re-solved at once.
-_FIX_FRACTION = 32
+FIX_FRACTION = 32
+
+
+def reduced(n: int) -> bool:
+    """Whether rows of ``n`` entries are long: solved on a block reduction, re-solved in batches."""
+    return n > _DIRECT
 
 
 def _top3_of_union(a, b):
@@ -1147,7 +1152,7 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
 def _max_and_threshold(x, temperature, axis, solve, in_support, params):
     """:func:`max_and_threshold` without the batching rule."""
     compute = compute_dtype(x.dtype)  # half precision: float32
-    if x.shape[axis] <= _DIRECT or x.size == 0:
+    if not reduced(x.shape[axis]) or x.size == 0:
         x = x.astype(compute)
         m = row_max(x, axis)
         return m, solve(scale(x, m, temperature), axis, None, *params)
@@ -1195,41 +1200,26 @@ def _shifted_threshold(z, axis, solve, in_support, params):
     return resolve_rows(z, jnp.zeros((), z.dtype), None, axis, t, bad, solve, params, 1)
 
 
-def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=_FIX_FRACTION):
+def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=FIX_FRACTION):
     """``t`` with the rows flagged ``bad`` re-solved on ``scale(x, m, T)``, from their ``t``.
 
     Failing rows are gathered ``1/fraction`` of the rows at a time (``fraction=1``: every row at
     once, only if one fails). ``t`` is a lower bound of each flagged row's threshold, or ``-inf``.
     """
-    rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    size = -(-rows.shape[0] // fraction)
-
-    def as_rows(a):  # a per-row value (axis kept as size 1), one row each
-        return jnp.broadcast_to(a, t.shape).reshape(-1, 1)
-
-    if size == rows.shape[0]:
+    n_rows = x.size // x.shape[axis]  # (rows are long: never empty)
+    if -(-n_rows // fraction) == n_rows:
 
         def every():
             return jnp.where(bad, solve(scale(x, m, temperature), axis, t, *params), t)
 
         return lax.cond(any_true(bad), every, lambda: t)
 
-    row_params = [as_rows(p) if isinstance(p, jax.Array) else p for p in params]
-    row_m, row_temperature = as_rows(m), None if temperature is None else as_rows(temperature)
-
-    def some(state):
-        # Gather failing rows and others to fill the batch (``top_k`` of a 0/1 key: one kernel,
-        # where ``nonzero``'s prefix sum and scatter took 17); only failing rows change.
-        row_t, flags = state
-        idx = lax.top_k(flags.astype(jnp.float32), size)[1]
-        z = scale(rows[idx], row_m[idx], None if row_temperature is None else row_temperature[idx])
-        some_params = [p[idx] if isinstance(p, jax.Array) else p for p in row_params]
-        fixed = jnp.where(flags[idx, None], solve(z, 1, row_t[idx], *some_params), row_t[idx])
-        return row_t.at[idx].set(fixed), flags.at[idx].set(False)
+    def some(rows, flags, t, m, temperature, *params, axis):
+        z = scale(rows, m, temperature)
+        return jnp.zeros_like(flags), jnp.where(flags, solve(z, axis, t, *params), t)
 
     def loop():
-        state = (as_rows(t), bad.reshape(-1))
-        return lax.while_loop(lambda s: any_true(s[1]), some, state)[0].reshape(t.shape)
+        return flagged_rows(x, axis, bad, (t,), (m, temperature, *params), some, fraction)[0]
 
     if x.dtype == jnp.result_type(m):
         return loop()
@@ -1237,3 +1227,48 @@ def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=_FIX_F
     # before the loop, on every call; in a ``cond``, only when a row fails (on a GPU, one more
     # wait for the host).
     return lax.cond(any_true(bad), loop, lambda: t)
+
+
+def flagged_rows(x, axis, flags, state, constants, update, fraction=FIX_FRACTION):
+    """``state`` once ``update`` has cleared every flag, ``1/fraction`` of ``x``'s rows at a time.
+
+    ``flags`` and the arrays of ``state`` and ``constants`` are per-row values (``axis`` kept as
+    size 1, or broadcasting to that). ``update(rows, flags, *state, *constants, axis=axis)``
+    returns the ``(flags, *state)`` of some rows, unchanged where ``flags`` is false: of a batch
+    of rows (one a row, entries on axis 1), flagged rows first and others filling it (``top_k``
+    of a 0/1 key: one kernel, where ``nonzero``'s prefix sum and scatter took 17). Only the batch
+    is ever solved: the temporaries of a solve are a batch's, not ``x``'s (they are allocated
+    on every call, whether the loop runs or not). With ``fraction=1``, of ``x`` itself.
+    """
+
+    def flagged(c):
+        return any_true(c[0])
+
+    state = tuple(jnp.broadcast_to(a, flags.shape) for a in state)
+    n_rows = x.size // x.shape[axis]
+    size = -(-n_rows // fraction)
+    if size == n_rows:
+
+        def every(carry):
+            return update(x, *carry, *constants, axis=axis)
+
+        return tuple(lax.while_loop(flagged, every, (flags, *state))[1:])
+
+    rows = jnp.moveaxis(x, axis, -1).reshape(n_rows, x.shape[axis])
+
+    def as_rows(a):  # a per-row value, one row each
+        return jnp.broadcast_to(a, flags.shape).reshape(-1, 1) if isinstance(a, jax.Array) else a
+
+    constants = [as_rows(a) for a in constants]
+
+    def body(carry):
+        flags, *state = carry
+        idx = lax.top_k(flags.astype(jnp.float32), size)[1]
+        some = [a[idx] if isinstance(a, jax.Array) else a for a in (*state, *constants)]
+        new_flags, *new_state = update(rows[idx], flags[idx, None], *some, axis=1)
+        new = zip(state, new_state, strict=True)
+        return flags.at[idx].set(new_flags[:, 0]), *(a.at[idx].set(b) for a, b in new)
+
+    carry = (flags.reshape(-1), *(as_rows(a) for a in state))
+    _, *state = lax.while_loop(flagged, body, carry)
+    return tuple(a.reshape(flags.shape) for a in state)

@@ -295,7 +295,7 @@ def test_split_rows_longer_than_any_program_resolve_on_the_xla_path(case, split,
         np.testing.assert_allclose(mapped[i], ref, rtol=2e-6, atol=2e-6)
     # One re-solve loop over the 9 rows of the batch (its flags, one per row, are its carry),
     # not a loop per member that runs until the slowest member is done.
-    assert re.search(r"bool\[9\] = while\[", str(jax.make_jaxpr(jax.vmap(case.ours))(finite)))
+    assert re.search(r"bool\[9\] [^=]*= while\[", str(jax.make_jaxpr(jax.vmap(case.ours))(finite)))
 
 
 @cases.each(FIRST_CASES)
