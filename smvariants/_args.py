@@ -258,6 +258,14 @@ def layout(name: str, axis: Any, shape: tuple[int, ...], arg: str = "x") -> Layo
     return Layout(shape, axes, k, arranged, None if perm == tuple(sorted(perm)) else perm, text)
 
 
+def _signed_float(value: Any) -> float:
+    """``float(value)``, or the infinity of its sign for an integer beyond float64."""
+    try:
+        return float(value)
+    except OverflowError:
+        return np.inf if value > 0 else -np.inf
+
+
 def integers_as_floats(value: Any) -> Any:
     """Python or NumPy integers (of any size) as float64 NumPy values, anything else as it is.
 
@@ -270,8 +278,8 @@ def integers_as_floats(value: Any) -> Any:
         given = np.asarray(value)
         if given.dtype == object:  # Python ints of 2^64 or more
             return np.asarray(value, np.float64)
-    except OverflowError:  # beyond float64: invalid for every parameter, and reported so
-        return np.full(np.shape(value), np.inf)
+    except OverflowError:  # beyond float64: +-inf, invalid for every parameter and reported so
+        return np.vectorize(_signed_float, otypes=[np.float64])(np.asarray(value, object))
     except (TypeError, ValueError):
         return value  # as_array says what is wrong
     return given.astype(np.float64) if np.issubdtype(given.dtype, np.integer) else value
