@@ -450,12 +450,19 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
     computed in float32; a long row is never converted whole (but where every row is re-solved):
     the output converts it entry by entry.
     """
-    if v.reduce_rows and not _backend.in_kernel():
+    # A variant that re-centres solves rows it does not reduce in its re-centring loop's first
+    # pass: one solver to compile, not two (27 of budget sparsemax's 62 kernels at 4096x32).
+    whole = _backend.in_kernel() or not _solvers.reduced(x.shape[axis])
+    first_pass = v.recentre is not None and whole and x.size > 0
+    if v.reduce_rows and not _backend.in_kernel() and not first_pass:
         m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
     else:
         x = x.astype(_args.compute_dtype(x.dtype))
         m = _solvers.row_max(x, axis)
-        tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
+        if first_pass:
+            tau = None
+        else:
+            tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
     return _output(v, x, m, tau, t, params, axis)
 
 
@@ -470,12 +477,16 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
     Rows flagged far are shifted by the ``c`` of ``v.recentre``'s pivot and solved again, until
     none is far (at most ``_RECENTRE_PASSES`` passes): a ``while`` that makes no trip where no
     row is far, one test for the whole batch under ``vmap`` too (the mapped dimension joins the
-    rows: ``vmap`` of a loop on a mapped predicate runs it for every member).
+    rows: ``vmap`` of a loop on a mapped predicate runs it for every member). ``tau=None``: not
+    solved yet, every row is solved by a first pass, shifted by ``m``.
     """
     assert v.recentre is not None
+    pivot, solve = v.recentre
+    first = tau is None
+    if first:  # infinitely far: the solve starts from no bound, as the variant's own
+        tau = jnp.full(m.shape, jnp.inf, m.dtype)
     if x.size == 0:  # (no maximum to take)
         return m, tau
-    pivot, solve = v.recentre
     arrays, statics = _split(params)  # (the rule must close over no tracer)
     has_t = t is not None
 
@@ -493,8 +504,8 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
             passes = passes + 1
             return far & nearer & (passes < _RECENTRE_PASSES), jnp.where(far, shift, c), tau, passes
 
-        far, c = pivot(m, t_, tau)
-        state = (c, tau, jnp.zeros(far.shape, jnp.int32))
+        far, c = (jnp.ones(m.shape, bool), m) if first else pivot(m, t_, tau)
+        state = (c, tau, jnp.full(far.shape, -int(first), jnp.int32))  # (passes after the first)
         # Long rows a batch at a time, as resolve_rows: 4 whole-row temporaries made budget
         # sparsemax 1.35x slower on a CPU at 256x32000, where no row was far. A kernel's block
         # of rows is on chip.
@@ -523,7 +534,7 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
         x_ = jnp.broadcast_to(x_, (axis_size, *x.shape))
         m_, tau_, *rest = per_row
         t_, params_ = unpack(rest)
-        return _recentred(v, x_, m_, tau_, t_, params_, axis + 1), (True, True)
+        return _recentred(v, x_, m_, None if first else tau_, t_, params_, axis + 1), (True, True)
 
     return mapped(*operands)
 
