@@ -409,6 +409,15 @@ def test_budget_far_rows_with_one_large_logit(gap, temperature, budget):
     np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
+@pytest.mark.parametrize("n", [32, 512])
+def test_budget_rows_solved_whole_take_one_solver(n):
+    # Their first solve is the re-centring loop's first pass: one solver's loop inside it, where
+    # a solve before it and another in it took 27 more kernels to compile (62 at 4096x32).
+    x = jnp.zeros((4, n), jnp.float32)
+    text = str(jax.make_jaxpr(lambda x: sm.budget_sparsemax(x, budget=2.0))(x))
+    assert text.count("while[") == 2
+
+
 _PARAMETER_GRADIENTS = {
     "softmax T": lambda x, a: sm.softmax(x, temperature=a),
     "sparsemax T": lambda x, a: sm.sparsemax(x, temperature=a),
