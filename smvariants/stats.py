@@ -60,8 +60,9 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
 
     Returns:
       An array of ``p``'s shape without ``axis``, in ``p``'s dtype (rounded towards 0 in half
-      precision, so that 1 means that every unmasked entry is 0: bfloat16 has no number between
-      0.996 and 1); ``nan`` for a vector with no unmasked entry (0 / 0) or with an unmasked
+      precision, and in float32 beyond 2^24 entries, so that 1 means that every unmasked entry is
+      0: bfloat16 has no number between 0.996 and 1); ``nan`` for a vector with no unmasked
+      entry (0 / 0) or with an unmasked
       ``nan`` entry (a normalizer's ``nan`` row).
 
     Examples:
@@ -82,12 +83,15 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
     # 256 (bfloat16) or overflows past 65504 (float16).
     dtype = probs.dtype if probs.dtype == jnp.float64 else jnp.dtype(jnp.float32)
     if mask is None:
-        n = jnp.asarray(probs.shape[axis], dtype)
+        n = jnp.asarray(probs.shape[axis], jnp.int32)
     else:
         zero, nan = zero & mask, nan & mask
-        n = jnp.sum(mask, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
-    zeros = jnp.sum(zero, axis=axis, dtype=jnp.int32, keepdims=True).astype(dtype)
-    out = jnp.where(jnp.any(nan, axis=axis, keepdims=True), jnp.nan, zeros / n)
+        n = jnp.sum(mask, axis=axis, dtype=jnp.int32, keepdims=True)
+    zeros = jnp.sum(zero, axis=axis, dtype=jnp.int32, keepdims=True)
+    out = zeros.astype(dtype) / n.astype(dtype)
+    # Beyond 2^24 entries a float32 count rounds: a nonzero entry among 2^25 gave 1.
+    out = jnp.where((zeros < n) & (out >= 1), jnp.nextafter(jnp.ones((), dtype), 0), out)
+    out = jnp.where(jnp.any(nan, axis=axis, keepdims=True), jnp.nan, out)
     rounded = out.astype(probs.dtype)
     above = rounded.astype(dtype) > out  # (False for nan)
     return rows.squeeze(jnp.where(above, jnp.nextafter(rounded, jnp.zeros_like(rounded)), rounded))

@@ -297,6 +297,11 @@ def test_sparsity_counts_in_half_precision():
         assert sparsity.dtype == dtype and 1 - 4e-3 < float(sparsity[0]) < 1
         assert float(sparsity[1]) == 0.5
         assert int(stats.support_size(one)[0]) == 1
+    # So in float32 beyond 2^24 entries, where the count rounds (one nonzero of 2^25 gave 1).
+    one = jnp.zeros(2**25, jnp.float32).at[0].set(1)
+    assert float(stats.sparsity(one)) == float(np.nextafter(np.float32(1), np.float32(0)))
+    assert float(stats.sparsity(one, where=jnp.ones(2**25, bool))) < 1
+    assert float(stats.sparsity(jnp.zeros(2**25, jnp.float32))) == 1
 
 
 def test_tsallis_entropy_of_nan_or_negative_entries_is_nan():
