@@ -266,6 +266,14 @@ def _signed_float(value: Any) -> float:
         return np.inf if value > 0 else -np.inf
 
 
+def _signed_floats(value: Any) -> Any:
+    """``value``'s entries as float64 (:func:`_signed_float`), or ``value`` if one is no number."""
+    try:
+        return np.vectorize(_signed_float, otypes=[np.float64])(np.asarray(value, object))
+    except (TypeError, ValueError):
+        return value  # as_array says what is wrong
+
+
 def integers_as_floats(value: Any) -> Any:
     """Python or NumPy integers (of any size) as float64 NumPy values, anything else as it is.
 
@@ -279,7 +287,7 @@ def integers_as_floats(value: Any) -> Any:
         if given.dtype == object:  # Python ints of 2^64 or more
             return np.asarray(value, np.float64)
     except OverflowError:  # beyond float64: +-inf, invalid for every parameter and reported so
-        return np.vectorize(_signed_float, otypes=[np.float64])(np.asarray(value, object))
+        return _signed_floats(value)
     except (TypeError, ValueError):
         return value  # as_array says what is wrong
     return given.astype(np.float64) if np.issubdtype(given.dtype, np.integer) else value

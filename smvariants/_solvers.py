@@ -1004,7 +1004,7 @@ _DIRECT_SUBSET = 2048
 FIX_FRACTION = 32
 
 
-def reduced(n: int) -> bool:
+def block_reduced(n: int) -> bool:
     """Whether rows of ``n`` entries are long: solved on a block reduction, re-solved in batches."""
     return n > _DIRECT
 
@@ -1152,7 +1152,7 @@ def max_and_threshold(x, temperature, axis, solve, in_support, params=()):
 def _max_and_threshold(x, temperature, axis, solve, in_support, params):
     """:func:`max_and_threshold` without the batching rule."""
     compute = compute_dtype(x.dtype)  # half precision: float32
-    if not reduced(x.shape[axis]) or x.size == 0:
+    if not block_reduced(x.shape[axis]) or x.size == 0:
         x = x.astype(compute)
         m = row_max(x, axis)
         return m, solve(scale(x, m, temperature), axis, None, *params)
@@ -1214,12 +1214,13 @@ def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=FIX_FR
 
         return lax.cond(any_true(bad), every, lambda: t)
 
-    def some(rows, flags, t, m, temperature, *params, axis):
+    def resolve(rows, flags, t, m, temperature, *params, axis):
         z = scale(rows, m, temperature)
         return jnp.zeros_like(flags), jnp.where(flags, solve(z, axis, t, *params), t)
 
     def loop():
-        return flagged_rows(x, axis, bad, (t,), (m, temperature, *params), some, fraction)[0]
+        constants = (m, temperature, *params)
+        return update_flagged_rows(x, axis, bad, (t,), constants, resolve, fraction)[0]
 
     if x.dtype == jnp.result_type(m):
         return loop()
@@ -1229,16 +1230,17 @@ def resolve_rows(x, m, temperature, axis, t, bad, solve, params, fraction=FIX_FR
     return lax.cond(any_true(bad), loop, lambda: t)
 
 
-def flagged_rows(x, axis, flags, state, constants, update, fraction=FIX_FRACTION):
+def update_flagged_rows(x, axis, flags, state, constants, update, fraction=FIX_FRACTION):
     """``state`` once ``update`` has cleared every flag, ``1/fraction`` of ``x``'s rows at a time.
 
-    ``flags`` and the arrays of ``state`` and ``constants`` are per-row values (``axis`` kept as
-    size 1, or broadcasting to that). ``update(rows, flags, *state, *constants, axis=axis)``
-    returns the ``(flags, *state)`` of some rows, unchanged where ``flags`` is false: of a batch
-    of rows (one a row, entries on axis 1), flagged rows first and others filling it (``top_k``
-    of a 0/1 key: one kernel, where ``nonzero``'s prefix sum and scatter took 17). Only the batch
-    is ever solved: the temporaries of a solve are a batch's, not ``x``'s (they are allocated
-    on every call, whether the loop runs or not). With ``fraction=1``, of ``x`` itself.
+    ``flags`` (one per row of ``x``: its shape with ``axis`` kept as size 1) and the arrays of
+    ``state`` and ``constants`` (broadcasting to that) are per-row values. A loop calls
+    ``update(rows, flags, *state, *constants, axis=axis)`` on a batch of rows until no flag is
+    left; it returns their ``(flags, *state)``, unchanged where ``flags`` is false. The batch is
+    rows gathered from ``x`` (one a row, its entries on axis 1), flagged rows first and others
+    filling it (``top_k`` of a 0/1 key: one kernel, where ``nonzero``'s prefix sum and scatter
+    took 17), so that the temporaries of a solve are a batch's, not ``x``'s: they are allocated
+    on every call, whether the loop runs or not. With ``fraction=1`` the batch is ``x`` itself.
     """
 
     def flagged(c):
@@ -1262,12 +1264,12 @@ def flagged_rows(x, axis, flags, state, constants, update, fraction=FIX_FRACTION
     constants = [as_rows(a) for a in constants]
 
     def body(carry):
-        flags, *state = carry
-        idx = lax.top_k(flags.astype(jnp.float32), size)[1]
-        some = [a[idx] if isinstance(a, jax.Array) else a for a in (*state, *constants)]
-        new_flags, *new_state = update(rows[idx], flags[idx, None], *some, axis=1)
-        new = zip(state, new_state, strict=True)
-        return flags.at[idx].set(new_flags[:, 0]), *(a.at[idx].set(b) for a, b in new)
+        row_flags, *row_state = carry
+        idx = lax.top_k(row_flags.astype(jnp.float32), size)[1]
+        batch = [a[idx] if isinstance(a, jax.Array) else a for a in (*row_state, *constants)]
+        new_flags, *new_state = update(rows[idx], row_flags[idx, None], *batch, axis=1)
+        new = zip(row_state, new_state, strict=True)
+        return row_flags.at[idx].set(new_flags[:, 0]), *(a.at[idx].set(b) for a, b in new)
 
     carry = (flags.reshape(-1), *(as_rows(a) for a in state))
     _, *state = lax.while_loop(flagged, body, carry)

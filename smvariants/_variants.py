@@ -18,6 +18,7 @@ its own transpose (``_jacobian``): one kernel on NVIDIA GPUs, in the forward and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -450,32 +451,38 @@ def _xla_forward(v: Variant, x: jax.Array, t: jax.Array | None, params: tuple, a
     computed in float32; a long row is never converted whole (but where every row is re-solved):
     the output converts it entry by entry.
     """
+    reduced = _solvers.block_reduced(x.shape[axis]) and not _backend.in_kernel()
     # A variant that re-centres solves rows it does not reduce in its re-centring loop's first
     # pass: one solver to compile, not two (27 of budget sparsemax's 62 kernels at 4096x32).
-    whole = _backend.in_kernel() or not _solvers.reduced(x.shape[axis])
-    first_pass = v.recentre is not None and whole and x.size > 0
-    if v.reduce_rows and not _backend.in_kernel() and not first_pass:
+    solved_in_recentring = v.recentre is not None and not reduced and x.size > 0
+    if v.reduce_rows and not _backend.in_kernel() and not solved_in_recentring:
         m, tau = _solvers.max_and_threshold(x, t, axis, v.solve, v.in_support, params)
     else:
         x = x.astype(_args.compute_dtype(x.dtype))
         m = _solvers.row_max(x, axis)
-        if first_pass:
+        if solved_in_recentring:
             tau = None
         else:
             tau = v.solve(_solvers.scale(x, m, t), axis, None, *params)
     return _output(v, x, m, tau, t, params, axis)
 
 
-# Passes of the re-centring at most: each takes the shift's error from an ulp of the distance
-# below the maximum to an ulp of that (a gap of 1e30 over T = 100 needs 4 in float32).
-_RECENTRE_PASSES = 8
+def _recentre_passes(dtype) -> int:
+    """Passes of the re-centring at most, after the first solve.
+
+    Each takes the shift's error from an ulp of the distance below the maximum to an ulp of that
+    (a gap of 1e30 over T = 100 needs 4 in float32): from the largest float to 1, and 2 more
+    (8 in float32, 22 in float64, where 8 left a gap of 1e300 over T = 1e100 summing to 8).
+    """
+    info = jnp.finfo(dtype)
+    return math.ceil(math.log(float(info.max)) / -math.log(float(info.eps))) + 2
 
 
 def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
     """``(c, tau)``: the rows' shifts and thresholds there, by ``v.recentre``.
 
     Rows flagged far are shifted by the ``c`` of ``v.recentre``'s pivot and solved again, until
-    none is far (at most ``_RECENTRE_PASSES`` passes): a ``while`` that makes no trip where no
+    none is far (at most :func:`_recentre_passes`): a ``while`` that makes no trip where no
     row is far, one test for the whole batch under ``vmap`` too (the mapped dimension joins the
     rows: ``vmap`` of a loop on a mapped predicate runs it for every member). ``tau=None``: not
     solved yet, every row is solved by a first pass, shifted by ``m``.
@@ -497,24 +504,28 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
     def rows(x, m, tau, *rest):
         t_, arrays_ = _without_t(has_t, rest)
 
-        def again(x, far, c, tau, passes, t_, *arrays_, axis):
-            params_ = merge_params(arrays_, statics)
-            tau = jnp.where(far, solve(x, c, t_, tau, axis, *params_), tau)
-            nearer, shift = pivot(c, t_, tau)
-            passes = passes + 1
-            return far & nearer & (passes < _RECENTRE_PASSES), jnp.where(far, shift, c), tau, passes
+        def again(rows, far, c, tau, passes, t_rows, *row_arrays, axis):
+            params_ = merge_params(row_arrays, statics)
+            tau = jnp.where(far, solve(rows, c, t_rows, tau, axis, *params_), tau)
+            nearer, shift = pivot(c, t_rows, tau)
+            passes = jnp.where(far, passes + 1, passes)
+            # A row stopped at the limit keeps the shift its threshold was solved at.
+            more = far & nearer & (passes < limit)
+            return more, jnp.where(more, shift, c), tau, passes
 
+        limit = _recentre_passes(m.dtype)
         far, c = (jnp.ones(m.shape, bool), m) if first else pivot(m, t_, tau)
-        state = (c, tau, jnp.full(far.shape, -int(first), jnp.int32))  # (passes after the first)
+        # The first pass, where it solves every row, is not a re-centring: it counts from -1.
+        passes = jnp.full(far.shape, -1 if first else 0, jnp.int32)
         # Long rows a batch at a time, as resolve_rows: 4 whole-row temporaries made budget
         # sparsemax 1.35x slower on a CPU at 256x32000, where no row was far. A kernel's block
         # of rows is on chip.
-        batched = _solvers.reduced(x.shape[axis]) and not _backend.in_kernel()
-        fraction = _solvers.FIX_FRACTION if batched else 1
+        reduced = _solvers.block_reduced(x.shape[axis]) and not _backend.in_kernel()
 
         def loop():
-            operands = (x, axis, far, state, (t_, *arrays_), again, fraction)
-            return _solvers.flagged_rows(*operands)[:2]
+            state, constants = (c, tau, passes), (t_, *arrays_)
+            fraction = _solvers.FIX_FRACTION if reduced else 1
+            return _solvers.update_flagged_rows(x, axis, far, state, constants, again, fraction)[:2]
 
         if x.dtype == m.dtype or _backend.in_kernel():
             return loop()
@@ -533,6 +544,8 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
         x_, *per_row = (_solvers.mapped_in_front(a, b, x.ndim + 1) for a, b in in_front)
         x_ = jnp.broadcast_to(x_, (axis_size, *x.shape))
         m_, tau_, *rest = per_row
+        # (An unmapped x has an unmapped maximum: the loop's per-row state is the batch's.)
+        m_, tau_ = (jnp.broadcast_to(a, (axis_size, *a.shape[1:])) for a in (m_, tau_))
         t_, params_ = unpack(rest)
         return _recentred(v, x_, m_, None if first else tau_, t_, params_, axis + 1), (True, True)
 
@@ -540,7 +553,10 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
 
 
 def _output(v: Variant, x, m, tau, t, params: tuple, axis: int) -> jax.Array:
-    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype)."""
+    """``v``'s output from the rows' maxima ``m`` and thresholds ``tau`` (compute dtype).
+
+    ``tau=None``: not solved yet, by a variant that re-centres (:func:`_recentred` solves it).
+    """
     shift = m
     if v.recentre is not None:
         shift, tau = _recentred(v, x, m, tau, t, params, axis)

@@ -184,6 +184,8 @@ def test_integer_parameters_beyond_float64_are_refused_naming_them(form):
         sm.softmax(x, temperature=as_int(10**400, 2))
     with pytest.raises(ValueError, match=r", got \[?\[?-inf\]?\]?\.$"):  # (was +inf)
         sm.softmax(x, temperature=as_int(-(10**400), 2))
+    with pytest.raises(TypeError, match=r"softmax: temperature must be an array or a number"):
+        sm.softmax(x, temperature=[[10**400], [None]])
     with pytest.raises(ValueError, match=r"entmax_loss: alpha must be finite and >= 1"):
         sm.losses.entmax_loss(x, jnp.array([0]), alpha=as_int(10**400, 2))
     with pytest.raises(ValueError, match=r"dot_product_attention: alpha must be finite"):

@@ -409,6 +409,30 @@ def test_budget_far_rows_with_one_large_logit(gap, temperature, budget):
     np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
+@pytest.mark.parametrize("n", [8, 600])  # solved whole, block-reduced
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_budget_vmap_of_the_budget_or_temperature_alone(n, dtype):
+    # x not mapped, its maximum neither: the re-centring loop's state was the batch's for some
+    # values and not others (a while_loop carry error; found by a review).
+    x = jnp.asarray(np.random.default_rng(13).normal(size=(3, n)), dtype)
+    values = jnp.asarray([1.5, 2.0, 3.0], jnp.float32)
+    for arg, small in (("budget", 2.0), ("temperature", 1e-3)):
+        mapped = jax.vmap(lambda v, arg=arg: sm.budget_sparsemax(x, **{arg: v}))
+        got = np.asarray(mapped(values.at[1].set(small)), np.float32)
+        expected = np.asarray(sm.budget_sparsemax(x, **{arg: small}), np.float32)
+        tol = 1e-6 if dtype == jnp.float32 else 8e-3
+        np.testing.assert_allclose(got[1], expected, atol=tol)
+        assert mapped(jnp.zeros((0,), jnp.float32) + small).shape == (0, 3, n)
+
+
+def test_budget_recentring_passes_in_float64():
+    # A gap of 1e300 over T = 1e100 takes more passes than float32's widest gap: after 8 the
+    # last shift was kept without its threshold, and the row summed to 8 (found by a review).
+    x = jnp.asarray([1e300, 1e300, 1.4695, 1.0707, 0.31624, -2.7914, -0.087755, 2.0859])
+    p = sm.budget_sparsemax(x, budget=2.5, temperature=1e100)
+    np.testing.assert_allclose(p, [1, 1] + [0.5 / 6] * 6, rtol=1e-12)
+
+
 @pytest.mark.parametrize("n", [32, 512])
 def test_budget_rows_solved_whole_take_one_solver(n):
     # Their first solve is the re-centring loop's first pass: one solver's loop inside it, where
