@@ -62,8 +62,7 @@ def sparsity(p: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> j
       An array of ``p``'s shape without ``axis``, in ``p``'s dtype (rounded towards 0 in half
       precision, and in float32 beyond 2^24 entries, so that 1 means that every unmasked entry is
       0: bfloat16 has no number between 0.996 and 1); ``nan`` for a vector with no unmasked
-      entry (0 / 0) or with an unmasked
-      ``nan`` entry (a normalizer's ``nan`` row).
+      entry (0 / 0) or with an unmasked ``nan`` entry (a normalizer's ``nan`` row).
 
     Examples:
       >>> import jax.numpy as jnp
