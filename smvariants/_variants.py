@@ -491,7 +491,7 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
     pivot, solve = v.recentre
     first = tau is None
     if first:  # infinitely far: the solve starts from no bound, as the variant's own
-        tau = jnp.full(m.shape, jnp.inf, m.dtype)
+        tau = jnp.full_like(m, jnp.inf)  # (varying over shard_map's mesh axes as the rows do)
     if x.size == 0:  # (no maximum to take)
         return m, tau
     arrays, statics = _split(params)  # (the rule must close over no tracer)
@@ -514,9 +514,10 @@ def _recentred(v: Variant, x, m, tau, t, params: tuple, axis: int) -> tuple:
             return more, jnp.where(more, shift, c), tau, passes
 
         limit = _recentre_passes(m.dtype)
-        far, c = (jnp.ones(m.shape, bool), m) if first else pivot(m, t_, tau)
+        start = jnp.zeros_like(m, jnp.int32)  # (varying over shard_map's mesh axes as m does)
+        far, c = (start == 0, m) if first else pivot(m, t_, tau)
         # The first pass, where it solves every row, is not a re-centring: it counts from -1.
-        passes = jnp.full(far.shape, -1 if first else 0, jnp.int32)
+        passes = start - 1 if first else start
         # Long rows a batch at a time, as resolve_rows: 4 whole-row temporaries made budget
         # sparsemax 1.35x slower on a CPU at 256x32000, where no row was far. A kernel's block
         # of rows is on chip.
