@@ -833,6 +833,21 @@ def normmax_output(z: jax.Array, tau: jax.Array, alpha: jax.Array | float, axis:
 # budget sparsemax: the capped simplex, exact.
 
 
+# A bracket wider than this is halved in the floats' order (see budget_threshold).
+_WIDE = 2.0**16
+
+
+def _midpoint_in_order(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """The float halfway between ``lo`` and ``hi`` in the floats' order (of their bit patterns).
+
+    For ``lo < hi`` further apart than adjacent floats it lies strictly between them: a bisection
+    step there takes a bracket between any two floats to adjacent ones in as many steps as the
+    float has bits (its value: about the geometric mean of two positive ends).
+    """
+    a, b = _backend.order_key(lo), _backend.order_key(hi)
+    return _backend.from_order_key((a >> 1) + (b >> 1) + (a & b & 1), lo.dtype)
+
+
 def budget_threshold(
     z: jax.Array,
     budget: jax.Array | float,
@@ -851,8 +866,11 @@ def budget_threshold(
     ``tau + f / |S|`` (``S``: the entries strictly between 0 and 1), lies in the piece, it is the
     root, recomputed in closed form ``(|U| + sum_S z - budget) / |S|`` with an accurate sum.
     Otherwise the next ``tau`` is that root if it is inside the bracket ``[lo, hi]`` kept from the
-    signs of ``f``, or a regula falsi step (Illinois) in it. Rows with fewer live entries than
-    ``budget`` have no solution: ``nan``.
+    signs of ``f``, or a regula falsi step (Illinois) in it; while the bracket is wider than
+    ``2^16`` (entries spread over much of the float range), its midpoint in the floats' order
+    instead, which brings it to the scale of the root in a dozen steps (regula falsi halves it
+    about every other step: 127 halvings from the float range to the pieces' scale, beyond 64
+    passes). Rows with fewer live entries than ``budget`` have no solution: ``nan``.
     """
     if z.shape[axis] == 0:  # no entries, as fully masked rows below (and nothing to reduce)
         return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
@@ -902,6 +920,7 @@ def budget_threshold(
         newton = tau + step
         falsi = lo + (hi - lo) * safe_divide(f_lo, f_lo - f_hi)
         new = jnp.where((newton > lo) & (newton < hi), newton, falsi)
+        new = jnp.where(hi - lo > _WIDE, _midpoint_in_order(lo, hi), new)
         # Done: tau + step is the root, on tau's piece (or at its edge); the closed form below
         # takes the pieces at the root itself, which is exact whichever side of an edge it is.
         new = jnp.where(done, jnp.where(f == 0, tau, newton), new)

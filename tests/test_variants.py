@@ -433,6 +433,53 @@ def test_budget_recentring_passes_in_float64():
     np.testing.assert_allclose(p, [1, 1] + [0.5 / 6] * 6, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n", [7, 3000])  # solved directly, block-reduced
+@pytest.mark.parametrize("spread", [3e38, 1e38])
+def test_budget_rows_spanning_the_float_range(n, spread):
+    # Shifted near the threshold, the bracket spanned the float range, which regula falsi halves
+    # about every other pass: 64 passes left the root far off, and the row was zeros or summed to
+    # 1 (found by a review). The bracket is now halved in the floats' order until it is narrow.
+    x = np.r_[spread, -spread, 0, 1, 2, 3, 4, np.full(n - 7, 0.5)].astype(np.float32)
+    p = np.asarray(sm.budget_sparsemax(jnp.asarray(x), budget=2.0), np.float64)
+    expected = np.zeros(n)
+    expected[[0, 6]] = 1  # the largest at the cap, 4 at the cap (the threshold is 3)
+    np.testing.assert_array_equal(p, expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-25, 1e-35])
+@pytest.mark.parametrize("budget", [1.5, 2.5])
+def test_budget_logits_spread_beyond_1e19_over_the_temperature(temperature, budget):
+    # Normal logits over a tiny temperature: the largest at the cap, the next one the rest of the
+    # budget, the others 0 (rows summed to 1, 2 or 3; found by a review).
+    x = np.random.default_rng(14).normal(size=(6, 40)).astype(np.float32)
+    p = np.asarray(sm.budget_sparsemax(jnp.asarray(x), budget=budget, temperature=temperature))
+    order = np.argsort(x, axis=-1)[:, ::-1]
+    expected = np.zeros_like(x)
+    for k, value in enumerate([1.0] * int(budget) + [budget % 1]):
+        np.put_along_axis(expected, order[:, k : k + 1], value, axis=-1)
+    np.testing.assert_allclose(p, expected, atol=2e-7)  # (an ulp of 0.5: the shift's rounding)
+
+
+def test_budget_rows_whose_shift_overflows_are_nan_when_short_of_the_budget():
+    # A known limit (README): shifted by 3e38, -3e38 overflows to -inf and is taken for masked,
+    # leaving one entry for a budget of 2. The row is nan, and only that row.
+    x = jnp.asarray([[3e38, -3e38, -1e38], [3e38, -3e38, 0.0], [1.0, 2.0, 0.5]], jnp.float32)
+    p = np.asarray(sm.budget_sparsemax(x[:, :2], budget=2.0))
+    assert np.isnan(p[:2]).all()
+    np.testing.assert_array_equal(p[2], [1, 1])
+    np.testing.assert_array_equal(sm.budget_sparsemax(x[1:2], budget=2.0), [[1, 0, 1]])
+
+
+def test_budget_entries_far_above_the_rest_in_float64():
+    # Two entries at 1e250 above normal logits over T = 1e-10: the rest share half an entry (the
+    # row summed to 2 for a budget of 2.5).
+    rest = np.random.default_rng(15).normal(size=10)
+    x = jnp.asarray(np.r_[1e250, 1e250, rest])
+    p = np.asarray(sm.budget_sparsemax(x, budget=2.5, temperature=1e-10))
+    expected = np.r_[1.0, 1.0, reference.budget_sparsemax(rest, 0.5, temperature=1e-10)]
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize("n", [32, 512])
 def test_budget_rows_solved_whole_take_one_solver(n):
     # Their first solve is the re-centring loop's first pass: one solver's loop inside it, where
