@@ -867,10 +867,10 @@ def budget_threshold(
     root, recomputed in closed form ``(|U| + sum_S z - budget) / |S|`` with an accurate sum.
     Otherwise the next ``tau`` is that root if it is inside the bracket ``[lo, hi]`` kept from the
     signs of ``f``, or a regula falsi step (Illinois) in it; while the bracket is wider than
-    ``2^16`` (entries spread over much of the float range), its midpoint in the floats' order
-    instead, which brings it to the scale of the root in a dozen steps (regula falsi halves it
-    about every other step: 127 halvings from the float range to the pieces' scale, beyond 64
-    passes). Rows with fewer live entries than ``budget`` have no solution: ``nan``.
+    ``2^16``, its midpoint in the floats' order instead, which brings it to the scale of the root
+    in a dozen steps (regula falsi halves it about every other step: from the float range to the
+    pieces' scale, 127 halvings, beyond 64 passes). A row done keeps its value while others
+    iterate. Rows with fewer live entries than ``budget`` have no solution: ``nan``.
     """
     if z.shape[axis] == 0:  # no entries, as fully masked rows below (and nothing to reduce)
         return jnp.zeros(reduced_shape(z.shape, axis), z.dtype)
@@ -879,8 +879,12 @@ def budget_threshold(
     zmin = jnp.min(jnp.where(live, z, 0), axis=axis, keepdims=True)
     # f(lo) >= 0 when budget <= n (lo at least budget / n below zmin, after its rounding too:
     # at zmin = -3e7 the difference was zmin, whose f is 0, and the row nan).
-    eps = jnp.finfo(z.dtype).eps
-    lo = zmin - (budget / jnp.maximum(n, 1) + 4 * eps * jnp.abs(zmin))
+    info = jnp.finfo(z.dtype)
+    lo = zmin - (budget / jnp.maximum(n, 1) + 4 * info.eps * jnp.abs(zmin))
+    # At the end of the float range it would be -inf, a threshold that no re-centring moves: an
+    # entry at -finfo.max (a mask by the lowest float) took the budget's rest, and the row was
+    # all ones. At the end, the threshold of a row that needs more is below it: far.
+    lo = jnp.maximum(lo, info.min)
     if init is not None:
         lo = jnp.maximum(lo, init)
     hi = -budget / jnp.maximum(n, 1)  # f(hi) <= 0 (every entry at most budget / n)
@@ -907,7 +911,7 @@ def budget_threshold(
         return f, step, in_piece | (f == 0)
 
     def body(state):
-        tau, lo, f_lo, hi, f_hi, side, _, it = state
+        tau, lo, f_lo, hi, f_hi, side, frozen, _, it = state
         f, step, done = evaluate(tau)
         done = done | jnp.isnan(f) | (n <= budget)
         # Illinois: an end kept twice in a row has its residual halved.
@@ -924,7 +928,11 @@ def budget_threshold(
         # Done: tau + step is the root, on tau's piece (or at its edge); the closed form below
         # takes the pieces at the root itself, which is exact whichever side of an edge it is.
         new = jnp.where(done, jnp.where(f == 0, tau, newton), new)
-        return new, lo, f_lo, hi, f_hi, side, all_true(done), it + 1
+        # A row done keeps its value while others iterate: its result does not depend on how
+        # many passes the rest of the batch needs (its Newton step, taken again, moved an ulp).
+        new = jnp.where(frozen, tau, new)
+        done = done | frozen
+        return new, lo, f_lo, hi, f_hi, side, done, all_true(done), it + 1
 
     def cond(state):
         *_, all_done, it = state
@@ -932,7 +940,8 @@ def budget_threshold(
 
     zero = _carry_zeros(n, shape, z.dtype)
     f_lo, _, _ = evaluate(lo)
-    state = (lo, lo, f_lo, hi, zero - 1, zero, _carry_zeros(n, (), bool), 0)
+    frozen = _carry_zeros(n, shape, bool)
+    state = (lo, lo, f_lo, hi, zero - 1, zero, frozen, _carry_zeros(n, (), bool), 0)
     tau, *_ = lax.while_loop(cond, body, state)
     # The closed form on the pieces at the root, from an accurate sum.
     r = z - tau

@@ -460,6 +460,35 @@ def test_budget_logits_spread_beyond_1e19_over_the_temperature(temperature, budg
     np.testing.assert_allclose(p, expected, atol=2e-7)  # (an ulp of 0.5: the shift's rounding)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_budget_entries_at_the_lowest_float(dtype):
+    # A mask by the lowest float (jnp.where(mask, x, finfo.min)) with a budget above the other
+    # entries: the solver's lower end overflowed to -inf, and the row was all ones (it was nan
+    # before the float-order bisection; found by a review).
+    low = float(jnp.finfo(dtype).min)
+    x = jnp.asarray([[0.3, 1.2, -0.5, low], [0.0, low, low, 1.0], [-low, 1.0, 0.0, -1.0]], dtype)
+    p = np.asarray(sm.budget_sparsemax(x, budget=jnp.asarray([[3.5], [2.5], [1.5]], dtype)))
+    expected = [[1, 1, 1, 0.5], [1, 0.25, 0.25, 1], [1, 0.5, 0, 0]]
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+
+
+def test_budget_rows_do_not_depend_on_the_batch():
+    # A row done kept taking its Newton step while other rows iterated, and moved an ulp: its
+    # result depended on the batch (found by a review). Each row as it is alone, bit for bit.
+    with jax.enable_x64(True):
+        x = jnp.asarray([
+            [485239.7208370407, 484338.7208370407, 483061.7208370407],
+            [3880.9930281162274, -11894.99551333132, 592.8121754724582],
+            [-np.inf, -3456.209504029984, 4663.064169109242],
+        ])  # fmt: skip
+        b = jnp.asarray([[0.78036836291437], [1.7088156795160667], [0.5827112926515071]])
+        t = jnp.asarray([[2.9324402481418295], [4.699572108037182], [0.10697883412215321]])
+        batch = np.asarray(sm.budget_sparsemax(x, budget=b, temperature=t))
+        for i in range(3):
+            row = sm.budget_sparsemax(x[i : i + 1], budget=b[i : i + 1], temperature=t[i : i + 1])
+            np.testing.assert_array_equal(batch[i], np.asarray(row)[0])
+
+
 def test_budget_rows_whose_shift_overflows_are_nan_when_short_of_the_budget():
     # A known limit (README): shifted by 3e38, -3e38 overflows to -inf and is taken for masked,
     # leaving one entry for a budget of 2. The row is nan, and only that row.
