@@ -562,8 +562,24 @@ def entmax_refined_output(
     if not isinstance(d, float | int):
         return _array_output(x, m, temperature, theta, d, axis)
     z = scale(x, m, temperature)
-    p = _refined_mass(lambda: z, theta, d, axis) if refines(d) else deformed_exp(z - theta, d)[0]
+    if not refines(d):
+        p = deformed_exp(z - theta, d)[0]
+    else:
+        p = _refined_mass(lambda: _refined_z(z, temperature), theta, d, axis)
     return safe_divide(p, _backend.row_sum(p, axis, cheap=True))
+
+
+def _refined_z(z: jax.Array, temperature: jax.Array | None) -> jax.Array:
+    """``z`` for the refinement, the same bits at every use.
+
+    Its kinks are entries of ``z``, and ``z - c_hi`` must be exactly 0 at them. Divided by a
+    temperature, ``z`` is a product (XLA rewrites the division), which XLA:CPU recomputes in a
+    kernel that uses it and contracts with the subtraction into one fused multiply-add, without
+    the product's rounding: ``z - c_hi`` was that rounding, not 0 (alpha = 6 at a temperature of
+    10 gave an entry of 3e-2 for 3e-3). Stored, every use reads the same bits. (Not inside a
+    Pallas kernel: whether Triton contracts it there is not checked, no GPU was lent.)
+    """
+    return z if temperature is None or _backend.in_kernel() else _backend.own_buffer(z)
 
 
 def _refined_mass(z_of, theta, d, axis):
@@ -603,8 +619,9 @@ def _array_output(x, m, temperature, theta, d, axis):
             return normalised(deformed_exp(z_of() - theta, d)[0])
 
         def refined():  # rows below 2 keep the plain output
-            q = _refined_mass(z_of, theta, jnp.where(above, d, 2), axis)
-            return normalised(jnp.where(above, q, deformed_exp(z_of() - theta, d)[0]))
+            z = _refined_z(z_of(), temperature[0] if has_t else None)
+            q = _refined_mass(lambda: z, theta, jnp.where(above, d, 2), axis)
+            return normalised(jnp.where(above, q, deformed_exp(z - theta, d)[0]))
 
         return lax.cond(any_true(above), refined, plain)
 

@@ -238,6 +238,26 @@ def test_newton_does_not_bounce_for_alpha_above_two():
     np.testing.assert_allclose(p, reference.entmax(x, alpha=2.5), atol=2e-6)
 
 
+@pytest.mark.parametrize("alpha", [4.0, 6.0])
+@pytest.mark.parametrize("n", [3, 64, 600])
+def test_alpha_above_two_at_a_temperature_under_jit(alpha, n):
+    # The refinement's kinks are entries of z = (x - m) / T, and z - c_hi must be 0 at them: XLA
+    # recomputed z in the last kernel and contracted it with the subtraction (a fused
+    # multiply-add without the product's rounding), so that entry got 3e-2 for 3e-3 (a per-row
+    # or vmapped temperature, or a number under an outer jit; found by a fuzzer).
+    x = np.random.default_rng(16).standard_normal((32, n)).astype(np.float32)
+    x[0, :3] = [-0.3, 1.5, -0.9]
+    expected = reference.entmax(x.astype(np.float64), alpha=alpha, temperature=10.0)
+    per_row = jnp.full((32, 1), 10.0, jnp.float32)
+    for got in (
+        sm.entmax(x, alpha=alpha, temperature=per_row),
+        jax.jit(lambda x: sm.entmax(x, alpha=alpha, temperature=10.0))(x),
+        jax.vmap(lambda r, t: sm.entmax(r, alpha=alpha, temperature=t))(x, per_row[:, 0]),
+        sm.entmax(x, alpha=jnp.full((32, 1), alpha, jnp.float32), temperature=per_row),
+    ):
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=1e-6)
+
+
 def _dense_rows(n, dtype, seed=0):
     """Rows of ``n`` with maximum 0: near-uniform (spreads 1e-6 to 1e-2), equal, masked, and
     normal at scale 3, where the mean bound is far below the root."""
