@@ -472,21 +472,35 @@ def test_budget_entries_at_the_lowest_float(dtype):
     np.testing.assert_allclose(p, expected, atol=1e-6)
 
 
-def test_budget_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("batch", range(2))
+def test_budget_rows_do_not_depend_on_the_batch(batch):
     # A row done kept taking its Newton step while other rows iterated, and moved an ulp: its
     # result depended on the batch (found by a review). Each row as it is alone, bit for bit.
+    x, b, t = [
+        (
+            [[485239.7208370407, 484338.7208370407, 483061.7208370407],
+             [3880.9930281162274, -11894.99551333132, 592.8121754724582],
+             [-np.inf, -3456.209504029984, 4663.064169109242]],
+            [[0.78036836291437], [1.7088156795160667], [0.5827112926515071]],
+            [[2.9324402481418295], [4.699572108037182], [0.10697883412215321]],
+        ),
+        (
+            [[2671.1894772086844, -69.26123563646536, 5015.352951547885, -13267.28292809385,
+              11077.681666575061],
+             [93.7548811679036, -1170.8180763562223, -1358.2403949601035, -1306.5640246645708,
+              -717.6152818724516],
+             [11856.213579293313, 8945.337459684364, -5440.478173910653, -5465.879239818061,
+              19295.877402585404]],
+            [[0.7339299050480386], [3.560087280141324], [1.1301804051964748]],
+            [[1.0], [0.1], [5.0]],
+        ),
+    ][batch]  # fmt: skip
     with jax.enable_x64(True):
-        x = jnp.asarray([
-            [485239.7208370407, 484338.7208370407, 483061.7208370407],
-            [3880.9930281162274, -11894.99551333132, 592.8121754724582],
-            [-np.inf, -3456.209504029984, 4663.064169109242],
-        ])  # fmt: skip
-        b = jnp.asarray([[0.78036836291437], [1.7088156795160667], [0.5827112926515071]])
-        t = jnp.asarray([[2.9324402481418295], [4.699572108037182], [0.10697883412215321]])
-        batch = np.asarray(sm.budget_sparsemax(x, budget=b, temperature=t))
+        x, b, t = (jnp.asarray(a, jnp.float64) for a in (x, b, t))
+        rows = np.asarray(sm.budget_sparsemax(x, budget=b, temperature=t))
         for i in range(3):
             row = sm.budget_sparsemax(x[i : i + 1], budget=b[i : i + 1], temperature=t[i : i + 1])
-            np.testing.assert_array_equal(batch[i], np.asarray(row)[0])
+            np.testing.assert_array_equal(rows[i], np.asarray(row)[0])
 
 
 def test_budget_rows_whose_shift_overflows_are_nan_when_short_of_the_budget():
