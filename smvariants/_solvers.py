@@ -565,7 +565,8 @@ def entmax_refined_output(
     if not refines(d):
         p = deformed_exp(z - theta, d)[0]
     else:
-        p = _refined_mass(lambda: _refined_z(z, temperature), theta, d, axis)
+        stored = _refined_z(z, temperature)  # (once: _refined_mass reads it twice)
+        p = _refined_mass(lambda: stored, theta, d, axis)
     return safe_divide(p, _backend.row_sum(p, axis, cheap=True))
 
 
